@@ -1,0 +1,1 @@
+"""napari widgets (thin; they delegate to napari_sam.core)."""

@@ -1,0 +1,84 @@
+"""Per-viewer state shared by the napari-sam widgets: the current model, predictor and embedding cache.
+
+One :class:`ViewerState` per viewer (no global singleton): ``get_state(viewer)``. The annotator,
+segment-everything, propagation and fine-tuning widgets all read the model from here, so switching
+the model in one place (e.g. after fine-tuning) switches it everywhere.
+"""
+
+from __future__ import annotations
+
+import threading
+import weakref
+from collections import OrderedDict
+from collections.abc import Callable, Hashable
+from typing import Any
+
+_STATES: "weakref.WeakKeyDictionary[Any, ViewerState]" = weakref.WeakKeyDictionary()
+
+
+class EmbeddingLRU:
+    """Bounded LRU of image embeddings keyed by e.g. (layer id, data hash, slice index, model key)."""
+
+    def __init__(self, max_items: int = 32) -> None:
+        self.max_items = max_items
+        self._d: OrderedDict[Hashable, Any] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: Hashable) -> Any | None:
+        with self._lock:
+            if key in self._d:
+                self._d.move_to_end(key)
+                return self._d[key]
+            return None
+
+    def put(self, key: Hashable, value: Any) -> None:
+        with self._lock:
+            self._d[key] = value
+            self._d.move_to_end(key)
+            while len(self._d) > self.max_items:
+                self._d.popitem(last=False)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._d.clear()
+
+    def __len__(self) -> int:
+        return len(self._d)
+
+    def __contains__(self, key: Hashable) -> bool:
+        return key in self._d
+
+
+class ViewerState:
+    """Model and caches of one viewer. ``model_changed`` callbacks receive the new model."""
+
+    def __init__(self) -> None:
+        self.model = None  # napari_sam.core.modeling.sam.Sam
+        self.model_name: str = ""
+        self.model_key: int = 0  # bumps on every model change; part of embedding cache keys
+        self.embeddings = EmbeddingLRU()
+        self._callbacks: list[Callable[[Any], None]] = []
+
+    def set_model(self, model, name: str = "") -> None:
+        self.model = model
+        self.model_name = name or getattr(getattr(model, "config", None), "name", "")
+        self.model_key += 1
+        self.embeddings.clear()
+        for cb in list(self._callbacks):
+            cb(model)
+
+    def on_model_changed(self, callback: Callable[[Any], None]) -> None:
+        self._callbacks.append(callback)
+
+    def disconnect(self, callback: Callable[[Any], None]) -> None:
+        if callback in self._callbacks:
+            self._callbacks.remove(callback)
+
+
+def get_state(viewer) -> ViewerState:
+    """The :class:`ViewerState` of ``viewer``, created on first use."""
+    st = _STATES.get(viewer)
+    if st is None:
+        st = ViewerState()
+        _STATES[viewer] = st
+    return st

@@ -1,0 +1,39 @@
+"""``napari-sam`` command line: one sub-module per command, each with ``register(subparsers)``.
+
+Commands: segment (batch segment-everything), train, evaluate, demo (headless main job).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from importlib import import_module
+
+COMMANDS = ("demo", "segment", "train", "evaluate", "embed")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="napari-sam", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name in COMMANDS:
+        try:
+            mod = import_module(f"napari_sam.cli.{name}")
+        except ModuleNotFoundError as e:
+            if e.name == f"napari_sam.cli.{name}":
+                continue
+            raise
+        mod.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        print(f"napari-sam {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,222 @@
+"""Building SAM models from configs and loading checkpoints strictly, on the CPU first."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .checkpoints import CHECKPOINTS, CheckpointError, get_checkpoint
+from .config import MODEL_CONFIGS, SamConfig, get_config
+from .device import resolve_device
+from .modeling.image_encoder import ImageEncoderViT
+from .modeling.mask_decoder import MaskDecoder
+from .modeling.prompt_encoder import PromptEncoder
+from .modeling.sam import Sam
+from .modeling.tiny_vit import TinyViT
+from .modeling.transformer import TwoWayTransformer
+
+# TinyViT's unused ImageNet head is in MobileSAM's checkpoint; we do not build it.
+_DROPPED_PREFIXES = ("image_encoder.head.", "image_encoder.norm_head.")
+BUILTIN_MODEL = "builtin"
+BUILTIN_FILE = "builtin_nuclei.pt"
+
+
+def build_sam(config: SamConfig | str) -> Sam:
+    """A randomly initialised model for ``config`` (a SamConfig or a registered name)."""
+    cfg = get_config(config) if isinstance(config, str) else config
+    if cfg.encoder == "vit":
+        encoder: nn.Module = ImageEncoderViT(
+            img_size=cfg.img_size,
+            patch_size=cfg.vit_patch_size,
+            embed_dim=cfg.vit_embed_dim,
+            depth=cfg.vit_depth,
+            num_heads=cfg.vit_num_heads,
+            out_chans=cfg.prompt_embed_dim,
+            window_size=cfg.vit_window_size,
+            global_attn_indexes=cfg.vit_global_attn_indexes,
+        )
+    elif cfg.encoder == "tiny_vit":
+        encoder = TinyViT(
+            img_size=cfg.img_size,
+            embed_dims=cfg.tv_embed_dims,
+            depths=cfg.tv_depths,
+            num_heads=cfg.tv_num_heads,
+            window_sizes=cfg.tv_window_sizes,
+            mlp_ratio=cfg.tv_mlp_ratio,
+            mbconv_expand_ratio=cfg.tv_mbconv_expand_ratio,
+            out_chans=cfg.prompt_embed_dim,
+            merge_strides=cfg.tv_merge_strides,
+            neck_kernel=cfg.tv_neck_kernel,
+        )
+    else:
+        raise ValueError(f"unknown encoder {cfg.encoder!r}")
+    g = cfg.embed_grid
+    sam = Sam(
+        image_encoder=encoder,
+        prompt_encoder=PromptEncoder(
+            embed_dim=cfg.prompt_embed_dim,
+            image_embedding_size=(g, g),
+            input_image_size=(cfg.img_size, cfg.img_size),
+            mask_in_chans=cfg.mask_in_chans,
+        ),
+        mask_decoder=MaskDecoder(
+            transformer_dim=cfg.prompt_embed_dim,
+            transformer=TwoWayTransformer(
+                depth=cfg.decoder_depth,
+                embedding_dim=cfg.prompt_embed_dim,
+                num_heads=cfg.decoder_num_heads,
+                mlp_dim=cfg.decoder_mlp_dim,
+            ),
+            num_multimask_outputs=3,
+            iou_head_depth=3,
+            iou_head_hidden_dim=cfg.iou_head_hidden_dim,
+        ),
+        pixel_mean=cfg.pixel_mean,
+        pixel_std=cfg.pixel_std,
+    )
+    sam.config = cfg
+    return sam
+
+
+def infer_config(state_dict: dict[str, torch.Tensor]) -> SamConfig:
+    """Which official architecture a plain state dict belongs to, from its keys and shapes."""
+    if any(k.startswith("image_encoder.layers.") for k in state_dict):
+        return MODEL_CONFIGS["vit_t"]
+    pos = state_dict.get("image_encoder.pos_embed")
+    if pos is None:
+        raise CheckpointError("the file is not a SAM checkpoint: it has no image_encoder weights")
+    dim = pos.shape[-1]
+    for name in ("vit_b", "vit_l", "vit_h"):
+        if MODEL_CONFIGS[name].vit_embed_dim == dim:
+            return MODEL_CONFIGS[name]
+    raise CheckpointError(f"unknown ViT width {dim} in checkpoint; expected 768 (vit_b), 1024 (vit_l) or 1280 (vit_h)")
+
+
+def load_state_dict_strict(model: Sam, state_dict: dict[str, torch.Tensor], source: str = "checkpoint") -> None:
+    """Load with exact key and shape checks; MobileSAM's unused classifier head is dropped first."""
+    sd = {k: v for k, v in state_dict.items() if not k.startswith(_DROPPED_PREFIXES)}
+    own = model.state_dict()
+    missing = sorted(set(own) - set(sd))
+    unexpected = sorted(set(sd) - set(own))
+    wrong = sorted(k for k in set(own) & set(sd) if own[k].shape != sd[k].shape)
+    if missing or unexpected or wrong:
+        name = model.config.name if model.config is not None else "this model"
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing key(s), e.g. {missing[:3]}")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected key(s), e.g. {unexpected[:3]}")
+        if wrong:
+            parts.append(f"{len(wrong)} shape mismatch(es), e.g. {wrong[0]}: {tuple(sd[wrong[0]].shape)} "
+                         f"vs {tuple(own[wrong[0]].shape)}")
+        raise CheckpointError(
+            f"{source} does not fit {name}: " + "; ".join(parts) + ". It is probably a checkpoint of another "
+            "model type: pass the matching model name, or pass only the file path to infer the type"
+        )
+    model.load_state_dict(sd, strict=True)
+
+
+def read_checkpoint(path: str | os.PathLike) -> tuple[SamConfig, dict[str, torch.Tensor], dict[str, Any]]:
+    """Read an official state dict or a napari-sam checkpoint ({"config", "model", ...}).
+
+    Returns (config, float32 state dict, extra metadata).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint file {path} does not exist")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated zip, pickle of another kind ...
+        raise CheckpointError(
+            f"could not read {path} as a PyTorch checkpoint ({type(e).__name__}: {e}); the file may be "
+            "truncated or not a checkpoint: download it again"
+        ) from e
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path} holds a {type(obj).__name__}, not a state dict")
+    meta: dict[str, Any] = {}
+    if "model" in obj and "config" in obj:
+        cfg = SamConfig.from_dict(obj["config"])
+        sd = obj["model"]
+        meta = {k: v for k, v in obj.items() if k not in ("model", "config")}
+    else:
+        sd = obj
+        cfg = infer_config(sd)
+    sd = {k: (v.float() if torch.is_floating_point(v) else v) for k, v in sd.items()}
+    return cfg, sd, meta
+
+
+def builtin_checkpoint_path() -> Path:
+    return Path(str(resources.files("napari_sam") / "models" / BUILTIN_FILE))
+
+
+def load_model(
+    model: str | os.PathLike | None = None,
+    checkpoint: str | os.PathLike | None = None,
+    device: str | torch.device | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> Sam:
+    """Load a ready-to-use model in eval mode.
+
+    model: None or "builtin" (our small microscopy model shipped in the package), a registered name
+    ("vit_b", "vit_l", "vit_h", "vit_t": the official checkpoint is downloaded once and verified), or the
+    path of a checkpoint file (type inferred from its keys). checkpoint: an explicit file for ``model``.
+    device: "cuda", "mps", "cpu" or None for the best available.
+    """
+    dev = resolve_device(device)
+    if model is None and checkpoint is None:
+        model = BUILTIN_MODEL
+    if model is not None and (isinstance(model, os.PathLike) or (isinstance(model, str) and (
+            os.sep in model or model.endswith((".pt", ".pth")) or Path(model).is_file()))):
+        checkpoint, model = model, None
+    if checkpoint is None and model == BUILTIN_MODEL:
+        path = builtin_checkpoint_path()
+        if not path.is_file():
+            raise CheckpointError(
+                f"the built-in model file {path} is missing from this installation; reinstall napari-sam, "
+                "or pass model='vit_b' (downloads the official checkpoint) or a checkpoint file path"
+            )
+        checkpoint = path
+    if checkpoint is None:
+        if model not in CHECKPOINTS:
+            get_config(str(model))  # raises a clear error for unknown names
+            raise CheckpointError(f"model {model!r} has no downloadable checkpoint; pass checkpoint=PATH")
+        checkpoint = get_checkpoint(str(model), progress=progress)
+    cfg, sd, meta = read_checkpoint(checkpoint)
+    if model is not None and model != BUILTIN_MODEL and model in MODEL_CONFIGS and MODEL_CONFIGS[model] != cfg:
+        if cfg.name != model:
+            raise CheckpointError(
+                f"{checkpoint} is a {cfg.name} checkpoint, not {model}; pass model={cfg.name!r} or only the path"
+            )
+    sam = build_sam(cfg)
+    load_state_dict_strict(sam, sd, source=str(checkpoint))
+    sam.checkpoint_meta = meta
+    sam.checkpoint_path = str(checkpoint)
+    return sam.to(dev).eval()
+
+
+def save_checkpoint(model: Sam, path: str | os.PathLike, half: bool = False, **meta: Any) -> Path:
+    """Save ``model`` with its config (and ``meta``) so :func:`load_model` can rebuild it from the file alone."""
+    if model.config is None:
+        raise ValueError("model has no config; build it with build_sam")
+    sd = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    if half:
+        sd = {k: (v.half() if v.is_floating_point() else v) for k, v in sd.items()}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save({"config": model.config.to_dict(), "model": sd, **meta}, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def available_models() -> list[str]:
+    """Names accepted by :func:`load_model`: "builtin" and every registered config with a checkpoint source."""
+    return [BUILTIN_MODEL] + [n for n in MODEL_CONFIGS if n in CHECKPOINTS]
+
+

@@ -1,0 +1,1 @@
+from .sam import Sam
