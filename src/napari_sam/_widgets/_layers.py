@@ -1,0 +1,176 @@
+"""napari layers <-> annotation data: prompt layers, the current image plane, undoable Labels writes.
+
+All coordinates returned here are data coordinates of the IMAGE layer, (row, col) of its last two axes;
+prompt layers may have their own scale/translate (points are mapped through world coordinates).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from ..core.annotation import CommitPlan, Prompts
+
+if TYPE_CHECKING:
+    import napari
+
+POINTS_NAME = "SAM points"
+BOXES_NAME = "SAM boxes"
+PREVIEW_NAME = "SAM preview"
+LABELS_NAME = "SAM labels"
+POSITIVE_COLOR = np.array([0.1, 1.0, 0.2, 1.0])
+NEGATIVE_COLOR = np.array([1.0, 0.15, 0.6, 1.0])
+
+
+class LayerError(ValueError):
+    """A layer cannot be used as asked; the message says why and what to do."""
+
+
+def image_problem(layer) -> str | None:
+    """Why ``layer`` cannot be annotated (None if it can)."""
+    import napari
+
+    if layer is None:
+        return "no image layer: open an image (File > Open, or File > Open Sample > napari-sam) and select it"
+    if not isinstance(layer, napari.layers.Image):
+        return f"layer {layer.name!r} is not an Image layer; choose an image to annotate"
+    if layer.ndim < 2:
+        return f"image {layer.name!r} has {layer.ndim} dimension(s); the annotator needs 2D planes"
+    return None
+
+
+def plane_index(viewer: napari.Viewer, image) -> tuple[int, ...]:
+    """Indices of the leading (non-plane) axes of ``image`` at the viewer's current slice."""
+    lead = image.ndim - 2
+    if lead == 0:
+        return ()
+    pos = image.world_to_data(np.asarray(viewer.dims.point))
+    shape = image_shape(image)
+    return tuple(int(np.clip(np.round(pos[i]), 0, shape[i] - 1)) for i in range(lead))
+
+
+def image_shape(image) -> tuple[int, ...]:
+    """Spatial shape of an image layer (no RGB channel axis)."""
+    data = image.data[0] if image.multiscale else image.data
+    return tuple(data.shape[: image.ndim])
+
+
+def image_plane(image, index: tuple[int, ...]) -> np.ndarray:
+    """The 2D plane ``index`` of ``image``: (H, W) or (H, W, C) for RGB, as a numpy array."""
+    data = image.data[0] if image.multiscale else image.data
+    return np.asarray(data[index])
+
+
+def make_prompt_layers(viewer: napari.Viewer, image):
+    """The Points and Shapes prompt layers for ``image`` (reused if present, else created on top)."""
+    kw = dict(scale=image.scale, translate=image.translate)
+    pts = viewer.layers[POINTS_NAME] if POINTS_NAME in viewer.layers else None
+    if pts is None:
+        pts = viewer.add_points(
+            np.zeros((0, image.ndim)), name=POINTS_NAME, ndim=image.ndim, size=10, border_width=0.15,
+            border_color="white", features={"positive": np.zeros(0, dtype=bool)}, **kw)
+        pts.feature_defaults = {"positive": True}
+    boxes = viewer.layers[BOXES_NAME] if BOXES_NAME in viewer.layers else None
+    if boxes is None:
+        boxes = viewer.add_shapes(ndim=image.ndim, name=BOXES_NAME, edge_color="yellow", face_color="transparent",
+                                  edge_width=2, **kw)
+    return pts, boxes
+
+
+def style_points(points) -> None:
+    """Positive points: green discs; negative: magenta crosses."""
+    n = len(points.data)
+    if n == 0:
+        return
+    pos = np.asarray(points.features["positive"], dtype=bool)
+    colors = np.where(pos[:, None], POSITIVE_COLOR, NEGATIVE_COLOR)
+    if not np.array_equal(points.face_color, colors):
+        points.face_color = colors
+    symbols = np.where(pos, "disc", "cross")
+    if [str(s.value) for s in np.atleast_1d(points.symbol)] != list(symbols):
+        points.symbol = list(symbols)
+
+
+def _to_image_coords(layer, image, data: np.ndarray) -> np.ndarray:
+    """(N, layer.ndim) data coordinates of ``layer`` -> (N, image.ndim) data coordinates of ``image``."""
+    if data.size == 0:
+        return np.zeros((0, image.ndim))
+    same = (layer.ndim == image.ndim and np.allclose(layer.scale, image.scale)
+            and np.allclose(layer.translate, image.translate) and np.allclose(layer.affine.affine_matrix,
+                                                                              image.affine.affine_matrix))
+    if same:
+        return np.asarray(data, dtype=np.float64)
+    return np.array([image.world_to_data(layer.data_to_world(p)) for p in data], dtype=np.float64)
+
+
+def _in_plane(coords: np.ndarray, index: tuple[int, ...]) -> np.ndarray:
+    lead = len(index)
+    if lead == 0:
+        return np.ones(len(coords), dtype=bool)
+    return np.all(np.round(coords[:, :lead]) == np.asarray(index), axis=1)
+
+
+def read_prompts(points, boxes, image, index: tuple[int, ...]) -> tuple[Prompts, int]:
+    """Prompts on plane ``index`` of ``image`` from the prompt layers, and how many points lie outside
+    the image (those are dropped). Only rectangles count as boxes."""
+    shape = image_shape(image)[-2:]
+    pts = np.zeros((0, 2))
+    labels = np.zeros(0, dtype=np.int64)
+    outside = 0
+    if points is not None and len(points.data):
+        c = _to_image_coords(points, image, np.asarray(points.data))
+        keep = _in_plane(c, index)
+        rc = c[keep][:, -2:]
+        lab = np.asarray(points.features["positive"], dtype=bool)[keep].astype(np.int64)
+        inside = (rc[:, 0] >= -0.5) & (rc[:, 0] <= shape[0] - 0.5) & (rc[:, 1] >= -0.5) & (rc[:, 1] <= shape[1] - 0.5)
+        outside = int((~inside).sum())
+        pts, labels = rc[inside], lab[inside]
+    bx = []
+    if boxes is not None and len(boxes.data):
+        for verts, kind in zip(boxes.data, boxes.shape_type):
+            if kind != "rectangle":
+                continue
+            c = _to_image_coords(boxes, image, np.asarray(verts))
+            if not _in_plane(c[:1], index)[0]:
+                continue
+            lo, hi = c[:, -2:].min(0), c[:, -2:].max(0)
+            lo = np.maximum(lo, 0)
+            hi = np.minimum(hi, np.asarray(shape) - 1)
+            if np.all(hi > lo):
+                bx.append(np.concatenate([lo, hi]))
+    return Prompts(pts, labels, np.asarray(bx).reshape(-1, 4)), outside
+
+
+def check_target(labels, image) -> None:
+    """Raise LayerError unless ``labels`` can receive objects for ``image``."""
+    shape = image_shape(image)
+    if tuple(labels.data.shape) != shape:
+        raise LayerError(f"labels layer {labels.name!r} has shape {tuple(labels.data.shape)} but image "
+                         f"{image.name!r} has {shape}; choose a matching Labels layer or 'new layer'")
+    if not np.issubdtype(labels.data.dtype, np.integer):
+        raise LayerError(f"labels layer {labels.name!r} has dtype {labels.data.dtype}; it needs integers")
+
+
+def upgrade_dtype(labels, dtype: np.dtype) -> str | None:
+    """Widen the label dtype in place if needed (data kept); returns a message if it changed."""
+    old = labels.data.dtype
+    if np.dtype(dtype) == old:
+        return None
+    labels.data = np.asarray(labels.data).astype(dtype)
+    return (f"labels layer {labels.name!r} ran out of ids for {old}; converted to {np.dtype(dtype)} "
+            "(all labels kept; earlier undo history of this layer was reset)")
+
+
+def write_plan(labels, index: tuple[int, ...], plan: CommitPlan) -> int:
+    """Write ``plan`` into plane ``index`` of ``labels`` as ONE undo step (Ctrl+Z reverts it).
+    Returns the number of pixels written."""
+    if not plan.writes:
+        return 0
+    rows = np.concatenate([w[1] for w in plan.writes])
+    cols = np.concatenate([w[2] for w in plan.writes])
+    values = np.concatenate([np.full(len(w[1]), w[0], dtype=labels.data.dtype) for w in plan.writes])
+    lead = tuple(np.full(len(rows), i, dtype=np.intp) for i in index)
+    with labels.block_history():
+        labels.data_setitem((*lead, rows, cols), values)
+    return int(len(rows))

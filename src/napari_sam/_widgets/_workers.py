@@ -1,0 +1,82 @@
+"""Background work for the widgets: the only module that imports ``napari.qt.threading``.
+
+:func:`run_in_thread` runs a function in a napari thread worker. The function never raises into napari
+(which would show a traceback dialog): exceptions are caught in the thread and handed to ``on_error`` as
+an ``Exception`` in the main thread, where the widget shows a clear message. Progress reported from the
+thread (``ProgressRelay.report(done, total)``) arrives in the main thread through a queued Qt signal.
+"""
+
+from __future__ import annotations
+
+import threading
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+from napari.qt.threading import create_worker
+from qtpy.QtCore import QObject, Signal
+
+
+# torch warns once that PIL's read-only resize output is wrapped without a copy; harmless here, and
+# napari would otherwise show it as a viewer notification.
+warnings.filterwarnings("ignore", message="The given NumPy array is not writable", category=UserWarning)
+
+
+class _Failed:
+    def __init__(self, exc: BaseException) -> None:
+        self.exc = exc
+
+
+class ProgressRelay(QObject):
+    """Carries ``(done, total)`` from a worker thread to the main thread (Qt queued connection)."""
+
+    progressed = Signal(int, int)
+
+    def report(self, done: int, total: int) -> None:
+        self.progressed.emit(int(done), int(total))
+
+
+class CancelToken:
+    """A thread-safe flag polled by long computations (``token.cancelled()``)."""
+
+    def __init__(self) -> None:
+        self._ev = threading.Event()
+
+    def cancel(self) -> None:
+        self._ev.set()
+
+    def cancelled(self) -> bool:
+        return self._ev.is_set()
+
+
+def run_in_thread(
+    func: Callable[..., Any],
+    *args: Any,
+    on_return: Callable[[Any], None] | None = None,
+    on_error: Callable[[BaseException], None] | None = None,
+    on_finish: Callable[[], None] | None = None,
+    **kwargs: Any,
+):
+    """Start ``func(*args, **kwargs)`` in a napari thread worker and return the worker.
+
+    ``on_return(result)`` or ``on_error(exception)`` runs in the main thread, then ``on_finish()``.
+    """
+
+    def guarded():
+        try:
+            return func(*args, **kwargs)
+        except BaseException as exc:  # noqa: BLE001 - everything is reported as a message, never re-raised
+            return _Failed(exc)
+
+    def returned(result):
+        if isinstance(result, _Failed):
+            if on_error is not None:
+                on_error(result.exc)
+        elif on_return is not None:
+            on_return(result)
+
+    worker = create_worker(guarded, _start_thread=False, _connect={"returned": returned})
+    if on_finish is not None:
+        worker.finished.connect(on_finish)
+    worker.start()
+    return worker

@@ -1,0 +1,509 @@
+"""SAM annotator dock widget: click an object, see its mask at once, commit it as a new label.
+
+Every action is a public method, so a session can be scripted on a viewer::
+
+    dw, w = viewer.window.add_plugin_dock_widget("napari-sam", "SAM annotator")
+    w.set_image_layer("nuclei"); w.add_point((120, 200)); w.wait(); w.commit()
+
+Heavy work (model loading, image embedding, prediction) runs in thread workers; the main thread only
+reads prompts and shows results. Coordinates are (row, col) in the image layer's data coordinates.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from qtpy.QtCore import QTimer
+from qtpy.QtWidgets import QApplication, QFileDialog, QWidget
+
+from ..core import annotation as ann
+from ..core.device import available_devices
+from . import _layers as L
+from ._annotator_ui import MODEL_CHOICES, NEW_LAYER, SHORTCUTS, AnnotatorUI
+from ._state import get_state
+from ._workers import CancelToken, ProgressRelay, run_in_thread
+
+if TYPE_CHECKING:
+    import napari
+
+DEBOUNCE_MS = 40
+
+
+def _notify(msg: str, level: str = "info") -> None:
+    from napari.utils import notifications
+
+    {"info": notifications.show_info, "warning": notifications.show_warning,
+     "error": notifications.show_error}[level](msg)
+
+
+class AnnotatorWidget(QWidget):
+    """Interactive point/box annotation with a SAM model (see the module docstring)."""
+
+    def __init__(self, napari_viewer: napari.Viewer) -> None:
+        super().__init__()
+        self.viewer = napari_viewer
+        self.state = get_state(napari_viewer)
+        self.ui = AnnotatorUI(self)
+        self.result: ann.Result | None = None  # the latest prediction shown in the preview
+        self.image_layer = None
+        self.points_layer = self.boxes_layer = self.preview_layer = None
+        self._version = 0  # bumps on every change of prompts / plane / image / model
+        self._model_worker = self._embed_worker = self._predict_worker = None
+        self._embed_key: Any = None
+        self._embed_token = CancelToken()
+        self._pending = False
+        self._embed_ok = self._embed_restart = False
+        self._relay = ProgressRelay()
+        self._relay.progressed.connect(self._on_progress)
+        self._timer = QTimer(self)
+        self._timer.setSingleShot(True)
+        self._timer.setInterval(DEBOUNCE_MS)
+        self._timer.timeout.connect(self._update)
+        self.ui.device_combo.addItems(["auto", *available_devices()])
+        self._connect_ui()
+        self.viewer.layers.events.inserted.connect(self._refresh_combos)
+        self.viewer.layers.events.removed.connect(self._on_layer_removed)
+        self.viewer.dims.events.current_step.connect(self._changed)
+        self.state.on_model_changed(self._on_model_changed)
+        for key, (action, _) in SHORTCUTS.items():
+            self.viewer.bind_key(key, self._key_handler(action), overwrite=True)
+        self._refresh_combos()
+        self._show_polarity()
+        self._show_model()
+
+    # ------------------------------------------------------------------ public API (scripting)
+    def set_image_layer(self, layer) -> None:
+        """Annotate ``layer`` (an Image layer or its name); prompt layers are created for it."""
+        if isinstance(layer, str):
+            layer = self.viewer.layers[layer]
+        self.ui.image_combo.setCurrentText(layer.name)
+        self._set_image(layer)
+
+    def set_model(self, model: str = "builtin", device: str = "auto"):
+        """Load ``model`` ("builtin", "vit_t", "vit_b", "vit_l", "vit_h" or a checkpoint path) in a worker."""
+        if model in MODEL_CHOICES:
+            self.ui.model_combo.setCurrentText(model)
+        else:
+            self.ui.model_combo.setCurrentText("checkpoint file")
+            self.ui.checkpoint_edit.setText(str(model))
+        self.ui.device_combo.setCurrentText(device)
+        return self.load_model()
+
+    def load_model(self):
+        """Load the model chosen in the widget (in a worker); the result is shared by all widgets."""
+        if self._model_worker is not None:
+            return self._message("a model is already loading; wait for it to finish", "warning")
+        choice = self.ui.model_combo.currentText()
+        name = self.ui.checkpoint_edit.text().strip() if choice == "checkpoint file" else choice
+        if not name:
+            return self._message("choose a checkpoint file (the '…' button) or another model", "warning")
+        device = self.ui.device_combo.currentText()
+        from ..core.build import load_model
+
+        self._start_progress(f"loading {name}")
+        self._model_worker = run_in_thread(
+            load_model, name, device=None if device == "auto" else device, progress=self._relay.report,
+            on_return=lambda m: self._model_loaded(m, name),
+            on_error=lambda e: self._model_failed(e, name), on_finish=self._model_done)
+        return self._model_worker
+
+    def add_point(self, rc, positive: bool = True) -> None:
+        """Add a prompt point at (row, col) of the current plane (image data coordinates)."""
+        pts = self._ensure_layers()[0]
+        pos = np.concatenate([np.asarray(L.plane_index(self.viewer, self.image_layer), float), rc])
+        world = self.image_layer.data_to_world(pos)
+        old = dict(pts.feature_defaults.iloc[0])
+        pts.feature_defaults = {"positive": bool(positive)}
+        pts.add(pts.world_to_data(world)[None])
+        pts.feature_defaults = old
+
+    def add_box(self, box) -> None:
+        """Add a box prompt (min_row, min_col, max_row, max_col) on the current plane."""
+        boxes = self._ensure_layers()[1]
+        lead = list(L.plane_index(self.viewer, self.image_layer))
+        r0, c0, r1, c1 = box
+        corners = np.array([lead + [r0, c0], lead + [r0, c1], lead + [r1, c1], lead + [r1, c0]], float)
+        boxes.add_rectangles(np.array([boxes.world_to_data(self.image_layer.data_to_world(c)) for c in corners]))
+
+    def toggle_polarity(self) -> bool:
+        """Switch new points between positive and negative; returns True if new points are positive."""
+        pts = self._ensure_layers()[0]
+        new = not bool(pts.feature_defaults["positive"].iloc[0])
+        pts.feature_defaults = {"positive": new}
+        self._show_polarity()
+        return new
+
+    def cycle_candidate(self) -> int:
+        """Show the next of the candidate masks of an ambiguous prompt; returns its index."""
+        r = self.result
+        if r is None or r.batch or len(r.masks) < 2:
+            self._message("only one candidate mask for these prompts (a single point gives three)")
+            return 0 if r is None else r.choice
+        r.choice = (r.choice + 1) % len(r.masks)
+        self._show_result(r)
+        return r.choice
+
+    def commit(self) -> list[int]:
+        """Write the preview object(s) into the target Labels layer with new ids, as one undo step.
+        Existing objects are kept unless 'overwrite' is checked. Returns the new ids."""
+        r = self.result
+        if r is None or self.image_layer is None:
+            self._message("nothing to commit: add a point or a box and wait for the preview", "warning")
+            return []
+        if self.busy:
+            self._message("the prediction is still running; commit again in a moment", "warning")
+            return []
+        try:
+            labels = self._target_labels()
+            L.check_target(labels, self.image_layer)
+            index = L.plane_index(self.viewer, self.image_layer)
+            plane = np.asarray(labels.data[index])
+            plan = ann.plan_commit(plane, r.objects(), ann.next_free_id(labels.data), self.ui.overwrite_check.isChecked())
+            note = L.upgrade_dtype(labels, plan.dtype)
+            if note:
+                self._message(note, "warning")
+            L.write_plan(labels, index, plan)
+        except (L.LayerError, ValueError) as exc:
+            self._message(str(exc), "error")
+            return []
+        msg = f"committed object(s) {plan.ids} into {labels.name!r} (select it and press Ctrl+Z to undo)"
+        if plan.skipped:
+            msg += f"; {plan.skipped} object(s) lay entirely on existing labels and were skipped"
+        if plan.protected_pixels:
+            msg += f"; {plan.protected_pixels} pixels of existing objects were kept"
+        self._message(msg)
+        self.clear_prompts()
+        return plan.ids
+
+    def clear_prompts(self) -> None:
+        """Remove the prompts on the current plane and the preview."""
+        if self.image_layer is not None:
+            index = L.plane_index(self.viewer, self.image_layer)
+            for layer in (self.points_layer, self.boxes_layer):
+                if layer is None or not len(layer.data):
+                    continue
+                data = layer.data if layer is self.points_layer else [d[0] for d in layer.data]
+                coords = L._to_image_coords(layer, self.image_layer, np.asarray(data).reshape(-1, layer.ndim))
+                layer.selected_data = set(np.flatnonzero(L._in_plane(coords, index)).tolist())
+                layer.remove_selected()
+        self._set_result(None)
+
+    def predict_now(self) -> None:
+        """Re-predict immediately (skips the debounce)."""
+        self._timer.stop()
+        self._update()
+
+    @property
+    def busy(self) -> bool:
+        """True while a model load, embedding or prediction is pending or running."""
+        running = any(w is not None for w in (self._model_worker, self._embed_worker, self._predict_worker))
+        return running or self._timer.isActive() or self._pending
+
+    def wait(self, timeout: float = 120.0) -> bool:
+        """Process Qt events until idle (for scripts and the napari console). Returns False on timeout."""
+        end = time.monotonic() + timeout
+        while self.busy and time.monotonic() < end:
+            QApplication.processEvents()
+            time.sleep(0.005)
+        return not self.busy
+
+    def cancel(self) -> None:
+        """Cancel a running embedding (the prompts stay; the next change restarts it)."""
+        self._cancel_embedding(restart=False)
+
+    def _cancel_embedding(self, restart: bool) -> None:
+        if self._embed_worker is not None:
+            self._embed_restart = restart
+            self._embed_token.cancel()
+
+    # ------------------------------------------------------------------ wiring
+    def _connect_ui(self) -> None:
+        u = self.ui
+        u.image_combo.currentTextChanged.connect(self._on_image_choice)
+        u.load_button.clicked.connect(self.load_model)
+        u.browse_button.clicked.connect(self._browse)
+        u.cancel_button.clicked.connect(self.cancel)
+        u.polarity_button.clicked.connect(self.toggle_polarity)
+        u.cycle_button.clicked.connect(self.cycle_candidate)
+        u.commit_button.clicked.connect(self.commit)
+        u.clear_button.clicked.connect(self.clear_prompts)
+        u.batch_check.toggled.connect(self._changed)
+
+    def _key_handler(self, action: str):
+        def handler(viewer):
+            try:
+                getattr(self, action)()
+            except (L.LayerError, ValueError) as exc:
+                self._message(str(exc), "warning")
+        handler.__doc__ = f"napari-sam: {action}"
+        return handler
+
+    def _browse(self) -> None:
+        path, _ = QFileDialog.getOpenFileName(self, "SAM checkpoint", "", "Checkpoints (*.pt *.pth);;All files (*)")
+        if path:
+            self.ui.model_combo.setCurrentText("checkpoint file")
+            self.ui.checkpoint_edit.setText(path)
+
+    def _refresh_combos(self, *_) -> None:
+        import napari
+
+        images = [lay.name for lay in self.viewer.layers if isinstance(lay, napari.layers.Image)]
+        labels = [lay.name for lay in self.viewer.layers
+                  if isinstance(lay, napari.layers.Labels) and lay.name != L.PREVIEW_NAME]
+        for combo, items in ((self.ui.image_combo, images), (self.ui.labels_combo, [NEW_LAYER, *labels])):
+            cur = combo.currentText()
+            combo.blockSignals(True)
+            combo.clear()
+            combo.addItems(items)
+            if cur in items:
+                combo.setCurrentText(cur)
+            combo.blockSignals(False)
+        if self.image_layer is None and images:
+            self._on_image_choice(self.ui.image_combo.currentText())
+
+    def _on_image_choice(self, name: str) -> None:
+        if name and name in self.viewer.layers and self.viewer.layers[name] is not self.image_layer:
+            self._set_image(self.viewer.layers[name])
+
+    def _set_image(self, layer) -> None:
+        problem = L.image_problem(layer)
+        if problem:
+            self._message(problem, "warning")
+            return
+        self.image_layer = layer
+        dtype = (layer.data[0] if layer.multiscale else layer.data).dtype
+        if dtype != np.uint8:
+            self._message(f"image {layer.name!r} is {dtype}: it is scaled to 8 bit per plane (0.5–99.5 percentiles)")
+        self._ensure_layers()
+        self._changed()
+
+    def _ensure_layers(self):
+        if self.image_layer is None:
+            raise L.LayerError(L.image_problem(None))
+        if self.points_layer is None or self.points_layer not in self.viewer.layers:
+            self.points_layer, self.boxes_layer = L.make_prompt_layers(self.viewer, self.image_layer)
+            self.points_layer.events.data.connect(self._on_points_changed)
+            self.points_layer.events.features.connect(self._on_points_changed)
+            self.boxes_layer.events.data.connect(self._changed)
+            self.points_layer.mode = "add"
+            self.viewer.layers.selection.active = self.points_layer
+        return self.points_layer, self.boxes_layer
+
+    def _on_layer_removed(self, event) -> None:
+        layer = event.value
+        if layer is self.image_layer:
+            self.image_layer = None
+            self._cancel_embedding(restart=False)
+            self._message(f"image {layer.name!r} was removed; choose another image", "warning")
+        if layer is self.points_layer or layer is self.boxes_layer:
+            self.points_layer = self.boxes_layer = None
+        if layer is self.preview_layer:
+            self.preview_layer = None
+        self._refresh_combos()
+        self._changed()
+
+    def _on_points_changed(self, *_) -> None:
+        if self.points_layer is not None:
+            L.style_points(self.points_layer)
+        self._changed()
+
+    def _changed(self, *_) -> None:
+        """Prompts, plane, image or model changed: results in flight are stale; re-predict (debounced)."""
+        self._version += 1
+        self._timer.start()
+
+    def _on_model_changed(self, model) -> None:
+        self._cancel_embedding(restart=True)
+        self._show_model()
+        self._changed()
+
+    def _show_model(self) -> None:
+        m = self.state.model
+        self.ui.model_label.setText("model: none loaded (loads on first click)" if m is None else
+                                    f"model: {self.state.model_name or 'custom'} on {m.device}")
+
+    def _show_polarity(self) -> None:
+        pos = True if self.points_layer is None else bool(self.points_layer.feature_defaults["positive"].iloc[0])
+        self.ui.polarity_label.setText("new points: POSITIVE (green)" if pos else "new points: NEGATIVE (magenta ×)")
+
+    # ------------------------------------------------------------------ the update chain
+    def _update(self) -> None:
+        """Model -> embedding of the current plane -> prediction, each step in a worker when needed."""
+        image = self.image_layer
+        if image is None or self.points_layer is None:
+            return self._set_result(None)
+        if self.state.model is None:
+            if self._model_worker is None:
+                self.load_model()
+            return
+        dims = self.viewer.dims
+        if dims.ndisplay != 2 or tuple(dims.displayed) != (dims.ndim - 2, dims.ndim - 1):
+            return self._message("the annotator works on 2D views of the last two axes: switch to 2D "
+                                 "(Ctrl+Y) and keep the default axis order", "warning")
+        index = L.plane_index(self.viewer, image)
+        prompts, outside = L.read_prompts(self.points_layer, self.boxes_layer, image, index)
+        if outside:
+            self._message(f"{outside} point(s) outside the image were ignored", "warning")
+        if prompts.empty:
+            return self._set_result(None)
+        key = (id(image), id(image.data), index, self.state.model_key)
+        emb = self.state.embeddings.get(key)
+        if emb is None:
+            return self._start_embedding(image, index, key)
+        if self._predict_worker is not None:
+            self._pending = True  # re-run when the running prediction ends (stale results are dropped)
+            return
+        self._pending = False
+        r = self.result
+        mask_input = None
+        if (self.ui.refine_check.isChecked() and r is not None and not r.batch and not self.ui.batch_check.isChecked()
+                and r.prompts is not None and prompts.extends(r.prompts)):
+            mask_input = r.logits[r.choice]
+        version, batch, model = self._version, self.ui.batch_check.isChecked(), self.state.model
+
+        def job():
+            from ..core.predictor import SamPredictor
+
+            p = SamPredictor(model)
+            p.set_embedding(emb)
+            res = ann.predict(p, prompts, mask_input, batch)
+            return res, res.preview()
+
+        self._predict_worker = run_in_thread(
+            job, on_return=lambda out: self._predicted(out, version),
+            on_error=lambda e: self._message(f"prediction failed: {e}", "error"), on_finish=self._predict_done)
+
+    def _start_embedding(self, image, index, key) -> None:
+        if self._embed_worker is not None:
+            if self._embed_key == key:
+                return  # clicks made meanwhile are queued: _update runs again when it ends
+            self._cancel_embedding(restart=True)
+            return  # the old run ends soon (cancelled); _embed_done restarts the chain
+        data = image.data[0] if image.multiscale else image.data
+        model, model_key = self.state.model, self.state.model_key
+        self._embed_key, self._embed_token = key, CancelToken()
+        self._embed_ok = self._embed_restart = False
+        token = self._embed_token
+        self._start_progress("embedding image" + (f" plane {index}" if index else ""))
+
+        def job():
+            from ..core.predictor import SamPredictor
+
+            return ann.compute_embedding(SamPredictor(model), np.asarray(data[index]), self._relay.report,
+                                         token.cancelled)
+
+        def done(emb):
+            self._embed_ok = True
+            if model_key == self.state.model_key:
+                self.state.embeddings.put(key, emb)
+
+        def failed(exc):
+            self._embed_ok = False
+            if not isinstance(exc, ann.EmbeddingCancelled):
+                self._message(f"cannot embed image {image.name!r}: {exc}", "error")
+            elif not self._embed_restart:
+                self._message("embedding cancelled; change a prompt to start it again")
+
+        self._embed_worker = run_in_thread(job, on_return=done, on_error=failed, on_finish=self._embed_done)
+
+    def _embed_done(self) -> None:
+        self._stop_progress()
+        self._embed_worker = None
+        if self._embed_ok or self._embed_restart:
+            self._timer.start()  # predict with every prompt added meanwhile, or embed the new plane / model
+
+    def _predicted(self, out, version: int) -> None:
+        res, preview = out
+        if version != self._version:
+            return  # stale: prompts changed while it ran
+        self._set_result(res, preview)
+
+    def _predict_done(self) -> None:
+        self._predict_worker = None
+        if self._pending:
+            self._pending = False
+            self._timer.start()
+
+    # ------------------------------------------------------------------ results and messages
+    def _set_result(self, res: ann.Result | None, preview: np.ndarray | None = None) -> None:
+        self.result = res
+        self._show_result(res, preview)
+
+    def _show_result(self, res: ann.Result | None, preview: np.ndarray | None = None) -> None:
+        if res is None:
+            self.ui.candidate_label.setText("candidate: –")
+            if self.preview_layer is not None:
+                self.preview_layer.data = np.zeros_like(self.preview_layer.data)
+            return
+        preview = res.preview() if preview is None else preview
+        lay = self._preview(preview.shape)
+        lay.data = preview
+        if res.batch:
+            self.ui.candidate_label.setText(f"batch: {len(res.masks)} objects")
+        else:
+            self.ui.candidate_label.setText(
+                f"candidate {res.choice + 1}/{len(res.masks)}: predicted IoU {res.iou[res.choice]:.2f}")
+
+    def _preview(self, shape):
+        lay = self.preview_layer
+        if lay is None or lay not in self.viewer.layers or lay.data.shape != shape:
+            if lay is not None and lay in self.viewer.layers:
+                self.viewer.layers.remove(lay)
+            im = self.image_layer
+            lay = self.viewer.add_labels(np.zeros(shape, np.uint8), name=L.PREVIEW_NAME, opacity=0.5,
+                                         scale=im.scale[-2:], translate=im.translate[-2:])
+            lay.editable = False
+            self.preview_layer = lay
+            if self.points_layer is not None:  # keep the prompts on top and active
+                self.viewer.layers.move(self.viewer.layers.index(lay), self.viewer.layers.index(self.points_layer))
+                self.viewer.layers.selection.active = self.points_layer
+        return lay
+
+    def _target_labels(self):
+        name = self.ui.labels_combo.currentText()
+        if name and name != NEW_LAYER and name in self.viewer.layers:
+            return self.viewer.layers[name]
+        im = self.image_layer
+        lay = self.viewer.add_labels(np.zeros(L.image_shape(im), np.uint32), name=L.LABELS_NAME,
+                                     scale=im.scale, translate=im.translate)
+        self.ui.labels_combo.setCurrentText(lay.name)
+        if self.points_layer is not None:
+            self.viewer.layers.selection.active = self.points_layer
+        return lay
+
+    def _model_loaded(self, model, name: str) -> None:
+        self.state.set_model(model, name)
+        self._message(f"model {name!r} loaded on {model.device}")
+
+    def _model_failed(self, exc, name: str) -> None:
+        self._message(f"could not load model {name!r}: {exc}", "error")
+
+    def _model_done(self) -> None:
+        self._stop_progress()
+        self._model_worker = None
+
+    def _start_progress(self, text: str) -> None:
+        self.ui.progress.setValue(0)
+        self.ui.progress.setFormat(text + " %p%")
+        self.ui.cancel_button.setEnabled(True)
+
+    def _stop_progress(self) -> None:
+        self.ui.progress.setValue(0)
+        self.ui.progress.setFormat("idle")
+        self.ui.cancel_button.setEnabled(False)
+
+    def _on_progress(self, done: int, total: int) -> None:
+        self.ui.progress.setValue(int(100 * done / max(total, 1)))
+
+    def _message(self, text: str, level: str = "info") -> None:
+        self.ui.status_label.setText(text)
+        self.viewer.status = text
+        _notify(text, level)
+
+    def closeEvent(self, event) -> None:  # noqa: N802 - Qt API
+        for key in SHORTCUTS:
+            self.viewer.bind_key(key, None)
+        self.state.disconnect(self._on_model_changed)
+        super().closeEvent(event)

@@ -1,0 +1,72 @@
+"""``napari-sam train``: train from scratch or fine-tune on image + label folders; resumable, time-boxable."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+import time
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train or fine-tune a model on image + instance-label pairs",
+                       description=__doc__)
+    p.add_argument("--images", required=True, help="image folder (or a dsb2018_full-style root with --split-csv)")
+    p.add_argument("--labels", default=None, help="label folder (default: the image folder, *_label.tif)")
+    p.add_argument("--split-csv", default=None, help="split CSV (id,split,modality); images/<id>.png, labels/<id>.tif")
+    p.add_argument("--split", default="train", help="split to train on (with --split-csv)")
+    p.add_argument("--val-split", default="val", help="split to validate on (with --split-csv)")
+    p.add_argument("--val-limit", type=int, default=24, help="number of validation images (fixed subset)")
+    p.add_argument("--val-images", default=None, help="validation image folder (without --split-csv)")
+    p.add_argument("--val-labels", default=None)
+    p.add_argument("--model", default="nsam_t", help="config name (scratch) or model name / checkpoint (fine-tune)")
+    p.add_argument("--mode", default="scratch", choices=("scratch", "full", "decoder"))
+    p.add_argument("--out", required=True, help="run folder: last.pt (resume), best.pt, final.pt, history.jsonl")
+    p.add_argument("--steps", type=int, default=10000)
+    p.add_argument("--max-minutes", type=float, default=None, help="stop after this much training time")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--warmup", type=int, default=200)
+    p.add_argument("--images-per-step", type=int, default=1)
+    p.add_argument("--objects", type=int, default=12, help="objects per image per step")
+    p.add_argument("--click-iters", type=int, default=3, help="max corrective-click iterations per step")
+    p.add_argument("--focal-ramp", type=int, default=400)
+    p.add_argument("--eval-every-min", type=float, default=10.0)
+    p.add_argument("--ckpt-every-min", type=float, default=5.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--no-resume", action="store_true", help="start over even if OUT/last.pt exists")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from napari_sam.core.training import TrainConfig, Trainer, make_model
+    from napari_sam.core.training.data import load_folder, load_split_folder
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model = make_model(args.model, args.mode)
+    size = model.img_size
+    t0 = time.time()
+    if args.split_csv:
+        train = load_split_folder(args.images, args.split, size)
+        val = load_split_folder(args.images, args.val_split, size, limit=args.val_limit) if args.val_split else []
+    else:
+        train = load_folder(args.images, args.labels, size)
+        val = load_folder(args.val_images, args.val_labels, size)[: args.val_limit] if args.val_images else []
+    print(f"loaded {len(train)} training and {len(val)} validation images in {time.time() - t0:.1f} s", flush=True)
+    cfg = TrainConfig(mode=args.mode, steps=args.steps, max_minutes=args.max_minutes, lr=args.lr,
+                      warmup_steps=args.warmup, images_per_step=args.images_per_step, objects_per_image=args.objects,
+                      max_click_iters=args.click_iters, focal_ramp_steps=args.focal_ramp, seed=args.seed,
+                      eval_every_s=60 * args.eval_every_min, ckpt_every_s=60 * args.ckpt_every_min)
+    meta = {"command": "napari-sam " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+            "data": f"{args.images} split={args.split if args.split_csv else 'all'}", "train_config": vars(cfg)}
+    trainer = Trainer(model, train, cfg, val=val, out_dir=args.out, meta=meta,
+                      progress=lambda rec: print(json.dumps(rec), flush=True))
+    if not args.no_resume and trainer.resume():
+        print(f"resumed from {args.out}/last.pt at step {trainer.step}", flush=True)
+    trainer.fit()
+    print(f"done: step {trainer.step}, best val score {trainer.best:.4f}", flush=True)
+    return 0

@@ -1,0 +1,184 @@
+"""Kept model outputs of segment-everything, re-filtered without running the model again.
+
+:class:`MaskProposals` holds, for every candidate mask that passed the *floor* thresholds, its predicted IoU,
+its stability score (computed on the low-res logits) and a small window of its low-res logits. Full-resolution
+masks are upsampled lazily, only for candidates that survive the current thresholds, and cached as tight
+bool patches. :meth:`MaskProposals.filter` applies the reference pipeline (IoU, stability, crop-edge filter,
+box NMS per crop, NMS across crops, small-region clean-up) in milliseconds, so thresholds can change live.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from .amg_utils import box_area, is_box_near_crop_edge, nms, remove_small_regions
+
+
+@dataclass
+class Mask:
+    """One mask as a tight patch: ``patch`` bool (h, w) placed at (``box[0]``, ``box[1]``) of the image.
+
+    box: (min_row, min_col, max_row, max_col), max inclusive, image frame.
+    """
+
+    box: np.ndarray
+    patch: np.ndarray
+
+    @property
+    def area(self) -> int:
+        return int(self.patch.sum())
+
+    def full(self, shape: tuple[int, int]) -> np.ndarray:
+        out = np.zeros(shape, dtype=bool)
+        r0, c0, r1, c1 = (int(v) for v in self.box)
+        out[r0 : r1 + 1, c0 : c1 + 1] = self.patch
+        return out
+
+
+@dataclass
+class CropProposals:
+    """Candidates of one crop. Windows: per candidate (out_r0, out_r1, out_c0, out_c1, lr_r0, lr_c0, logits)
+    or None for a mask with no foreground; out_* are crop-frame output rows/cols (inclusive-exclusive)."""
+
+    crop_box: tuple[int, int, int, int]  # (min_row, min_col, max_row, max_col), max exclusive
+    layer: int
+    row_op: torch.Tensor  # (crop_h, L) upsampling operator
+    col_op: torch.Tensor  # (crop_w, L)
+    mask_threshold: float
+    iou: list = field(default_factory=list)
+    stability: list = field(default_factory=list)
+    points: list = field(default_factory=list)  # (row, col), image frame
+    windows: list = field(default_factory=list)
+    _masks: dict = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.windows)
+
+    def finish(self) -> None:
+        self.iou = np.asarray(self.iou, dtype=np.float32).reshape(-1)
+        self.stability = np.asarray(self.stability, dtype=np.float32).reshape(-1)
+        self.points = np.asarray(self.points, dtype=np.float64).reshape(-1, 2)
+
+    def mask(self, i: int) -> Mask | None:
+        """Full-resolution mask of candidate i (cached), or None if it is empty."""
+        if i in self._masks:
+            return self._masks[i]
+        w = self.windows[i]
+        m = None
+        if w is not None:
+            o_r0, o_r1, o_c0, o_c1, l_r0, l_c0, logits = w
+            a = self.row_op[o_r0:o_r1, l_r0 : l_r0 + logits.shape[0]]
+            b = self.col_op[o_c0:o_c1, l_c0 : l_c0 + logits.shape[1]]
+            patch = ((a @ logits @ b.T) > self.mask_threshold).numpy()
+            rows = np.flatnonzero(patch.any(1))
+            if rows.size:
+                cols = np.flatnonzero(patch.any(0))
+                patch = patch[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
+                r, c = self.crop_box[0] + o_r0, self.crop_box[1] + o_c0
+                box = np.array([r + rows[0], c + cols[0], r + rows[-1], c + cols[-1]], dtype=np.int64)
+                m = Mask(box, np.ascontiguousarray(patch))
+        self._masks[i] = m
+        return m
+
+
+class MaskProposals:
+    """All kept candidates of one image; :meth:`filter` turns them into the final mask set."""
+
+    def __init__(self, image_shape: tuple[int, int], crops: list[CropProposals], floors: dict[str, float]):
+        self.image_shape = tuple(image_shape)
+        self.crops = crops
+        self.floors = dict(floors)  # thresholds the candidates were kept at; filter() cannot go below
+
+    def __len__(self) -> int:
+        return sum(len(c) for c in self.crops)
+
+    def filter(self, pred_iou_thresh: float = 0.88, stability_score_thresh: float = 0.95,
+               box_nms_thresh: float = 0.7, crop_nms_thresh: float = 0.7,
+               min_mask_region_area: int = 0) -> list[dict]:
+        """Records of the masks passing these thresholds (the reference's meaning), best first.
+
+        Each record: segmentation_patch (Mask), area, bbox (min_row, min_col, max_row, max_col) max exclusive,
+        predicted_iou, stability_score, point (row, col), crop_box. Thresholds below the floors the
+        candidates were kept at act as the floors.
+        """
+        h, w = self.image_shape
+        all_masks, all_boxes, iou, stab, pts, crop_idx = [], [], [], [], [], []
+        for ci, crop in enumerate(self.crops):
+            if len(crop) == 0:
+                continue
+            sel = np.ones(len(crop), dtype=bool)
+            if pred_iou_thresh > 0:
+                sel &= crop.iou > pred_iou_thresh
+            if stability_score_thresh > 0:
+                sel &= crop.stability >= stability_score_thresh
+            idx = [i for i in np.flatnonzero(sel) if crop.mask(i) is not None]
+            if not idx:
+                continue
+            idx = np.asarray(idx)
+            boxes = np.stack([crop.mask(i).box for i in idx])
+            if crop.crop_box != (0, 0, h, w):
+                idx_keep = ~is_box_near_crop_edge(boxes, crop.crop_box, (0, 0, h, w))
+                idx, boxes = idx[idx_keep], boxes[idx_keep]
+            keep = nms(boxes, crop.iou[idx], box_nms_thresh)
+            idx, boxes = idx[keep], boxes[keep]
+            all_masks += [crop.mask(i) for i in idx]
+            all_boxes.append(boxes)
+            iou.append(crop.iou[idx])
+            stab.append(crop.stability[idx])
+            pts.append(crop.points[idx])
+            crop_idx.append(np.full(len(idx), ci))
+        if not all_masks:
+            return []
+        boxes = np.concatenate(all_boxes)
+        iou, stab, pts, crop_idx = (np.concatenate(x) for x in (iou, stab, pts, crop_idx))
+        order = np.arange(len(all_masks))
+        if len(self.crops) > 1:
+            crop_boxes = np.array([self.crops[c].crop_box for c in crop_idx], dtype=np.float64)
+            order = nms(boxes, 1.0 / box_area(crop_boxes), crop_nms_thresh)
+        masks = [all_masks[i] for i in order]
+        boxes, iou, stab, pts, crop_idx = boxes[order], iou[order], stab[order], pts[order], crop_idx[order]
+        if min_mask_region_area > 0:
+            keep, masks, boxes = _clean_small_regions(masks, (h, w), min_mask_region_area,
+                                                      max(box_nms_thresh, crop_nms_thresh))
+            iou, stab, pts, crop_idx = iou[keep], stab[keep], pts[keep], crop_idx[keep]
+        records = []
+        for k, m in enumerate(masks):
+            r0, c0, r1, c1 = (int(v) for v in m.box)
+            records.append({
+                "segmentation_patch": m,
+                "area": m.area,
+                "bbox": (r0, c0, r1 + 1, c1 + 1),
+                "predicted_iou": float(iou[k]),
+                "stability_score": float(stab[k]),
+                "point": (float(pts[k, 0]), float(pts[k, 1])),
+                "crop_box": tuple(int(v) for v in self.crops[crop_idx[k]].crop_box),
+            })
+        return records
+
+
+def _clean_small_regions(masks: list[Mask], shape: tuple[int, int], min_area: int, nms_thresh: float):
+    """The reference's postprocess_small_regions on patches: fill small holes, drop small islands, prefer
+    unchanged masks in a new NMS. Returns (kept indices into masks, kept masks, their boxes)."""
+    h, w = shape
+    new, scores = [], []
+    for m in masks:
+        r0, c0, r1, c1 = m.box
+        open_sides = (r0 > 0, c0 > 0, r1 < h - 1, c1 < w - 1)
+        patch, ch1 = remove_small_regions(m.patch, min_area, "holes", open_sides)
+        patch, ch2 = remove_small_regions(patch, min_area, "islands")
+        if ch1 or ch2:
+            rows, cols = np.flatnonzero(patch.any(1)), np.flatnonzero(patch.any(0))
+            if rows.size == 0:  # cannot happen (the largest island stays), kept for safety
+                new.append(Mask(np.zeros(4, np.int64), np.zeros((0, 0), bool)))
+            else:
+                box = np.array([r0 + rows[0], c0 + cols[0], r0 + rows[-1], c0 + cols[-1]], dtype=np.int64)
+                new.append(Mask(box, patch[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1].copy()))
+        else:
+            new.append(m)
+        scores.append(0.0 if (ch1 or ch2) else 1.0)
+    boxes = np.stack([m.box for m in new])
+    keep = nms(boxes, np.asarray(scores), nms_thresh)
+    return keep, [new[i] for i in keep], boxes[keep]

@@ -1,0 +1,233 @@
+"""Interactive annotation logic without a viewer: prompts -> masks -> new label ids (pure numpy + torch).
+
+The napari annotator delegates here; everything is testable without Qt. Coordinates are (row, col);
+boxes are (min_row, min_col, max_row, max_col); label images are integer (H, W) arrays, 0 = background.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from .predictor import ImageEmbedding, SamPredictor
+
+
+class EmbeddingCancelled(Exception):
+    """Raised inside :func:`compute_embedding` when ``cancelled()`` turned true."""
+
+
+def encoder_stages(model) -> list[torch.nn.Module]:
+    """The image encoder's sequential stages (ViT blocks or TinyViT layers), used to report progress."""
+    enc = model.image_encoder
+    for name in ("blocks", "layers"):
+        stages = getattr(enc, name, None)
+        if stages is not None and len(stages):
+            return list(stages)
+    return [enc]
+
+
+def compute_embedding(
+    predictor: SamPredictor,
+    image: np.ndarray,
+    progress: Callable[[int, int], None] | None = None,
+    cancelled: Callable[[], bool] | None = None,
+) -> ImageEmbedding:
+    """Embed one 2D image ((H, W) or (H, W, 3|4), any dtype) with progress and cancellation.
+
+    ``progress(done, total)`` is called after each encoder stage; ``cancelled()`` is polled before each
+    stage and aborts with :class:`EmbeddingCancelled`. Returns the :class:`ImageEmbedding`; no predictor
+    state changes.
+    """
+    stages = encoder_stages(predictor.model)
+    total = len(stages) + 1
+    done = [0]
+
+    def pre(_mod, _inp):
+        if cancelled is not None and cancelled():
+            raise EmbeddingCancelled("embedding cancelled")
+
+    def post(_mod, _inp, _out):
+        done[0] += 1
+        if progress is not None:
+            progress(done[0], total)
+
+    handles = [s.register_forward_pre_hook(pre) for s in stages] + [s.register_forward_hook(post) for s in stages]
+    try:
+        if cancelled is not None and cancelled():
+            raise EmbeddingCancelled("embedding cancelled")
+        emb = predictor.compute_embedding(image)
+    finally:
+        for h in handles:
+            h.remove()
+    if progress is not None:
+        progress(total, total)
+    return emb
+
+
+# ----------------------------------------------------------------------------------------------- prompts
+@dataclass(frozen=True)
+class Prompts:
+    """The prompts of one image plane. points: float (N, 2) (row, col); labels: int (N,) 1 positive /
+    0 negative; boxes: float (M, 4) (min_row, min_col, max_row, max_col)."""
+
+    points: np.ndarray = field(default_factory=lambda: np.zeros((0, 2)))
+    labels: np.ndarray = field(default_factory=lambda: np.zeros((0,), dtype=np.int64))
+    boxes: np.ndarray = field(default_factory=lambda: np.zeros((0, 4)))
+
+    def __post_init__(self):
+        object.__setattr__(self, "points", np.asarray(self.points, dtype=np.float64).reshape(-1, 2))
+        object.__setattr__(self, "labels", np.asarray(self.labels, dtype=np.int64).reshape(-1))
+        object.__setattr__(self, "boxes", np.asarray(self.boxes, dtype=np.float64).reshape(-1, 4))
+        if len(self.points) != len(self.labels):
+            raise ValueError(f"{len(self.points)} points but {len(self.labels)} labels; give one label per point")
+
+    @property
+    def empty(self) -> bool:
+        return len(self.points) == 0 and len(self.boxes) == 0
+
+    @property
+    def n_positive(self) -> int:
+        return int((self.labels == 1).sum())
+
+    def key(self) -> tuple:
+        return (self.points.round(3).tobytes(), self.labels.tobytes(), self.boxes.round(3).tobytes())
+
+    def extends(self, other: "Prompts") -> bool:
+        """True if ``self`` is ``other`` plus more points (same boxes): the previous logits may refine it."""
+        n = len(other.points)
+        return (not other.empty and len(self.points) > n and np.array_equal(self.points[:n], other.points)
+                and np.array_equal(self.labels[:n], other.labels) and np.array_equal(self.boxes, other.boxes))
+
+
+@dataclass
+class Result:
+    """A prediction on one plane. Single mode: ``masks`` bool (K, H, W) candidates (K = 3 for an ambiguous
+    prompt, else 1), ``iou`` (K,), ``logits`` (K, L, L). Batch mode: one mask per object (B, H, W)."""
+
+    masks: np.ndarray
+    iou: np.ndarray
+    logits: np.ndarray
+    batch: bool = False
+    prompts: Prompts | None = None
+    choice: int = 0
+
+    @property
+    def mask(self) -> np.ndarray:
+        """The chosen candidate (single mode), bool (H, W)."""
+        return self.masks[self.choice]
+
+    def objects(self) -> list[np.ndarray]:
+        """Masks to commit, one bool (H, W) per object."""
+        return [m for m in self.masks] if self.batch else [self.mask]
+
+    def preview(self) -> np.ndarray:
+        """uint8/uint16 (H, W) label image: object i (1-based) of the batch, or 1 for the chosen candidate."""
+        objs = self.objects()
+        out = np.zeros(self.masks.shape[1:], dtype=np.uint16 if len(objs) > 255 else np.uint8)
+        for i, m in enumerate(objs, 1):
+            out[m & (out == 0)] = i
+        return out
+
+
+def predict(predictor: SamPredictor, prompts: Prompts, mask_input: np.ndarray | None = None,
+            batch: bool = False) -> Result:
+    """Run the decoder for ``prompts`` on the predictor's current embedding.
+
+    Single mode: all points (positive and negative) and at most one box describe ONE object; a lone
+    point gives 3 candidates (ambiguity), otherwise 1; ``mask_input`` (L, L) logits refine it.
+    Batch mode: every box and every positive point is its own object (negative points are ignored).
+    """
+    if prompts.empty:
+        raise ValueError("no prompts: add a point or draw a box first")
+    if batch:
+        masks, ious, logits = [], [], []
+        if len(prompts.boxes):
+            r = predictor.predict(box=prompts.boxes, multimask=False)
+            masks.append(r.masks[:, 0]), ious.append(r.iou[:, 0]), logits.append(r.low_res_logits[:, 0])
+        pos = prompts.points[prompts.labels == 1]
+        if len(pos):
+            r = predictor.predict(points=pos[:, None, :], point_labels=np.ones((len(pos), 1)), multimask=True)
+            best = r.iou.argmax(1)
+            ar = np.arange(len(pos))
+            masks.append(r.masks[ar, best]), ious.append(r.iou[ar, best]), logits.append(r.low_res_logits[ar, best])
+        if not masks:
+            raise ValueError("batch mode needs boxes or positive points (negative points alone make no object)")
+        return Result(np.concatenate(masks), np.concatenate(ious), np.concatenate(logits), True, prompts)
+    if len(prompts.boxes) > 1:
+        raise ValueError(f"{len(prompts.boxes)} boxes describe one object; keep one box or switch on batch mode")
+    if len(prompts.points) and prompts.n_positive == 0 and not len(prompts.boxes):
+        raise ValueError("only negative points: add a positive point (or a box) on the object")
+    multimask = len(prompts.points) == 1 and not len(prompts.boxes) and mask_input is None
+    r = predictor.predict(
+        points=prompts.points if len(prompts.points) else None,
+        point_labels=prompts.labels if len(prompts.points) else None,
+        box=prompts.boxes[0] if len(prompts.boxes) else None,
+        mask_input=mask_input,
+        multimask=multimask,
+    )
+    return Result(r.masks, r.iou, r.low_res_logits, False, prompts, int(np.argmax(r.iou)))
+
+
+# ------------------------------------------------------------------------------------------------ labels
+def next_free_id(labels: np.ndarray) -> int:
+    """The smallest id above every id in use (max + 1; 1 for an empty image)."""
+    return int(np.max(labels, initial=0)) + 1 if np.size(labels) else 1
+
+
+def dtype_for(dtype: np.dtype, max_id: int) -> np.dtype:
+    """``dtype`` if it can hold ``max_id``, else the next wider integer type of the same kind."""
+    dtype = np.dtype(dtype)
+    if not np.issubdtype(dtype, np.integer):
+        raise ValueError(f"label images must have an integer dtype, not {dtype}")
+    ladder = (np.uint8, np.uint16, np.uint32, np.uint64) if dtype.kind == "u" else (np.int8, np.int16, np.int32,
+                                                                                   np.int64)
+    for t in ladder:
+        if np.dtype(t).itemsize >= dtype.itemsize and np.iinfo(t).max >= max_id:
+            return np.dtype(t)
+    raise ValueError(f"label id {max_id} does not fit any {dtype.kind}-integer type")
+
+
+@dataclass
+class CommitPlan:
+    """What a commit writes: ``writes`` is a list of (label id, rows, cols) int arrays; ``skipped`` counts
+    objects with no pixel left to write (entirely on existing objects); ``dtype`` the needed label dtype."""
+
+    writes: list[tuple[int, np.ndarray, np.ndarray]]
+    skipped: int
+    dtype: np.dtype
+    protected_pixels: int
+
+    @property
+    def ids(self) -> list[int]:
+        return [w[0] for w in self.writes]
+
+
+def plan_commit(existing: np.ndarray, masks: list[np.ndarray], first_id: int, overwrite: bool = False) -> CommitPlan:
+    """Plan writing bool (H, W) ``masks`` into the label plane ``existing`` (H, W) as ids first_id, +1, ...
+
+    Without ``overwrite`` only background pixels (0) are written, so existing objects stay intact; objects
+    of the same commit never overwrite each other either (earlier wins). Empty objects are skipped and
+    take no id.
+    """
+    existing = np.asarray(existing)
+    taken = existing != 0 if not overwrite else np.zeros(existing.shape, dtype=bool)
+    writes: list[tuple[int, np.ndarray, np.ndarray]] = []
+    skipped = protected = 0
+    next_id = first_id
+    for m in masks:
+        m = np.asarray(m, dtype=bool)
+        if m.shape != existing.shape:
+            raise ValueError(f"mask of shape {m.shape} does not match the label plane {existing.shape}")
+        allowed = m & ~taken
+        protected += int((m & taken).sum())
+        if not allowed.any():
+            skipped += 1
+            continue
+        rows, cols = np.nonzero(allowed)
+        writes.append((next_id, rows, cols))
+        taken |= allowed
+        next_id += 1
+    return CommitPlan(writes, skipped, dtype_for(existing.dtype, max(next_id - 1, 0)), protected)

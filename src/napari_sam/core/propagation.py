@@ -1,0 +1,383 @@
+"""Slice-by-slice propagation of 2D objects through a stack: one prompt -> a 3D object.
+
+From each prompted slice outward, the next slice is prompted from the previous slice's mask (a strategy of
+:data:`STRATEGIES`: its box, its low-res logits, an interior positive point at the distance-transform maximum).
+A direction stops when the predicted IoU falls below ``iou_threshold``, the IoU with the previous slice's mask
+below ``overlap_threshold``, or the mask has fewer than ``min_area`` pixels. Between two prompted slices of one
+object, both ends propagate toward the middle; if one stops early, the other goes on. All objects (and all
+directions) step in lock-step, so every slice runs one batched decoder call for all objects on it.
+
+Axis order: volumes (Z, Y, X) or (Z, Y, X, C); points (row, col) on slice z; boxes (min_row, min_col, max_row,
+max_col) inclusive. "forward"/"up" is increasing z, "backward"/"down" decreasing z.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import defaultdict
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, fields
+
+import numpy as np
+from scipy import ndimage
+
+from .embedding_store import StackEmbeddings, validate_stack
+from .predictor import SamPredictor
+
+# What the next slice is prompted with; "microsam" is micro-sam's default (one positive point at the
+# previous mask's interior maximum, stop at IoU with the previous slice < 0.5, no predicted-IoU stop).
+STRATEGIES: dict[str, dict] = {
+    "box": dict(box=True, logits=False, point=False),
+    "box_logits": dict(box=True, logits=True, point=False),
+    "point": dict(box=False, logits=False, point=True),
+    "point_box": dict(box=True, logits=False, point=True),
+    "point_logits": dict(box=False, logits=True, point=True),
+    "point_box_logits": dict(box=True, logits=True, point=True),
+    "microsam": dict(box=False, logits=False, point=True, overlap_threshold=0.5, iou_threshold=0.0),
+}
+DIRECTIONS = {"both": (1, -1), "forward": (1,), "up": (1,), "backward": (-1,), "down": (-1,)}
+
+
+@dataclass(frozen=True)
+class PropagationParams:
+    """strategy: key of STRATEGIES. iou_threshold: stop when the predicted IoU is below it. overlap_threshold:
+    stop when IoU(mask, previous slice's mask) is below it. min_area: stop when the mask has fewer pixels.
+    direction: "both", "forward"/"up" (+z), "backward"/"down" (-z). max_slices: at most this many slices per
+    direction (None: no limit)."""
+
+    strategy: str = "box_logits"
+    iou_threshold: float = 0.5
+    overlap_threshold: float = 0.3
+    min_area: int = 10
+    direction: str = "both"
+    max_slices: int | None = None
+
+    def spec(self) -> dict:
+        """The prompt recipe of the strategy: {"box": bool, "logits": bool, "point": bool}."""
+        return {k: STRATEGIES[self.strategy][k] for k in ("box", "logits", "point")}
+
+
+def make_params(params: Mapping) -> PropagationParams:
+    """PropagationParams from keyword arguments: the strategy's own thresholds (e.g. micro-sam's) first, then
+    what the caller gave. Unknown names, strategies or directions raise with the valid choices."""
+    names = {f.name for f in fields(PropagationParams)}
+    bad = sorted(set(params) - names)
+    if bad:
+        raise TypeError(f"unknown propagation parameter(s) {bad}; valid: {sorted(names)}")
+    strategy = params.get("strategy", PropagationParams.strategy)
+    if strategy not in STRATEGIES:
+        raise ValueError(f"unknown strategy {strategy!r}; choose one of {sorted(STRATEGIES)}")
+    direction = params.get("direction", PropagationParams.direction)
+    if direction not in DIRECTIONS:
+        raise ValueError(f"unknown direction {direction!r}; choose one of {sorted(DIRECTIONS)}")
+    over = {k: v for k, v in STRATEGIES[strategy].items() if k in names}
+    return PropagationParams(**{**over, **params})
+
+
+def mask_iou(a: np.ndarray, b: np.ndarray) -> float:
+    union = np.count_nonzero(a | b)
+    return float(np.count_nonzero(a & b) / union) if union else 0.0
+
+
+def mask_box(mask: np.ndarray) -> np.ndarray:
+    """(4,) (min_row, min_col, max_row, max_col), inclusive, of a non-empty 2D mask."""
+    rows = np.flatnonzero(mask.any(1))
+    cols = np.flatnonzero(mask.any(0))
+    return np.array([rows[0], cols[0], rows[-1], cols[-1]], dtype=np.float64)
+
+
+def interior_point(mask: np.ndarray) -> np.ndarray:
+    """(row, col) of the maximum of the distance transform: the point deepest inside the mask."""
+    r0, c0, r1, c1 = mask_box(mask).astype(int)
+    crop = np.pad(mask[r0: r1 + 1, c0: c1 + 1], 1)
+    dist = ndimage.distance_transform_edt(crop)
+    r, c = np.unravel_index(int(np.argmax(dist)), dist.shape)
+    return np.array([r0 + r - 1, c0 + c - 1], dtype=np.float64)
+
+
+class _Track:
+    """One object moving through the stack in one direction."""
+
+    def __init__(self, obj: int, z: int, step: int, end: int, mask: np.ndarray, logits: np.ndarray | None):
+        self.obj, self.z, self.step, self.end = obj, z, step, end
+        self.mask, self.logits = mask, logits
+        self.partner: _Track | None = None
+        self.stopped = False  # by a stop rule (not by reaching its end)
+        self.count = 0
+
+    def next_z(self, max_slices: int | None) -> int | None:
+        nz = self.z + self.step
+        if self.stopped or (nz - self.end) * self.step > 0 or (max_slices is not None and self.count >= max_slices):
+            return None
+        return nz
+
+
+def _resolve(volume, model, embeddings):
+    vol = validate_stack(volume)
+    if embeddings is None:
+        if model is None or isinstance(model, (str, os.PathLike)):
+            from .build import load_model
+
+            model = load_model(model)
+        embeddings = StackEmbeddings(vol, model)
+    elif isinstance(embeddings, StackEmbeddings):
+        if model is not None and not isinstance(model, (str, os.PathLike)) and model is not embeddings.model:
+            raise ValueError("embeddings were computed with another model; pass only one of model/embeddings")
+        model = embeddings.model
+        if embeddings.volume.shape != vol.shape or (embeddings.volume is not vol and
+                                                    not np.array_equal(embeddings.volume, vol)):
+            raise ValueError("embeddings were computed for another stack (shape or data differ); "
+                             "build them with StackEmbeddings(volume, model)")
+    else:
+        raise TypeError("embeddings must be a StackEmbeddings (napari_sam.core.embedding_store) or None")
+    if model is None:
+        raise ValueError("no model: pass model=... or embeddings=StackEmbeddings(volume, model)")
+    return vol, SamPredictor(model), embeddings
+
+
+def _check_z(z, n: int) -> int:
+    if isinstance(z, (bool, np.bool_)) or not isinstance(z, (int, np.integer)):
+        raise TypeError(f"slice index z must be an int, got {z!r}")
+    if not 0 <= z < n:
+        raise ValueError(f"slice z={z} is outside the volume, which has {n} slice(s) (0 .. {n - 1})")
+    return int(z)
+
+
+def _predict_step(predictor: SamPredictor, tracks: list[_Track], spec: dict):
+    """One batched decoder call for all tracks arriving on the same slice -> (masks, scores, logits)."""
+    b = len(tracks)
+    boxes = np.stack([mask_box(t.mask) for t in tracks]) if spec["box"] else None
+    points = np.stack([interior_point(t.mask)[None] for t in tracks]) if spec["point"] else None
+    logits = None
+    if spec["logits"]:
+        logits = np.stack([t.logits for t in tracks])[:, None]
+    multimask = boxes is None and logits is None  # a single point is ambiguous: pick among 3
+    pred = predictor.predict(points=points, point_labels=None if points is None else np.ones((b, 1)),
+                             box=boxes, mask_input=logits, multimask=multimask)
+    masks, ious, low = pred.masks, pred.iou, pred.low_res_logits
+    if masks.ndim == 3:  # not batched (cannot happen with stacked prompts, kept for safety)
+        masks, ious, low = masks[None], ious[None], low[None]
+    best = np.argmax(ious, axis=1)
+    idx = np.arange(b)
+    return masks[idx, best], ious[idx, best], low[idx, best]
+
+
+def iter_tracks(predictor: SamPredictor, embeddings: StackEmbeddings, tracks: list[_Track],
+                params: PropagationParams, spec: dict,
+                cancel: Callable[[], bool] | None = None) -> Iterator[tuple[int, int, np.ndarray, float]]:
+    """Advance all tracks in lock-step; yields (object, z, mask (Y, X) bool, predicted IoU) per accepted slice."""
+    while True:
+        if cancel is not None and cancel():
+            return
+        groups: dict[int, list[_Track]] = defaultdict(list)
+        for t in tracks:
+            nz = t.next_z(params.max_slices)
+            if nz is not None:
+                groups[nz].append(t)
+        if not groups:
+            return
+        for nz in sorted(groups):
+            group = groups[nz]
+            predictor.set_embedding(embeddings[nz])
+            masks, scores, lows = _predict_step(predictor, group, spec)
+            for t, m, s, low in zip(group, masks, scores, lows):
+                area = int(np.count_nonzero(m))
+                if (area < max(params.min_area, 1) or s < params.iou_threshold
+                        or mask_iou(m, t.mask) < params.overlap_threshold):
+                    t.stopped = True
+                    p = t.partner
+                    if p is not None and not p.stopped:  # the other end fills the rest of the gap
+                        p.end = t.z + t.step
+                    continue
+                t.z, t.mask, t.logits, t.count = nz, m, low, t.count + 1
+                yield t.obj, nz, m, float(s)
+
+
+def _seed_tracks(obj: int, seeds: Mapping[int, tuple[np.ndarray, np.ndarray | None]], n: int,
+                 directions: tuple[int, ...], fixed_ends: tuple[int, int] | None = None) -> list[_Track]:
+    """Tracks of one object with seed slices {z: (mask, logits)}: outward from the first and last seed (only in
+    ``directions``), and toward each other between consecutive seeds (always)."""
+    zs = sorted(seeds)
+    lo_end, hi_end = fixed_ends if fixed_ends is not None else (0, n - 1)
+    tracks = []
+    if -1 in directions:
+        tracks.append(_Track(obj, zs[0], -1, lo_end, *seeds[zs[0]]))
+    if 1 in directions:
+        tracks.append(_Track(obj, zs[-1], 1, hi_end, *seeds[zs[-1]]))
+    for a, b in zip(zs[:-1], zs[1:]):
+        if b - a < 2:
+            continue
+        mid = (a + b) // 2
+        fw = _Track(obj, a, 1, mid, *seeds[a])
+        bw = _Track(obj, b, -1, mid + 1, *seeds[b])
+        fw.partner, bw.partner = bw, fw
+        tracks += [fw, bw]
+    return tracks
+
+
+def iter_propagate_masks(volume: np.ndarray, seeds: Sequence[Mapping[int, np.ndarray]], model=None,
+                         embeddings: StackEmbeddings | None = None, cancel: Callable[[], bool] | None = None,
+                         **params) -> Iterator[tuple[int, int, np.ndarray, float]]:
+    """Generator: propagate several objects at once, each from its seed masks {z: (Y, X) bool}.
+
+    Yields (object index, z, mask (Y, X) bool, predicted IoU) for every propagated slice (seeds are not
+    yielded), in lock-step order. ``params``: fields of :class:`PropagationParams`.
+    """
+    vol, predictor, emb = _resolve(volume, model, embeddings)
+    p = make_params(params)
+    spec = p.spec()
+    tracks = []
+    for i, obj_seeds in enumerate(seeds):
+        if not obj_seeds:
+            raise ValueError(f"object {i} has no seed slice")
+        clean = {}
+        for z, m in obj_seeds.items():
+            z = _check_z(z, vol.shape[0])
+            m = np.asarray(m, dtype=bool)
+            if m.shape != vol.shape[1:3]:
+                raise ValueError(f"seed mask of object {i} on slice {z} has shape {m.shape}; expected "
+                                 f"{vol.shape[1:3]}")
+            if not m.any():
+                raise ValueError(f"seed mask of object {i} on slice {z} is empty")
+            clean[z] = (m, _mask_to_logits(m, predictor, emb) if spec["logits"] else None)
+        tracks += _seed_tracks(i, clean, vol.shape[0], DIRECTIONS[p.direction])
+    yield from iter_tracks(predictor, emb, tracks, p, spec, cancel)
+
+
+def _mask_to_logits(mask: np.ndarray, predictor: SamPredictor, emb: StackEmbeddings) -> np.ndarray:
+    """Low-res logits (L, L) standing for a given mask (±10 inside/outside, in the model's padded frame)."""
+    L = predictor.model.prompt_encoder.mask_input_size[0]
+    img = predictor.model.img_size
+    h, w = emb.input_size
+    from PIL import Image
+
+    resized = np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize((w, h), Image.BILINEAR)) > 127
+    canvas = np.zeros((img, img), bool)
+    canvas[:h, :w] = resized
+    low = np.asarray(Image.fromarray(canvas.astype(np.uint8) * 255).resize((L, L), Image.BILINEAR)) > 127
+    return np.where(low, 10.0, -10.0).astype(np.float32)
+
+
+def propagate_masks(volume: np.ndarray, seeds: Sequence[Mapping[int, np.ndarray]], model=None,
+                    embeddings: StackEmbeddings | None = None, cancel: Callable[[], bool] | None = None,
+                    progress: Callable[[int, int, int], None] | None = None,
+                    **params) -> tuple[np.ndarray, np.ndarray]:
+    """Propagate several objects in one batched pass.
+
+    Returns (labels (Z, Y, X) int32 with object i as value i + 1 (seeds included; where objects overlap the
+    first one written keeps the voxel), scores (B, Z) float32: predicted IoU per slice, 1.0 on seed slices,
+    NaN where the object is absent). ``progress(object, z, slices_done)`` is called per propagated slice.
+    """
+    vol = validate_stack(volume)
+    labels = np.zeros(vol.shape[:3], np.int32)
+    scores = np.full((len(seeds), vol.shape[0]), np.nan, np.float32)
+    for i, obj_seeds in enumerate(seeds):
+        for z, m in obj_seeds.items():
+            if 0 <= z < vol.shape[0] and np.shape(m) == vol.shape[1:3]:
+                sl = labels[z]
+                sl[np.asarray(m, bool) & (sl == 0)] = i + 1
+                scores[i, z] = 1.0
+    done = 0
+    for i, z, m, s in iter_propagate_masks(vol, seeds, model, embeddings, cancel, **params):
+        sl = labels[z]
+        sl[m & (sl == 0)] = i + 1
+        scores[i, z] = s
+        done += 1
+        if progress is not None:
+            progress(i, z, done)
+    return labels, scores
+
+
+def iter_propagate_object(volume: np.ndarray, z: int, points=None, point_labels=None, box=None, model=None,
+                          embeddings: StackEmbeddings | None = None, cancel: Callable[[], bool] | None = None,
+                          **params) -> Iterator[tuple[int, np.ndarray, float]]:
+    """Generator form of :func:`propagate_object`: yields (z, mask (Y, X) bool, predicted IoU), the prompted
+    slice first, then the propagated slices in lock-step order (alternating directions)."""
+    vol, predictor, emb = _resolve(volume, model, embeddings)
+    z = _check_z(z, vol.shape[0])
+    if points is None and box is None:
+        raise ValueError("give a prompt on slice z: points=(N, 2) (row, col) and/or box=(4,)")
+    predictor.set_embedding(emb[z])
+    single_point = box is None and np.asarray(points).reshape(-1, 2).shape[0] == 1
+    pred = predictor.predict(points=points, point_labels=point_labels, box=box, multimask=single_point)
+    if np.ndim(pred.iou) != 1:
+        raise ValueError("propagate_object takes the prompt of ONE object; for several use propagate_masks")
+    k = int(np.argmax(pred.iou))
+    seed, score = pred.masks[k], float(pred.iou[k])
+    if not seed.any():
+        raise ValueError(f"the prompt gives an empty mask on slice {z}; move the point or draw a box")
+    yield z, seed, score
+    p = make_params(params)
+    spec = p.spec()
+    tracks = _seed_tracks(0, {z: (seed, pred.low_res_logits[k])}, vol.shape[0], DIRECTIONS[p.direction])
+    for _obj, zz, m, s in iter_tracks(predictor, emb, tracks, p, spec, cancel):
+        yield zz, m, s
+
+
+def propagate_object(volume: np.ndarray, z: int, points=None, point_labels=None, box=None, model=None,
+                     embeddings: StackEmbeddings | None = None, **params) -> tuple[np.ndarray, np.ndarray]:
+    """Segment one object in 3D from a prompt on slice ``z``.
+
+    volume: (Z, Y, X) or (Z, Y, X, C), any dtype. points: (N, 2) (row, col) on slice z, point_labels (N,)
+    1/0; box: (4,) (min_row, min_col, max_row, max_col). model: a Sam, a name/path for load_model, or None
+    (the built-in model, or the model of ``embeddings``). embeddings: a StackEmbeddings of ``volume`` (default:
+    one is opened in the disk cache). params: :class:`PropagationParams` fields, and ``cancel`` (callable).
+
+    Returns (mask (Z, Y, X) bool, scores (Z,) float32: predicted IoU per slice, NaN where the object is absent).
+    """
+    vol = validate_stack(volume)
+    mask = np.zeros(vol.shape[:3], bool)
+    scores = np.full(vol.shape[0], np.nan, np.float32)
+    for zz, m, s in iter_propagate_object(vol, z, points, point_labels, box, model, embeddings, **params):
+        mask[zz] = m
+        scores[zz] = s
+    return mask, scores
+
+
+def repropagate(volume: np.ndarray, mask: np.ndarray, z: int, corrected: np.ndarray, model=None,
+                embeddings: StackEmbeddings | None = None, fixed: Sequence[int] = (), converge_iou: float = 0.9,
+                cancel: Callable[[], bool] | None = None, **params) -> tuple[np.ndarray, np.ndarray, tuple[int, int]]:
+    """Redo only the range a correction affects: ``corrected`` (Y, X) replaces slice z of the 3D ``mask``, then
+    each direction propagates until its new mask agrees with the old one (IoU >= converge_iou; the rest is kept),
+    it stops (old slices up to the next fixed slice are cleared), or it reaches a ``fixed`` (prompted) slice.
+
+    Returns (new mask (Z, Y, X) bool (the input is not modified), scores (Z,) float32 (NaN where not
+    recomputed), (first, last) slice range that was recomputed).
+    """
+    vol, predictor, emb = _resolve(volume, model, embeddings)
+    z = _check_z(z, vol.shape[0])
+    old = np.asarray(mask, dtype=bool)
+    if old.shape != vol.shape[:3]:
+        raise ValueError(f"mask has shape {old.shape}; expected the volume's {vol.shape[:3]}")
+    corrected = np.asarray(corrected, dtype=bool)
+    if corrected.shape != vol.shape[1:3]:
+        raise ValueError(f"corrected slice has shape {corrected.shape}; expected {vol.shape[1:3]}")
+    p = make_params(params)
+    spec = p.spec()
+    new = old.copy()
+    new[z] = corrected
+    scores = np.full(vol.shape[0], np.nan, np.float32)
+    scores[z] = 1.0
+    if not corrected.any():
+        return new, scores, (z, z)
+    lo = max([f + 1 for f in fixed if f < z], default=0)
+    hi = min([f - 1 for f in fixed if f > z], default=vol.shape[0] - 1)
+    logits = _mask_to_logits(corrected, predictor, emb) if spec["logits"] else None
+    tracks = [_Track(0, z, s, lo if s < 0 else hi, corrected, logits) for s in DIRECTIONS[p.direction]]
+    first = last = z
+    for _o, zz, m, s in iter_tracks(predictor, emb, tracks, p, spec, cancel):
+        t = next(t for t in tracks if t.z == zz and not t.stopped)
+        converged = old[zz].any() and mask_iou(m, old[zz]) >= converge_iou
+        new[zz], scores[zz] = m, s
+        first, last = min(first, zz), max(last, zz)
+        if converged:
+            t.stopped = True
+    for t in tracks:  # a direction that stopped without converging: its stale old slices go
+        if t.stopped and not (old[t.z].any() and mask_iou(new[t.z], old[t.z]) >= converge_iou):
+            rng = range(t.z + t.step, t.end + t.step, t.step)
+            for zz in rng:
+                if not old[zz].any():
+                    break
+                new[zz] = False
+                first, last = min(first, zz), max(last, zz)
+    return new, scores, (first, last)

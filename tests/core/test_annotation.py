@@ -1,0 +1,131 @@
+"""Annotation logic without a viewer: commit planning (ids, no-overwrite, dtype), prompts, embedding
+progress / cancel, single and batch prediction (random-weight model: plumbing only) on a real image."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from napari_sam.core import SamPredictor
+from napari_sam.core.annotation import (
+    EmbeddingCancelled,
+    Prompts,
+    compute_embedding,
+    dtype_for,
+    next_free_id,
+    plan_commit,
+    predict,
+)
+
+
+def _disk(shape, center, r):
+    yy, xx = np.mgrid[: shape[0], : shape[1]]
+    return (yy - center[0]) ** 2 + (xx - center[1]) ** 2 <= r * r
+
+
+def test_next_free_id_and_dtype_ladder():
+    assert next_free_id(np.zeros((4, 4), np.uint8)) == 1
+    a = np.zeros((3, 5, 5), np.uint16)
+    a[2, 1, 1] = 41
+    assert next_free_id(a) == 42
+    assert dtype_for(np.uint8, 255) == np.uint8
+    assert dtype_for(np.uint8, 256) == np.uint16
+    assert dtype_for(np.int8, 128) == np.int16
+    assert dtype_for(np.uint16, 70000) == np.uint32
+    with pytest.raises(ValueError, match="integer dtype"):
+        dtype_for(np.float32, 3)
+
+
+def test_plan_commit_never_overwrites_without_permission(nuclei_sample):
+    _, gt = nuclei_sample
+    existing = gt.astype(np.uint16)
+    obj = existing == 5
+    blob = np.zeros_like(obj)
+    rows, cols = np.nonzero(obj)
+    blob[max(rows.min() - 6, 0): rows.max() + 6, max(cols.min() - 6, 0): cols.max() + 6] = True  # covers nucleus 5
+    first = next_free_id(existing)
+    plan = plan_commit(existing, [blob], first)
+    assert plan.ids == [first]
+    _, r, c = plan.writes[0]
+    assert np.all(existing[r, c] == 0)  # only background written
+    assert plan.protected_pixels == int((blob & (existing != 0)).sum()) > 0
+    out = existing.copy()
+    out[r, c] = first
+    assert np.array_equal(out[existing != 0], existing[existing != 0])  # every existing object intact
+    # with permission the whole blob becomes the new object
+    plan_ow = plan_commit(existing, [blob], first, overwrite=True)
+    assert len(plan_ow.writes[0][1]) == int(blob.sum())
+    # an object lying entirely on existing labels takes no id
+    assert plan_commit(existing, [obj], first).skipped == 1
+
+
+def test_plan_commit_batch_objects_do_not_overlap_and_dtype_upgrade():
+    shape = (40, 40)
+    a, b = _disk(shape, (15, 15), 8), _disk(shape, (15, 25), 8)
+    existing = np.zeros(shape, np.uint8)
+    existing[0, 0] = 254
+    plan = plan_commit(existing, [a, b, np.zeros(shape, bool)], next_free_id(existing))
+    assert plan.ids == [255, 256]
+    assert plan.dtype == np.uint16  # 256 does not fit uint8
+    ra, ca = plan.writes[0][1:]
+    rb, cb = plan.writes[1][1:]
+    assert not (set(zip(ra.tolist(), ca.tolist())) & set(zip(rb.tolist(), cb.tolist())))
+    assert len(ra) == int(a.sum()) and len(rb) == int((b & ~a).sum())
+    assert plan.skipped == 1
+
+
+def test_prompts_extend_and_validate():
+    p1 = Prompts([[3, 4]], [1])
+    p2 = Prompts([[3, 4], [5, 6]], [1, 0])
+    assert p2.extends(p1) and not p1.extends(p2)
+    assert not Prompts([[5, 6], [3, 4]], [0, 1]).extends(p1)
+    assert not Prompts([[3, 4], [5, 6]], [1, 0], [[0, 0, 9, 9]]).extends(p1)  # a new box: start afresh
+    assert Prompts().empty and p1.n_positive == 1 and p2.n_positive == 1
+    with pytest.raises(ValueError, match="one label per point"):
+        Prompts([[1, 2]], [1, 0])
+
+
+def test_embedding_progress_and_cancel(tiny_model, nuclei_sample):
+    img, _ = nuclei_sample
+    pred = SamPredictor(tiny_model)
+    seen = []
+    emb = compute_embedding(pred, img, progress=lambda d, t: seen.append((d, t)))
+    ref = pred.compute_embedding(img)
+    assert np.allclose(emb.features.numpy(), ref.features.numpy())
+    total = seen[-1][1]
+    assert seen[-1] == (total, total) and total >= 3
+    assert [d for d, _ in seen[:-1]] == list(range(1, len(seen)))
+    calls = []
+
+    def cancel_after_first():
+        calls.append(1)
+        return len(calls) > 2
+
+    with pytest.raises(EmbeddingCancelled):
+        compute_embedding(pred, img, cancelled=cancel_after_first)
+    # hooks are removed after a cancel: a later run is unaffected
+    assert np.allclose(compute_embedding(pred, img).features.numpy(), ref.features.numpy())
+
+
+def test_predict_single_batch_and_refine(tiny_model, nuclei_sample):
+    img, gt = nuclei_sample
+    pred = SamPredictor(tiny_model)
+    pred.set_image(img)
+    one = predict(pred, Prompts([[60, 60]], [1]))
+    assert one.masks.shape == (3, *img.shape[:2]) and one.masks.dtype == bool
+    assert one.choice == int(np.argmax(one.iou)) and not one.batch
+    assert one.preview().max() <= 1 and np.array_equal(one.preview() == 1, one.mask)
+    two = Prompts([[60, 60], [90, 90]], [1, 0])
+    plain = predict(pred, two)
+    refined = predict(pred, two, mask_input=one.logits[one.choice])
+    assert plain.masks.shape == (1, *img.shape[:2])
+    assert not np.allclose(plain.logits, refined.logits)  # the previous logits reach the decoder
+    batch = predict(pred, Prompts([[60, 60], [90, 90], [30, 30]], [1, 0, 1], [[10, 10, 50, 50]]), batch=True)
+    assert batch.batch and batch.masks.shape == (3, *img.shape[:2])  # 1 box + 2 positive points
+    assert len(batch.objects()) == 3
+    with pytest.raises(ValueError, match="positive point"):
+        predict(pred, Prompts([[60, 60]], [0]))
+    with pytest.raises(ValueError, match="batch mode"):
+        predict(pred, Prompts(boxes=[[0, 0, 9, 9], [10, 10, 20, 20]]))
+    with pytest.raises(ValueError, match="no prompts"):
+        predict(pred, Prompts())

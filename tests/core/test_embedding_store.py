@@ -1,0 +1,188 @@
+"""Stack embeddings on disk: reuse, staleness, crash recovery, unusable cache folders (real GoNuclear crops)."""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from napari_sam.core import SamConfig, build_sam
+from napari_sam.core.embedding_store import (
+    EmbeddingCacheWarning,
+    StackEmbeddings,
+    clean_cache,
+    embeddings_dir,
+    select_volume,
+    validate_stack,
+)
+from napari_sam.core.predictor import SamPredictor
+
+from conftest import data_dir, randomize_, read_image
+
+# a small TinyViT-style encoder at 128 px (8x8 grid): plumbing only, fast on 2 cores
+SMALL = SamConfig("store_test", "tiny_vit", img_size=128, tv_embed_dims=(16, 32, 64), tv_depths=(1, 1, 1),
+                  tv_num_heads=(1, 2, 2), tv_window_sizes=(7, 4, 4), tv_merge_strides=(2, 2),
+                  prompt_embed_dim=32, decoder_mlp_dim=64, decoder_num_heads=2, iou_head_hidden_dim=32)
+
+
+@pytest.fixture(scope="module")
+def stack():
+    vol = read_image(data_dir("gonuclear_3d_nuclei") / "1135_crop_image.tif")
+    return np.ascontiguousarray(vol[40:45, 20:84, 10:90])  # (5, 64, 80) uint8, real nuclei
+
+
+@pytest.fixture(scope="module")
+def model():
+    return randomize_(build_sam(SMALL), seed=3, std=0.5).eval()
+
+
+@pytest.fixture(autouse=True)
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("NAPARI_SAM_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.delenv("NAPARI_SAM_EMBED_CACHE_MB", raising=False)
+    return tmp_path / "cache" / "embeddings"
+
+
+def count_encoder_calls(model):
+    calls = []
+    handle = model.image_encoder.register_forward_hook(lambda m, i, o: calls.append(o.shape[0]))
+    return calls, handle
+
+
+def test_compute_store_and_reopen_without_encoder(stack, model, cache):
+    emb = StackEmbeddings(stack, model)
+    assert not emb.in_memory and emb.path.parent == cache == embeddings_dir()
+    progress = list(emb.compute(batch_size=2))
+    assert progress == [(0, 5), (2, 5), (4, 5), (5, 5)]
+    import zarr
+
+    stored = zarr.open_group(str(emb.path), mode="r")["features"]
+    assert stored.dtype == np.float16 and stored.shape == (5, 32, 8, 8)
+    calls, h = count_encoder_calls(model)
+    try:
+        again = StackEmbeddings(stack.copy(), model)  # equal data, another array object
+        assert again.path == emb.path and again.missing() == []
+        for z in range(5):
+            assert torch.equal(again[z].features, emb[z].features)
+        assert calls == []  # nothing was recomputed
+    finally:
+        h.remove()
+
+
+def test_embeddings_match_the_predictor(stack, model):
+    emb = StackEmbeddings(stack, model).compute_all()
+    pred = SamPredictor(model)
+    for z in (0, 3):
+        ref = pred.compute_embedding(stack[z])
+        got = emb[z]
+        assert got.original_size == ref.original_size == (64, 80) and got.input_size == ref.input_size
+        # only float16 rounding apart; exactly the float16 of the reference up to batching noise
+        torch.testing.assert_close(got.features, ref.features.half().float(), atol=2e-3, rtol=2e-3)
+
+
+def test_changed_data_or_weights_never_reuse_a_stale_cache(stack, model):
+    first = StackEmbeddings(stack, model).compute_all()
+    changed = stack.copy()
+    changed[2, 10:14, 10:14] = 255 - changed[2, 10:14, 10:14]  # a 4x4 patch of one slice
+    second = StackEmbeddings(changed, model)
+    assert second.key != first.key and second.missing() == list(range(5))
+    assert not torch.equal(second[2].features, first[2].features)
+    other = randomize_(build_sam(SMALL), seed=4, std=0.5).eval()
+    assert StackEmbeddings(stack, other).key != first.key
+    with torch.no_grad():  # fine-tuning changes weights in place: the key must follow
+        next(model.parameters()).add_(0.01)
+    try:
+        assert StackEmbeddings(stack, model).key != first.key
+    finally:
+        with torch.no_grad():
+            next(model.parameters()).sub_(0.01)
+
+
+def test_torn_chunk_is_detected_and_recomputed(stack, model):
+    emb = StackEmbeddings(stack, model).compute_all()
+    good = emb[1].features.clone()
+    chunk = emb.path / "features" / "c" / "1" / "0" / "0" / "0"
+    data = chunk.read_bytes()
+    chunk.write_bytes(data[: len(data) // 2] + bytes(len(data) - len(data) // 2))  # crash mid-write
+    reopened = StackEmbeddings(stack, model)
+    with pytest.warns(EmbeddingCacheWarning, match="slice 1 .* damaged"):
+        got = reopened[1].features
+    assert torch.equal(got, good)
+    assert chunk.read_bytes() == data  # rewritten
+
+
+def test_half_written_store_is_rebuilt(stack, model):
+    emb = StackEmbeddings(stack, model)
+    list(emb.compute(slices=[0, 1]))
+    (emb.path / "zarr.json").write_text("{ truncated")  # metadata torn by a crash
+    with pytest.warns(EmbeddingCacheWarning, match="damaged or incomplete; rebuilding"):
+        again = StackEmbeddings(stack, model)
+    assert again.missing() == list(range(5)) and not again.in_memory
+    assert torch.equal(again[0].features, emb[0].features)
+
+
+def test_unwritable_cache_folder_falls_back_to_memory(stack, model, tmp_path, monkeypatch):
+    blocker = tmp_path / "not_a_folder"
+    blocker.write_text("a file where the cache folder should be")
+    monkeypatch.setenv("NAPARI_SAM_CACHE_DIR", str(blocker))
+    with pytest.warns(EmbeddingCacheWarning, match="cannot use the embedding cache folder"):
+        emb = StackEmbeddings(stack, model)
+    assert emb.in_memory
+    ref = StackEmbeddings(stack, model, cache=False)[2].features
+    assert torch.equal(emb[2].features, ref)
+
+
+def test_size_limit_and_lru_clean_up(stack, model, cache):
+    per_stack = 5 * 32 * 8 * 8 * 2
+    with pytest.warns(EmbeddingCacheWarning, match="more than the cache limit"):
+        assert StackEmbeddings(stack, model, max_bytes=per_stack // 2).in_memory
+    a = StackEmbeddings(stack, model).compute_all()
+    os.utime(a.path / "last_used", (1, 1))  # a is the least recently used
+    b = StackEmbeddings(stack[::-1].copy(), model).compute_all()
+    assert a.path.exists() and b.path.exists()
+    limit = int(per_stack * 1.6)  # room for one store and a half: opening a third evicts a, not b
+    c = StackEmbeddings(stack[:, ::-1].copy(), model, max_bytes=limit)
+    assert not a.path.exists() and b.path.exists() and c.path.exists()
+    assert clean_cache(0, keep=(c.key,)) == [b.path] and c.path.exists()
+
+
+def test_cancel_keeps_finished_slices(stack, model):
+    emb = StackEmbeddings(stack, model)
+    seen = []
+    for done, _total in emb.compute(batch_size=1, cancel=lambda: len(seen) >= 3):
+        seen.append(done)
+    assert seen == [0, 1, 2] and emb.missing() == [2, 3, 4]
+    assert StackEmbeddings(stack, model).missing() == [2, 3, 4]  # persisted
+
+
+def test_bad_stacks_and_indices(stack, model):
+    with pytest.raises(ValueError, match="2D image"):
+        validate_stack(stack[0])
+    with pytest.raises(ValueError, match="looks like one RGB"):
+        validate_stack(np.zeros((64, 64, 3), np.uint8))
+    with pytest.raises(ValueError, match=r"\(T, Z, Y, X\)"):
+        validate_stack(np.zeros((2, 3, 16, 16), np.uint8))
+    emb = StackEmbeddings(stack, model, cache=False)
+    with pytest.raises(IndexError, match="slice 5 is outside the stack"):
+        emb[5]
+    with pytest.raises(ValueError, match="NaN"):
+        StackEmbeddings(np.full((2, 8, 8), np.nan, np.float32), model, cache=False)
+    tzyx = np.stack([stack, stack[::-1]])
+    assert np.array_equal(select_volume(tzyx, (1, 2, 0, 0)), stack[::-1])
+    single = StackEmbeddings(stack[:1], model, cache=False)  # a single-slice stack is a valid stack
+    assert single[0].features.shape == (1, 32, 8, 8)
+
+
+def test_float_stacks_share_one_contrast(stack, model):
+    vol = stack.astype(np.float32) * 10.0
+    vol[0] *= 0.1  # a darker slice stays darker: normalisation is stack-wide, not per slice
+    emb = StackEmbeddings(vol, model, cache=False)
+    img0, img1 = emb._slice(0), emb._slice(1)
+    assert img0.dtype == np.uint8 and img0.shape == (64, 80, 3)
+    assert img0.mean() < 0.5 * img1.mean()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        emb[0]
