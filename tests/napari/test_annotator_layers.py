@@ -29,7 +29,7 @@ def test_read_prompts_3d_plane_scaled_and_outside(nuclei_sample):
     assert outside == 1
     np.testing.assert_allclose(prompts.points, [[40, 50], [60, 70]])
     np.testing.assert_array_equal(prompts.labels, [1, 0])
-    np.testing.assert_allclose(prompts.boxes, [[10, 12, 30, 40]])
+    np.testing.assert_allclose(prompts.boxes, [[10, 12, 50, 40]])
     other, _ = L.read_prompts(pts, boxes, image, (2,))
     np.testing.assert_allclose(other.points, [[10, 10]])
     assert len(other.boxes) == 0

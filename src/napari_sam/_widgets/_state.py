@@ -76,7 +76,11 @@ class ViewerState:
 
 
 def get_state(viewer) -> ViewerState:
-    """The :class:`ViewerState` of ``viewer``, created on first use."""
+    """The :class:`ViewerState` of ``viewer``, created on first use.
+
+    napari passes plugin widgets a proxy of the viewer; the proxy and the viewer share one state.
+    """
+    viewer = getattr(viewer, "__wrapped__", viewer)
     st = _STATES.get(viewer)
     if st is None:
         st = ViewerState()

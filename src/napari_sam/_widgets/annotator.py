@@ -43,7 +43,8 @@ class AnnotatorWidget(QWidget):
 
     def __init__(self, napari_viewer: napari.Viewer) -> None:
         super().__init__()
-        self.viewer = napari_viewer
+        # napari hands plugins a public-only proxy; keep the viewer itself so layer identity checks hold
+        self.viewer = getattr(napari_viewer, "__wrapped__", napari_viewer)
         self.state = get_state(napari_viewer)
         self.ui = AnnotatorUI(self)
         self.result: ann.Result | None = None  # the latest prediction shown in the preview
@@ -54,7 +55,7 @@ class AnnotatorWidget(QWidget):
         self._embed_key: Any = None
         self._embed_token = CancelToken()
         self._pending = False
-        self._embed_ok = self._embed_restart = False
+        self._embed_ok = self._embed_restart = self._embed_quiet = False
         self._relay = ProgressRelay()
         self._relay.progressed.connect(self._on_progress)
         self._timer = QTimer(self)
@@ -109,13 +110,15 @@ class AnnotatorWidget(QWidget):
             on_error=lambda e: self._model_failed(e, name), on_finish=self._model_done)
         return self._model_worker
 
-    def add_point(self, rc, positive: bool = True) -> None:
-        """Add a prompt point at (row, col) of the current plane (image data coordinates)."""
+    def add_point(self, rc, positive: bool | None = None) -> None:
+        """Add a prompt point at (row, col) of the current plane (image data coordinates); ``positive``
+        None follows the current mode (see :meth:`toggle_polarity`)."""
         pts = self._ensure_layers()[0]
         pos = np.concatenate([np.asarray(L.plane_index(self.viewer, self.image_layer), float), rc])
         world = self.image_layer.data_to_world(pos)
         old = dict(pts.feature_defaults.iloc[0])
-        pts.feature_defaults = {"positive": bool(positive)}
+        if positive is not None:
+            pts.feature_defaults = {"positive": bool(positive)}
         pts.add(pts.world_to_data(world)[None])
         pts.feature_defaults = old
 
@@ -162,8 +165,6 @@ class AnnotatorWidget(QWidget):
             plane = np.asarray(labels.data[index])
             plan = ann.plan_commit(plane, r.objects(), ann.next_free_id(labels.data), self.ui.overwrite_check.isChecked())
             note = L.upgrade_dtype(labels, plan.dtype)
-            if note:
-                self._message(note, "warning")
             L.write_plan(labels, index, plan)
         except (L.LayerError, ValueError) as exc:
             self._message(str(exc), "error")
@@ -173,7 +174,7 @@ class AnnotatorWidget(QWidget):
             msg += f"; {plan.skipped} object(s) lay entirely on existing labels and were skipped"
         if plan.protected_pixels:
             msg += f"; {plan.protected_pixels} pixels of existing objects were kept"
-        self._message(msg)
+        self._message(f"{note}. {msg}" if note else msg, "warning" if note else "info")
         self.clear_prompts()
         return plan.ids
 
@@ -213,9 +214,9 @@ class AnnotatorWidget(QWidget):
         """Cancel a running embedding (the prompts stay; the next change restarts it)."""
         self._cancel_embedding(restart=False)
 
-    def _cancel_embedding(self, restart: bool) -> None:
+    def _cancel_embedding(self, restart: bool, quiet: bool = False) -> None:
         if self._embed_worker is not None:
-            self._embed_restart = restart
+            self._embed_restart, self._embed_quiet = restart, quiet
             self._embed_token.cancel()
 
     # ------------------------------------------------------------------ wiring
@@ -295,7 +296,7 @@ class AnnotatorWidget(QWidget):
         layer = event.value
         if layer is self.image_layer:
             self.image_layer = None
-            self._cancel_embedding(restart=False)
+            self._cancel_embedding(restart=False, quiet=True)
             self._message(f"image {layer.name!r} was removed; choose another image", "warning")
         if layer is self.points_layer or layer is self.boxes_layer:
             self.points_layer = self.boxes_layer = None
@@ -384,7 +385,7 @@ class AnnotatorWidget(QWidget):
         data = image.data[0] if image.multiscale else image.data
         model, model_key = self.state.model, self.state.model_key
         self._embed_key, self._embed_token = key, CancelToken()
-        self._embed_ok = self._embed_restart = False
+        self._embed_ok = self._embed_restart = self._embed_quiet = False
         token = self._embed_token
         self._start_progress("embedding image" + (f" plane {index}" if index else ""))
 
@@ -403,7 +404,7 @@ class AnnotatorWidget(QWidget):
             self._embed_ok = False
             if not isinstance(exc, ann.EmbeddingCancelled):
                 self._message(f"cannot embed image {image.name!r}: {exc}", "error")
-            elif not self._embed_restart:
+            elif not (self._embed_restart or self._embed_quiet):
                 self._message("embedding cancelled; change a prompt to start it again")
 
         self._embed_worker = run_in_thread(job, on_return=done, on_error=failed, on_finish=self._embed_done)

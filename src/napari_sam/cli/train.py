@@ -28,7 +28,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--warmup", type=int, default=200)
     p.add_argument("--images-per-step", type=int, default=1)
-    p.add_argument("--objects", type=int, default=12, help="objects per image per step")
+    p.add_argument("--objects", type=int, default=10, help="objects per image per step")
     p.add_argument("--click-iters", type=int, default=3, help="max corrective-click iterations per step")
     p.add_argument("--focal-ramp", type=int, default=400)
     p.add_argument("--eval-every-min", type=float, default=10.0)

@@ -244,26 +244,34 @@ def _check_unit(name: str, v) -> None:
 
 
 def segment_everything(image: np.ndarray, model: Sam | str | os.PathLike | None = None, *,
-                       tile_size: int = 2048, halo: int = 256, min_object_area: int | None = None,
-                       progress: Progress | None = None, cancel: Cancel | None = None, **params) -> np.ndarray:
+                       max_untiled: int = 2048, tile_size: int = 1024, halo: int = 128,
+                       min_object_area: int | None = None, progress: Progress | None = None,
+                       cancel: Cancel | None = None, **params) -> np.ndarray:
     """One instance label image (H, W) int32 (0 background) for a 2D image, using the built-in model by default.
 
-    ``params`` are :class:`AutomaticMaskGenerator` parameters. Overlaps go to the smaller mask (deterministic);
-    islands and holes smaller than ``min_object_area`` (default: max(min_mask_region_area, 16)) are cleaned.
-    Images larger than ``tile_size`` on a side are segmented in tiles with a ``halo`` and stitched
-    (objects cut by a tile border are merged). A constant image gives an all-zero label image.
+    model: a Sam, a model name / checkpoint path, None (built-in), or an :class:`AutomaticMaskGenerator`
+    (then ``params`` must be empty). ``params`` are :class:`AutomaticMaskGenerator` parameters. Overlaps go to
+    the smaller mask (deterministic); islands and holes smaller than ``min_object_area`` (default:
+    max(min_mask_region_area, 16) px) are cleaned. Images with a side over ``max_untiled`` px are segmented in
+    ``tile_size`` tiles with a ``halo`` and stitched (objects cut by a tile border are merged).
+    progress(done, total) counts points (or tiles when tiled). A constant image gives all zeros.
     """
     from .labels import records_to_labels
     from .tiling import segment_tiled
 
-    gen = model if isinstance(model, AutomaticMaskGenerator) else AutomaticMaskGenerator(model, **params)
+    if isinstance(model, AutomaticMaskGenerator):
+        if params:
+            raise ValueError("pass parameters to the AutomaticMaskGenerator, not to segment_everything")
+        gen = model
+    else:
+        gen = AutomaticMaskGenerator(model, **params)
     rgb = to_rgb_uint8(image)
-    min_area = max(gen.min_mask_region_area, 16) if min_object_area is None else min_object_area
+    min_area = max(gen.min_mask_region_area, 16) if min_object_area is None else int(min_object_area)
 
-    def one(tile: np.ndarray, prog=progress) -> np.ndarray:
+    def one(tile: np.ndarray, prog: Progress | None = None) -> np.ndarray:
         recs = gen.propose(tile, progress=prog, cancel=cancel).filter(**gen.thresholds())
         return records_to_labels(recs, tile.shape[:2], min_area)
 
-    if max(rgb.shape[:2]) <= tile_size:
-        return one(rgb)
+    if max(rgb.shape[:2]) <= max_untiled:
+        return one(rgb, progress)
     return segment_tiled(rgb, one, tile_size=tile_size, halo=halo, progress=progress, cancel=cancel)

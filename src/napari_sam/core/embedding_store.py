@@ -213,6 +213,7 @@ class StackEmbeddings:
         self._features = None  # zarr array (Z, C, G, G) float16
         self._crc = None  # zarr array (Z,) int64, -1 = not written
         self._crc_cache: np.ndarray | None = None
+        self._writable = True
         self.path: Path | None = None
         self.max_bytes = max_cache_bytes() if max_bytes is None else int(max_bytes)
         if cache:
@@ -223,7 +224,7 @@ class StackEmbeddings:
     @property
     def in_memory(self) -> bool:
         """True when the disk cache is not used (disabled, or it failed and we fell back to memory)."""
-        return self._features is None
+        return self._features is None or not self._writable
 
     def _attrs(self) -> dict:
         return {"format": STORE_FORMAT, "key": self.key, "shape": list(self.volume.shape),
@@ -289,7 +290,7 @@ class StackEmbeddings:
 
     def _store_slice(self, z: int, feats16: np.ndarray) -> None:
         self._mem[z] = feats16
-        if self._features is None:
+        if self._features is None or not self._writable:
             return
         try:
             self._features[z] = feats16
@@ -300,7 +301,7 @@ class StackEmbeddings:
             self._crc_cache[z] = -1
             warnings.warn(f"writing the embedding cache {self.path} failed ({e.strerror or e}); the remaining "
                           "embeddings are kept in memory", EmbeddingCacheWarning, stacklevel=4)
-            self._features = self._crc = None
+            self._writable = False  # slices already on disk stay readable
 
     def _load_slice(self, z: int) -> np.ndarray | None:
         if z in self._mem:
@@ -355,7 +356,7 @@ class StackEmbeddings:
         out = []
         for z in zs:
             img = self._transform.apply_image(self._slice(z))
-            x = torch.as_tensor(img, device=self.model.device).permute(2, 0, 1)[None].float()
+            x = torch.tensor(img, device=self.model.device).permute(2, 0, 1)[None].float()
             out.append(self.model.image_encoder(self.model.preprocess(x))[0].cpu().numpy().astype(np.float16))
         return out
 

@@ -14,6 +14,7 @@ import torch
 from .build import load_model
 from .device import resolve_device
 from .image import to_rgb_uint8
+from .modeling.fast_decoder import DecoderContext, decode, prepare_context
 from .modeling.sam import Sam
 from .prompts import boxes_rc_to_xy, rc_to_xy, validate_boxes, validate_points
 from .transforms import ResizeLongestSide, upsample_logits, upsample_masks
@@ -36,6 +37,10 @@ class ImageEmbedding(NamedTuple):
     input_size: tuple[int, int]
 
 
+class ImageNotSetError(ValueError, RuntimeError):
+    """predict() was called before set_image()/set_embedding() (a ValueError and, for old callers, a RuntimeError)."""
+
+
 class SamPredictor:
     """Wraps a :class:`Sam` model; ``set_image`` once, ``predict`` many times."""
 
@@ -46,6 +51,10 @@ class SamPredictor:
             model = model.to(resolve_device(device))
         self.model = model.eval()
         self.transform = ResizeLongestSide(model.img_size)
+        #: decode with the per-image cache and rearranged attention (same results up to float rounding);
+        #: False runs the plain MaskDecoder module.
+        self.fast_decoder = True
+        self._ctx: tuple[tuple, DecoderContext] | None = None
         self.reset_image()
 
     # ------------------------------------------------------------------ image
@@ -55,6 +64,7 @@ class SamPredictor:
 
     def reset_image(self) -> None:
         self._embedding: ImageEmbedding | None = None
+        self._ctx = None
 
     @property
     def is_image_set(self) -> bool:
@@ -64,7 +74,7 @@ class SamPredictor:
         """Run the image encoder on a 2D image ((H, W), (H, W, 3) or (H, W, 4), any dtype); no state change."""
         rgb = to_rgb_uint8(image)
         resized = self.transform.apply_image(rgb)
-        x = torch.as_tensor(resized, device=self.device).permute(2, 0, 1).contiguous()[None]
+        x = torch.tensor(resized, device=self.device).permute(2, 0, 1).contiguous()[None]  # a copy: PIL's is read-only
         with torch.inference_mode():
             features = self.model.image_encoder(self.model.preprocess(x.float()))
         return ImageEmbedding(features, (rgb.shape[0], rgb.shape[1]), (resized.shape[0], resized.shape[1]))
@@ -99,7 +109,7 @@ class SamPredictor:
 
     def _require(self) -> ImageEmbedding:
         if self._embedding is None:
-            raise RuntimeError("no image is set: call predictor.set_image(image) before predict()")
+            raise ImageNotSetError("no image is set: call predictor.set_image(image) (or set_embedding) before predict()")
         return self._embedding
 
     # ---------------------------------------------------------------- prompts
@@ -199,6 +209,9 @@ class SamPredictor:
         emb = self._require()
         points = (point_coords, point_labels) if point_coords is not None else None
         sparse, dense = self.model.prompt_encoder(points=points, boxes=boxes, masks=mask_input)
+        if self.fast_decoder:
+            return decode(self.model.mask_decoder, self._decoder_context(), sparse,
+                          None if mask_input is None else dense, multimask_output)
         return self.model.mask_decoder(
             image_embeddings=emb.features,
             image_pe=self.model.prompt_encoder.get_dense_pe(),
@@ -206,3 +219,18 @@ class SamPredictor:
             dense_prompt_embeddings=dense,
             multimask_output=multimask_output,
         )
+
+    def _decoder_context(self) -> DecoderContext:
+        """Prompt-independent decoder tensors of the current image, rebuilt if the image or the weights
+        they depend on change (in-place updates such as fine-tuning bump the tensors' version counters)."""
+        emb = self._require()
+        pe, dec = self.model.prompt_encoder, self.model.mask_decoder
+        l0 = dec.transformer.layers[0]
+        deps = [pe.pe_layer.positional_encoding_gaussian_matrix, pe.no_mask_embed.weight]
+        for lin in (l0.cross_attn_token_to_image.k_proj, l0.cross_attn_token_to_image.v_proj,
+                    l0.cross_attn_image_to_token.q_proj):
+            deps += [lin.weight, lin.bias]
+        key = (id(emb), emb.features.data_ptr(), tuple((t.data_ptr(), t._version) for t in deps))
+        if self._ctx is None or self._ctx[0] != key:
+            self._ctx = (key, prepare_context(emb.features, pe, dec))
+        return self._ctx[1]

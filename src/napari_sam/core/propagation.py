@@ -43,7 +43,9 @@ class PropagationParams:
     """strategy: key of STRATEGIES. iou_threshold: stop when the predicted IoU is below it. overlap_threshold:
     stop when IoU(mask, previous slice's mask) is below it. min_area: stop when the mask has fewer pixels.
     direction: "both", "forward"/"up" (+z), "backward"/"down" (-z). max_slices: at most this many slices per
-    direction (None: no limit)."""
+    direction (None: no limit). box_extension: the box from the previous mask grows by this fraction of its
+    size on each side. select: among the 3 candidates of a point-only prompt keep the one with the highest
+    predicted IoU ("iou") or the highest IoU with the previous slice's mask ("overlap")."""
 
     strategy: str = "box_logits"
     iou_threshold: float = 0.5
@@ -51,6 +53,8 @@ class PropagationParams:
     min_area: int = 10
     direction: str = "both"
     max_slices: int | None = None
+    box_extension: float = 0.0
+    select: str = "iou"
 
     def spec(self) -> dict:
         """The prompt recipe of the strategy: {"box": bool, "logits": bool, "point": bool}."""
@@ -67,6 +71,8 @@ def make_params(params: Mapping) -> PropagationParams:
     strategy = params.get("strategy", PropagationParams.strategy)
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown strategy {strategy!r}; choose one of {sorted(STRATEGIES)}")
+    if params.get("select", "iou") not in ("iou", "overlap"):
+        raise ValueError(f"unknown select {params['select']!r}; choose 'iou' or 'overlap'")
     direction = params.get("direction", PropagationParams.direction)
     if direction not in DIRECTIONS:
         raise ValueError(f"unknown direction {direction!r}; choose one of {sorted(DIRECTIONS)}")
@@ -143,10 +149,17 @@ def _check_z(z, n: int) -> int:
     return int(z)
 
 
-def _predict_step(predictor: SamPredictor, tracks: list[_Track], spec: dict):
+def _predict_step(predictor: SamPredictor, tracks: list[_Track], spec: dict, params: PropagationParams):
     """One batched decoder call for all tracks arriving on the same slice -> (masks, scores, logits)."""
     b = len(tracks)
-    boxes = np.stack([mask_box(t.mask) for t in tracks]) if spec["box"] else None
+    boxes = None
+    if spec["box"]:
+        boxes = np.stack([mask_box(t.mask) for t in tracks])
+        if params.box_extension:
+            ext = params.box_extension * (boxes[:, 2:] - boxes[:, :2] + 1)
+            boxes = np.concatenate([boxes[:, :2] - ext, boxes[:, 2:] + ext], axis=1)
+            h, w = tracks[0].mask.shape
+            boxes = np.clip(boxes, 0, [h - 1, w - 1, h - 1, w - 1])
     points = np.stack([interior_point(t.mask)[None] for t in tracks]) if spec["point"] else None
     logits = None
     if spec["logits"]:
@@ -157,7 +170,10 @@ def _predict_step(predictor: SamPredictor, tracks: list[_Track], spec: dict):
     masks, ious, low = pred.masks, pred.iou, pred.low_res_logits
     if masks.ndim == 3:  # not batched (cannot happen with stacked prompts, kept for safety)
         masks, ious, low = masks[None], ious[None], low[None]
-    best = np.argmax(ious, axis=1)
+    if multimask and params.select == "overlap":
+        best = np.array([np.argmax([mask_iou(m, t.mask) for m in ms]) for ms, t in zip(masks, tracks)])
+    else:
+        best = np.argmax(ious, axis=1)
     idx = np.arange(b)
     return masks[idx, best], ious[idx, best], low[idx, best]
 
@@ -179,7 +195,7 @@ def iter_tracks(predictor: SamPredictor, embeddings: StackEmbeddings, tracks: li
         for nz in sorted(groups):
             group = groups[nz]
             predictor.set_embedding(embeddings[nz])
-            masks, scores, lows = _predict_step(predictor, group, spec)
+            masks, scores, lows = _predict_step(predictor, group, spec, params)
             for t, m, s, low in zip(group, masks, scores, lows):
                 area = int(np.count_nonzero(m))
                 if (area < max(params.min_area, 1) or s < params.iou_threshold

@@ -15,11 +15,15 @@ def _sample_pixels(region: torch.Tensor, gen: torch.Generator) -> tuple[torch.Te
     Empty regions get the image centre and valid False.
     """
     b, h, w = region.shape
-    flat = region.reshape(b, -1).float()
-    valid = flat.sum(-1) > 0
-    flat = torch.where(valid[:, None], flat, torch.ones_like(flat))
-    idx = torch.multinomial(flat, 1, generator=gen).squeeze(1)
-    xy = torch.stack([idx % w, idx // w], dim=-1).float()
+    nz = region.reshape(b, -1).nonzero()  # (K, 2) sorted by batch index
+    counts = torch.bincount(nz[:, 0], minlength=b)
+    starts = torch.cumsum(counts, 0) - counts
+    u = torch.rand(b, generator=gen).to(region.device)
+    pick = starts + (u * counts).long().clamp(max=(counts - 1).clamp(min=0))
+    valid = counts > 0
+    flat = torch.where(valid, nz[pick.clamp(max=max(len(nz) - 1, 0)), 1] if len(nz) else pick,
+                       torch.full_like(pick, (h // 2) * w + w // 2))
+    xy = torch.stack([flat % w, flat // w], dim=-1).float()
     return xy, valid
 
 

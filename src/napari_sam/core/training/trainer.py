@@ -6,7 +6,7 @@ mask is back-propagated) or a noisy box. In a share ``click_prob`` of the steps,
 corrective-click iterations and (with p=0.5) one iteration without a new click follow, each fed the previous
 low-res logits (detached) as mask input; only the first and the last iteration are back-propagated unless
 ``grad_all_iters``. This samples the paper's 11-iteration schedule at a CPU-affordable cost. Losses are
-computed at ``loss_res`` (the 128 px low-res logits upsampled x2, against area-downsampled targets):
+computed at ``loss_res`` (default: the 128 px low-res logits themselves, against area-downsampled soft targets):
 dice + ``focal_ramp`` * 20 * focal + MSE(predicted IoU, actual IoU).
 """
 
@@ -28,7 +28,7 @@ from ..build import build_sam, load_model, save_checkpoint
 from ..modeling.sam import Sam
 from .data import Sample
 from .losses import mask_iou, sam_loss
-from .simulate import corrective_clicks, noisy_boxes, sample_points
+from .simulate import corrective_clicks, mask_boxes, noisy_boxes, sample_points
 from .validate import quick_eval
 
 
@@ -46,7 +46,7 @@ class TrainConfig:
     weight_decay: float = 0.01
     warmup_steps: int = 200
     images_per_step: int = 1
-    objects_per_image: int = 12
+    objects_per_image: int = 10
     min_object_px: int = 16  # objects smaller than this (at input size) are not sampled
     max_click_iters: int = 3
     click_prob: float = 0.5  # share of steps that continue with corrective clicks
@@ -54,7 +54,7 @@ class TrainConfig:
     point_prob: float = 0.5
     focal_weight: float = 20.0
     focal_ramp_steps: int = 400
-    loss_res: int = 256
+    loss_res: int = 128
     augment: bool = True
     balance_groups: bool = True
     seed: int = 0
@@ -121,7 +121,7 @@ class Trainer:
             for p in model.image_encoder.parameters():
                 p.requires_grad_(False)
             train_params = [p for n, p in model.named_parameters() if not n.startswith("image_encoder.")]
-        self.opt = torch.optim.AdamW(list(train_params), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.opt = torch.optim.AdamW(list(train_params), lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=True)
         self.step, self.elapsed, self.best = 0, 0.0, -1.0
         self.history: list[dict] = []
         groups = sorted({s.group for s in samples})
@@ -264,6 +264,28 @@ class Trainer:
         return {"loss": float(loss.detach()), "iou_first": ious[0], "iou_last": ious[-1], "n_iter": n_iter,
                 "objects": len(gt)}
 
+    @torch.no_grad()
+    def eval_loss(self, max_objects: int | None = None) -> float:
+        """Deterministic loss (full focal weight) of exact-box prompts on the first objects of every sample."""
+        model, dev, r = self.model, self.model.device, self.cfg.loss_res
+        model.eval()
+        pe = model.prompt_encoder.get_dense_pe()
+        losses = []
+        for i, s in enumerate(self.samples):
+            ids = s.ids[: max_objects or self.cfg.objects_per_image]
+            lab = torch.from_numpy(_pad_labels(s.labels, self.img_size)).to(dev)
+            gt = lab[None] == torch.as_tensor(ids, device=dev)[:, None, None]
+            emb = self._embeddings[i].to(dev) if i in self._embeddings else \
+                model.image_encoder(_to_input(model, s.image))
+            sparse, dense = model.prompt_encoder(points=None, boxes=mask_boxes(gt), masks=None)
+            low, iou_pred = model.mask_decoder(emb, pe, sparse, dense, False)
+            logits = F.interpolate(low, size=(r, r), mode="bilinear", align_corners=False) \
+                if low.shape[-1] != r else low
+            target = F.adaptive_avg_pool2d(gt[:, None].float(), r)
+            m, iou_l = sam_loss(logits, target, iou_pred, focal_weight=self.cfg.focal_weight)
+            losses.append(float((m + iou_l).mean()))
+        return float(np.mean(losses))
+
     # ---------------------------------------------------------------- loop
     def _set_lr(self) -> float:
         frac = self.step / max(self.cfg.steps, 1)
@@ -302,43 +324,54 @@ class Trainer:
 
     def fit(self) -> list[dict]:
         """Train until ``steps`` or the time box; returns the history. Resumable: state in ``out_dir/last.pt``."""
+        for _ in self.iter_fit():
+            pass
+        return self.history
+
+    def iter_fit(self):
+        """Generator form of :meth:`fit` (for a napari ``thread_worker``): yields {"step", "loss", ...} after
+        every step; ``close()`` it or make ``should_stop()`` true to stop (the state is saved either way)."""
         cfg = self.cfg
         t_ck = t_ev = time.monotonic()
         acc: dict[str, float] = {}
         n = 0
-        while not self._done():
-            if self.should_stop is not None and self.should_stop():
-                break
-            t0 = time.monotonic()
-            self.model.train()
-            if cfg.mode == "decoder":
-                self.model.image_encoder.eval()
-            lr = self._set_lr()
-            out = self.train_step()
-            self.step += 1
-            self.elapsed += time.monotonic() - t0
-            for k, v in out.items():
-                acc[k] = acc.get(k, 0.0) + v
-            n += 1
-            if self.step % cfg.log_every == 0 or self._done():
-                self._log({"step": self.step, "elapsed": round(self.elapsed, 1), "lr": lr,
-                           **{k: round(v / n, 4) for k, v in acc.items()}})
-                acc, n = {}, 0
-            now = time.monotonic()
-            ev = (cfg.eval_every_steps and self.step % cfg.eval_every_steps == 0) or \
-                (cfg.eval_every_s and now - t_ev >= cfg.eval_every_s)
-            if self.val and ev:
+        try:
+            while not self._done():
+                if self.should_stop is not None and self.should_stop():
+                    break
+                t0 = time.monotonic()
+                self.model.train()
+                if cfg.mode == "decoder":
+                    self.model.image_encoder.eval()
+                lr = self._set_lr()
+                out = self.train_step()
+                self.step += 1
+                self.elapsed += time.monotonic() - t0
+                for k, v in out.items():
+                    acc[k] = acc.get(k, 0.0) + v
+                n += 1
+                if self.step % cfg.log_every == 0 or self._done():
+                    self._log({"step": self.step, "elapsed": round(self.elapsed, 1), "lr": lr,
+                               **{k: round(v / n, 4) for k, v in acc.items()}})
+                    acc, n = {}, 0
+                now = time.monotonic()
+                ev = (cfg.eval_every_steps and self.step % cfg.eval_every_steps == 0) or \
+                    (cfg.eval_every_s and now - t_ev >= cfg.eval_every_s)
+                if self.val and ev:
+                    self.evaluate()
+                    t_ev = time.monotonic()
+                if self.out_dir is not None and now - t_ck >= cfg.ckpt_every_s:
+                    self.save_state()
+                    t_ck = time.monotonic()
+                yield {"step": self.step, "total": cfg.steps, "lr": lr, **out}
+            if self.val and self._done() and not (self.history and self.history[-1].get("eval")
+                                                  and self.history[-1]["step"] == self.step):
                 self.evaluate()
-                t_ev = time.monotonic()
-            if self.out_dir is not None and now - t_ck >= cfg.ckpt_every_s:
+        finally:
+            self.model.eval()
+            if self.out_dir is not None:
                 self.save_state()
-                t_ck = time.monotonic()
-        if self.val and self._done():
-            self.evaluate()
-        if self.out_dir is not None:
-            self.save_state()
-            save_checkpoint(self.model, self.out_dir / "final.pt", step=self.step, **self.meta)
-        return self.history
+                save_checkpoint(self.model, self.out_dir / "final.pt", step=self.step, **self.meta)
 
 
 def make_model(init: str, mode: str) -> Sam:

@@ -1,0 +1,66 @@
+"""Speed of the built-in model on CPU: image-encoder time at 512x512 and prompt->mask latency.
+
+Compared in the same run with MobileSAM's TinyViT architecture (vit_t, 1024 px; random weights, same code
+path), printed as ratios. Usage: python benchmarks/bench_builtin.py [--threads 2] [--repeats 10]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import numpy as np
+import torch
+
+
+def _median_ms(fn, repeats: int, warmup: int = 2) -> float:
+    for _ in range(warmup):
+        fn()
+    ts = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t0)
+    return 1000 * statistics.median(ts)
+
+
+def bench(model, image: np.ndarray, repeats: int) -> dict[str, float]:
+    from napari_sam.core.predictor import SamPredictor
+
+    pred = SamPredictor(model)
+    s = model.img_size
+    x = torch.rand(1, 3, s, s) * 255
+    with torch.inference_mode():
+        enc = _median_ms(lambda: model.image_encoder(model.preprocess(x)), repeats)
+    embed = _median_ms(lambda: pred.set_image(image), max(3, repeats // 2))
+    pred.set_image(image)
+    h, w = image.shape[:2]
+    pts = np.array([[h / 2, w / 2]])
+    point = _median_ms(lambda: pred.predict(points=pts, multimask=False), repeats * 3)
+    point3 = _median_ms(lambda: pred.predict(points=pts, multimask=True), repeats * 3)
+    box = _median_ms(lambda: pred.predict(box=np.array([h / 4, w / 4, h / 2, w / 2]), multimask=False), repeats * 3)
+    return {"encoder_ms": enc, "set_image_ms": embed, "point_ms": point, "point_multimask_ms": point3,
+            "box_ms": box, "params_M": sum(p.numel() for p in model.parameters()) / 1e6}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=10)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    from napari_sam.core.build import build_sam, load_model
+
+    image = (np.random.default_rng(0).random((520, 696, 3)) * 255).astype(np.uint8)  # a typical DSB size
+    ours = bench(load_model(device="cpu"), image, args.repeats)
+    ref = bench(build_sam("vit_t").eval(), image, max(3, args.repeats // 3))
+    print(f"threads={args.threads}, image 520x696 RGB, median of repeats")
+    print(f"| metric | built-in (nsam_t, 512 px) | MobileSAM vit_t (1024 px) | ratio |")
+    print("|---|---|---|---|")
+    for k in ours:
+        print(f"| {k} | {ours[k]:.1f} | {ref[k]:.1f} | {ours[k] / ref[k]:.2f} |")
+
+
+if __name__ == "__main__":
+    main()

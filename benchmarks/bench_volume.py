@@ -1,0 +1,116 @@
+"""Volume speed: embedding a 100-slice 512x512 stack, reopening its disk cache, propagating objects.
+
+The stack is the real GoNuclear 1135 crop, each slice resized from 100x100 to 512x512 (bilinear); objects
+are its ground-truth nuclei (>= 1000 voxels), prompted with one point at the center of their largest slice.
+The reference for each step runs in the same process, and ratios are printed:
+
+- embedding: ``StackEmbeddings.compute`` (+ float16 zarr writes) vs a plain ``SamPredictor.compute_embedding``
+  loop over the same slices (no cache);
+- second open: a new ``StackEmbeddings`` on the same data, loading all slices (hash + zarr reads) vs embedding;
+- propagation with cached embeddings: ms per slice per object, one object at a time vs all in one batched pass.
+
+    python benchmarks/bench_volume.py [--model PATH] [--threads 2] [--slices 100] [--ref-slices 20]
+
+Targets (issue 6, 2 CPU cores, built-in model): embed <= 20 s, reopen <= 1 s, <= 30 ms per slice per object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data" / "gonuclear_3d_nuclei"
+
+
+def upsampled(vol: np.ndarray, size: int, order: int) -> np.ndarray:
+    mode = Image.BILINEAR if order else Image.NEAREST
+    return np.stack([np.asarray(Image.fromarray(s).resize((size, size), mode)) for s in vol])
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default=None, help="checkpoint path or name (default: the built-in model)")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--slices", type=int, default=100)
+    ap.add_argument("--size", type=int, default=512)
+    ap.add_argument("--ref-slices", type=int, default=20, help="slices for the plain-predictor reference")
+    ap.add_argument("--objects", type=int, default=8, help="nuclei to propagate")
+    ap.add_argument("--strategy", default=None, help="propagation strategy (default: the library default)")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    import tifffile
+
+    from eval_propagation import nucleus_prompts
+    from napari_sam.core.build import load_model
+    from napari_sam.core.embedding_store import StackEmbeddings
+    from napari_sam.core.predictor import SamPredictor
+    from napari_sam.core.propagation import PropagationParams, iter_propagate_masks, iter_propagate_object
+
+    model = load_model(args.model, device="cpu")
+    strategy = args.strategy or PropagationParams.strategy
+    raw = tifffile.imread(DATA / "1135_crop_image.tif")[: args.slices]
+    gt = tifffile.imread(DATA / "1135_crop_label.tif")[: args.slices]
+    stack = upsampled(raw, args.size, 1)
+    labels = upsampled(gt.astype(np.int32), args.size, 0)
+    rows = []
+    with tempfile.TemporaryDirectory() as cache:
+        t0 = time.perf_counter()
+        emb = StackEmbeddings(stack, model, cache=cache)
+        emb.compute_all()
+        t_embed = time.perf_counter() - t0
+        pred = SamPredictor(model)
+        t0 = time.perf_counter()
+        for z in range(min(args.ref_slices, len(stack))):
+            pred.compute_embedding(stack[z])
+        t_ref = (time.perf_counter() - t0) * len(stack) / min(args.ref_slices, len(stack))
+        rows.append((f"embed {len(stack)} slices {args.size}x{args.size}", f"{t_embed:.2f} s",
+                     f"{t_ref:.2f} s (plain predictor loop, {args.ref_slices} slices extrapolated)",
+                     f"{t_embed / t_ref:.2f}", "<= 20 s"))
+        t0 = time.perf_counter()
+        again = StackEmbeddings(stack, model, cache=cache)
+        for z in range(len(stack)):
+            again[z]
+        t_open = time.perf_counter() - t0
+        assert again.path == emb.path and not again.missing()
+        rows.append(("second open (hash + load all slices)", f"{t_open:.2f} s", f"{t_embed:.2f} s (embedding)",
+                     f"{t_open / t_embed:.3f}", "<= 1 s"))
+        prompts = nucleus_prompts(labels, 1000 * (args.size // 100) ** 2)[: args.objects]
+        n_single = 0
+        t0 = time.perf_counter()
+        seeds = []
+        for _lab, z, center in prompts:
+            for zz, m, _s in iter_propagate_object(stack, z, points=center[None], embeddings=emb,
+                                                   strategy=strategy):
+                if zz == z:
+                    seeds.append({z: m})
+                else:
+                    n_single += 1
+        t_single = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        n_batch = sum(1 for _ in iter_propagate_masks(stack, seeds, embeddings=emb, strategy=strategy))
+        t_batch = time.perf_counter() - t0
+        ms_single = 1000 * t_single / max(n_single, 1)
+        ms_batch = 1000 * t_batch / max(n_batch, 1)
+        rows.append((f"propagate ({strategy}), one object at a time", f"{ms_single:.1f} ms / slice / object",
+                     "", "", "<= 30 ms"))
+        rows.append((f"propagate ({strategy}), {len(seeds)} objects batched", f"{ms_batch:.1f} ms / slice / object",
+                     f"{ms_single:.1f} ms (one at a time)", f"{ms_batch / ms_single:.2f}", ""))
+    print(f"model {args.model or 'builtin'}, torch threads {args.threads}, stack {stack.shape}\n")
+    print("| step | ours | reference | ratio | target |")
+    print("|---|---|---|---|---|")
+    for r in rows:
+        print("| " + " | ".join(r) + " |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    sys.exit(main())

@@ -1,0 +1,348 @@
+"""Segment-everything dock widget: automatic masks for the current image plane, with live thresholds.
+
+Scriptable::
+
+    dw, w = viewer.window.add_plugin_dock_widget("napari-sam", "Segment everything")
+    w.set_image_layer("nuclei"); w.run(points_per_side=16); w.wait(); w.set_thresholds(pred_iou_thresh=0.9)
+
+The model runs once in a thread worker (progress, cancel); its outputs are kept, so moving a threshold slider
+re-filters them and rewrites the result without running the model again. Results go into a new Labels layer
+("SAM everything") or into a chosen Labels layer of the image's shape; existing labels are kept unless
+"overwrite" is checked, and every write (including each slider change) is ONE undo step.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING
+
+import numpy as np
+from qtpy.QtCore import Qt, QTimer
+from qtpy.QtWidgets import (
+    QApplication, QCheckBox, QComboBox, QFormLayout, QHBoxLayout, QLabel, QProgressBar, QPushButton, QSpinBox,
+    QVBoxLayout, QWidget,
+)
+from superqt import QLabeledDoubleSlider, QLabeledSlider
+
+from ..core.amg import AutomaticMaskGenerator
+from ..core.labels import records_to_labels
+from . import _layers as L
+from ._state import get_state
+from ._workers import CancelToken, ProgressRelay, run_in_thread
+
+if TYPE_CHECKING:
+    import napari
+
+NEW_LAYER = "[new layer]"
+OUTPUT_NAME = "SAM everything"
+FLOOR = 0.5  # candidates are kept down to this IoU / stability (or lower thresholds), so sliders go that low live
+LIVE = ("pred_iou_thresh", "stability_score_thresh", "box_nms_thresh", "min_object_area")
+
+
+def run_generation(model, image: np.ndarray, params: dict, cancel, report) -> dict:
+    """Thread job: load the built-in model if needed, run the model once, keep the candidates."""
+    if model is None:
+        from ..core.build import load_model
+
+        model = load_model()
+    gen = AutomaticMaskGenerator(model, **params)
+    proposals = gen.propose(image, progress=report, cancel=cancel, iou_floor=min(FLOOR, gen.pred_iou_thresh),
+                            stability_floor=min(FLOOR, gen.stability_score_thresh))
+    return {"model": model, "proposals": proposals, "generator": gen}
+
+
+class SegmentEverythingWidget(QWidget):
+    """Automatic mask generation for the current plane of an image layer (see the module docstring)."""
+
+    def __init__(self, napari_viewer: napari.Viewer) -> None:
+        super().__init__()
+        self.viewer = napari_viewer
+        self.state = get_state(napari_viewer)
+        self.worker = None
+        self.proposals = None
+        self.generator = None
+        self.last_refilter_s = 0.0
+        self._token = CancelToken()
+        self._target = None  # (labels layer, plane index, id offset, overwrite)
+        self._written = None  # (rows, cols, previous values) of our last write, to replace it on re-filter
+        self._relay = ProgressRelay()
+        self._relay.progressed.connect(self._on_progress)
+        self._timer = QTimer(self)
+        self._timer.setSingleShot(True)
+        self._timer.setInterval(60)
+        self._timer.timeout.connect(self.refilter)
+        self._build_ui()
+        self.viewer.layers.events.inserted.connect(self._refresh)
+        self.viewer.layers.events.removed.connect(self._refresh)
+        self._refresh()
+
+    # ----------------------------------------------------------------- UI
+    def _build_ui(self) -> None:
+        self.image_combo, self.target_combo = QComboBox(), QComboBox()
+        self.points_spin = QSpinBox()
+        self.points_spin.setRange(1, 128)
+        self.points_spin.setValue(32)
+        self.crop_spin = QSpinBox()
+        self.crop_spin.setRange(0, 3)
+        self.min_region_spin = QSpinBox()
+        self.min_region_spin.setRange(0, 100000)
+        self.sliders = {}
+        for key, lo, default in (("pred_iou_thresh", 0.0, 0.88), ("stability_score_thresh", 0.0, 0.95),
+                                 ("box_nms_thresh", 0.0, 0.7)):
+            s = QLabeledDoubleSlider(Qt.Orientation.Horizontal)
+            s.setRange(lo, 1.0)
+            s.setDecimals(2)
+            s.setValue(default)
+            s.valueChanged.connect(self._schedule)
+            self.sliders[key] = s
+        area = QLabeledSlider(Qt.Orientation.Horizontal)
+        area.setRange(0, 2000)
+        area.setValue(16)
+        area.valueChanged.connect(self._schedule)
+        self.sliders["min_object_area"] = area
+        self.overwrite_check = QCheckBox("overwrite existing labels")
+        self.run_button, self.cancel_button = QPushButton("Segment everything"), QPushButton("Cancel")
+        self.cancel_button.setEnabled(False)
+        self.progress = QProgressBar()
+        self.progress.setFormat("idle")
+        self.status_label = QLabel("")
+        self.status_label.setWordWrap(True)
+        form = QFormLayout()
+        for name, w in (("image", self.image_combo), ("output", self.target_combo),
+                        ("points per side", self.points_spin), ("crop layers", self.crop_spin),
+                        ("min mask region area", self.min_region_spin),
+                        ("pred IoU ≥", self.sliders["pred_iou_thresh"]),
+                        ("stability ≥", self.sliders["stability_score_thresh"]),
+                        ("box NMS IoU", self.sliders["box_nms_thresh"]),
+                        ("min object area (px)", self.sliders["min_object_area"])):
+            form.addRow(name, w)
+        buttons = QHBoxLayout()
+        buttons.addWidget(self.run_button)
+        buttons.addWidget(self.cancel_button)
+        lay = QVBoxLayout(self)
+        lay.addLayout(form)
+        lay.addWidget(self.overwrite_check)
+        lay.addLayout(buttons)
+        lay.addWidget(self.progress)
+        lay.addWidget(self.status_label)
+        lay.addStretch()
+        self.run_button.clicked.connect(lambda: self.run())
+        self.cancel_button.clicked.connect(self.cancel)
+
+    def _refresh(self, *_) -> None:
+        import napari
+
+        cur_img, cur_tgt = self.image_combo.currentText(), self.target_combo.currentText()
+        self.image_combo.clear()
+        self.image_combo.addItems([x.name for x in self.viewer.layers if isinstance(x, napari.layers.Image)])
+        self.target_combo.clear()
+        self.target_combo.addItems([NEW_LAYER] + [x.name for x in self.viewer.layers
+                                                  if isinstance(x, napari.layers.Labels)])
+        if cur_img:
+            self.image_combo.setCurrentText(cur_img)
+        if cur_tgt:
+            self.target_combo.setCurrentText(cur_tgt)
+
+    def _message(self, text: str, level: str = "info") -> None:
+        self.status_label.setText(text)
+        if level != "info":
+            from napari.utils import notifications
+
+            getattr(notifications, f"show_{level}")(text)
+
+    def _on_progress(self, done: int, total: int) -> None:
+        self.progress.setMaximum(max(total, 1))
+        self.progress.setValue(done)
+
+    # ----------------------------------------------------------------- public API
+    def set_image_layer(self, layer) -> None:
+        self.image_combo.setCurrentText(getattr(layer, "name", layer))
+
+    def set_target(self, layer) -> None:
+        """Write results into ``layer`` (a Labels layer or its name), or NEW_LAYER."""
+        self.target_combo.setCurrentText(getattr(layer, "name", layer))
+
+    def thresholds(self) -> dict:
+        return {k: s.value() for k, s in self.sliders.items()}
+
+    def set_thresholds(self, **values) -> None:
+        """Set live thresholds (pred_iou_thresh, stability_score_thresh, box_nms_thresh, min_object_area) and
+        re-filter at once."""
+        for k, v in values.items():
+            if k not in self.sliders:
+                raise ValueError(f"unknown threshold {k!r}; choose from {LIVE}")
+            self.sliders[k].blockSignals(True)
+            self.sliders[k].setValue(v)
+            self.sliders[k].blockSignals(False)
+        self.refilter()
+
+    def busy(self) -> bool:
+        return self.worker is not None
+
+    def wait(self, timeout: float = 300.0) -> bool:
+        end = time.monotonic() + timeout
+        while self.busy() and time.monotonic() < end:
+            QApplication.processEvents()
+            time.sleep(0.005)
+        return not self.busy()
+
+    def cancel(self) -> None:
+        """Stop the running model; nothing is written."""
+        self._token.cancel()
+
+    def run(self, **params) -> bool:
+        """Run the model on the current plane. ``params``: AutomaticMaskGenerator parameters overriding the
+        widget's. Returns False (with a message) if the inputs do not allow it."""
+        if self.busy():
+            self._message("segment-everything is running; wait or cancel it", "warning")
+            return False
+        try:
+            image, index, plane = self._image()
+        except ValueError as e:
+            self._message(str(e), "error")
+            return False
+        p = {"points_per_side": self.points_spin.value(), "crop_n_layers": self.crop_spin.value(),
+             "min_mask_region_area": self.min_region_spin.value()}
+        p.update({k: v for k, v in self.thresholds().items() if k != "min_object_area"})
+        p.update(params)
+        try:
+            _validate(p)
+        except ValueError as e:
+            self._message(str(e), "error")
+            return False
+        for k in LIVE:  # thresholds given here become the sliders' values
+            if k in params:
+                self.sliders[k].blockSignals(True)
+                self.sliders[k].setValue(params[k])
+                self.sliders[k].blockSignals(False)
+        p.pop("min_object_area", None)
+        self.proposals = None
+        self._written = None
+        self._target = None
+        self._token = CancelToken()
+        self._plane = (image, index, plane.shape[:2])
+        self.progress.setFormat("segmenting %p%")
+        self.progress.setValue(0)
+        self.run_button.setEnabled(False)
+        self.cancel_button.setEnabled(True)
+        self._message("running the model" + ("" if self.state.model is not None else
+                                              " (loading the built-in model first)"))
+        self.worker = run_in_thread(run_generation, self.state.model, plane, p, self._token.cancelled,
+                                    self._relay.report, on_return=self._done, on_error=self._failed,
+                                    on_finish=self._finished)
+        return True
+
+    def refilter(self) -> int:
+        """Apply the current thresholds to the kept model outputs and rewrite the result (one undo step).
+        Returns the number of objects."""
+        if self.proposals is None or self._target is None:
+            return 0
+        t0 = time.perf_counter()
+        th = self.thresholds()
+        g = self.generator
+        recs = self.proposals.filter(pred_iou_thresh=th["pred_iou_thresh"],
+                                     stability_score_thresh=th["stability_score_thresh"],
+                                     box_nms_thresh=th["box_nms_thresh"], crop_nms_thresh=g.crop_nms_thresh,
+                                     min_mask_region_area=g.min_mask_region_area)
+        labels = records_to_labels(recs, self.proposals.image_shape, int(th["min_object_area"]))
+        self._write(labels)
+        self.last_refilter_s = time.perf_counter() - t0
+        n = int(labels.max())
+        self._message(f"{n} objects ({len(self.proposals)} kept candidates; re-filtered in "
+                      f"{1000 * self.last_refilter_s:.0f} ms)")
+        return n
+
+    # ----------------------------------------------------------------- internals
+    def _schedule(self, *_) -> None:
+        if self.proposals is not None:
+            self._timer.start()
+
+    def _image(self):
+        image = self.viewer.layers[self.image_combo.currentText()] if self.image_combo.currentText() else None
+        problem = L.image_problem(image)
+        if problem:
+            raise ValueError(problem)
+        index = L.plane_index(self.viewer, image)
+        return image, index, L.image_plane(image, index)
+
+    def _done(self, result: dict) -> None:
+        if result["proposals"] is None:
+            return
+        if self.state.model is None:
+            self.state.set_model(result["model"])
+        self.generator, self.proposals = result["generator"], result["proposals"]
+        try:
+            self._target = self._make_target()
+        except ValueError as e:
+            self.proposals = None
+            self._message(str(e), "error")
+            return
+        self.refilter()
+
+    def _failed(self, exc: BaseException) -> None:
+        from ..core.amg import Cancelled
+
+        if isinstance(exc, Cancelled):
+            self._message("cancelled; nothing was written")
+        else:
+            self._message(f"segment-everything failed: {exc}", "error")
+
+    def _finished(self) -> None:
+        self.worker = None
+        self.run_button.setEnabled(True)
+        self.cancel_button.setEnabled(False)
+        self.progress.setFormat("idle")
+
+    def _make_target(self):
+        import napari
+
+        image, index, shape2 = self._plane
+        full = L.image_shape(image)
+        name = self.target_combo.currentText()
+        if name == NEW_LAYER or not name:
+            layer = self.viewer.add_labels(np.zeros(full, dtype=np.int32), name=OUTPUT_NAME,
+                                           scale=image.scale[: len(full)], translate=image.translate[: len(full)])
+            self._refresh()
+            self.target_combo.setCurrentText(layer.name)
+        else:
+            layer = self.viewer.layers[name]
+            if not isinstance(layer, napari.layers.Labels):
+                raise ValueError(f"{name!r} is not a Labels layer; choose a Labels layer or {NEW_LAYER}")
+            L.check_target(layer, image)
+        offset = int(np.asarray(layer.data).max())
+        return layer, index, offset, self.overwrite_check.isChecked()
+
+    def _write(self, labels: np.ndarray) -> None:
+        """Replace our previous write with ``labels`` (offset past the layer's ids) in ONE undo step."""
+        layer, index, offset, overwrite = self._target
+        plane = np.asarray(layer.data[index]) if index else np.asarray(layer.data)
+        current = plane.copy()
+        if self._written is not None:
+            r, c, old = self._written
+            current[r, c] = old
+        rows, cols = np.nonzero(labels)
+        if not overwrite:
+            free = current[rows, cols] == 0
+            rows, cols = rows[free], cols[free]
+        new = current.copy()
+        new[rows, cols] = labels[rows, cols].astype(np.int64) + offset
+        if new.max(initial=0) > np.iinfo(layer.data.dtype).max:
+            L.upgrade_dtype(layer, np.int64)
+        changed_r, changed_c = np.nonzero(new != plane)
+        self._written = (rows, cols, current[rows, cols])
+        if changed_r.size == 0:
+            return
+        lead = tuple(np.full(changed_r.size, i, dtype=np.intp) for i in index)
+        with layer.block_history():
+            layer.data_setitem((*lead, changed_r, changed_c), new[changed_r, changed_c].astype(layer.data.dtype))
+
+
+def _validate(params: dict) -> None:
+    """Raise ValueError for out-of-range parameters without building a model."""
+    from ..core import amg
+
+    for k in ("pred_iou_thresh", "stability_score_thresh", "box_nms_thresh"):
+        amg._check_unit(k, params[k])
+    amg._check_int("points_per_side", params["points_per_side"], 1)
+    amg._check_int("crop_n_layers", params["crop_n_layers"], 0)
+    amg._check_int("min_mask_region_area", params["min_mask_region_area"], 0)

@@ -1,0 +1,318 @@
+"""3D propagation dock widget: turn the objects annotated on one slice into 3D objects.
+
+Scriptable::
+
+    dw, w = viewer.window.add_plugin_dock_widget("napari-sam", "3D propagation")
+    w.set_layers("nuclei", "SAM labels"); w.propagate(direction="both", scope="current"); w.wait()
+
+The image is (Z, Y, X) (or (T, Z, Y, X): the displayed volume at the current T). The labels layer has the
+image's shape. Objects are those of the labels layer on the current slice: the selected label ("current")
+or every label there ("all"). Work runs in a thread worker (progress, cancel); the result is written into
+the labels layer as ONE undoable step, and never over other objects' voxels unless "overwrite" is checked.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from qtpy.QtWidgets import (
+    QApplication, QCheckBox, QComboBox, QFormLayout, QHBoxLayout, QLabel, QProgressBar, QPushButton, QVBoxLayout,
+    QWidget,
+)
+
+from ..core.embedding_store import EmbeddingCacheWarning, StackEmbeddings, select_volume
+from ..core.propagation import STRATEGIES, PropagationParams, iter_propagate_masks, make_params
+from ..core.propagation_labels import confidence_text, plan_write, seeds_from_labels
+from ._state import get_state
+from ._workers import CancelToken, ProgressRelay, run_in_thread
+
+if TYPE_CHECKING:
+    import napari
+
+DIRECTIONS = {"through the volume": "both", "up (+z)": "up", "down (−z)": "down"}
+SCOPES = {"current object": "current", "all objects on this slice": "all"}
+
+
+def run_propagation(volume, labels3d, z, ids, model, params, cancel, report) -> dict[str, Any]:
+    """Thread job: load the model if needed, open the stack's cached embeddings, propagate the objects ``ids``
+    of slice z with ``params`` (PropagationParams fields). Returns {"model", "ids", "results": {i: {z: mask}},
+    "scores": (B, Z), "notes", "cancelled"}."""
+    notes = []
+    if model is None:
+        from ..core.build import load_model
+
+        model = load_model()  # the built-in model; CheckpointError says what to do when it is missing
+    ids, seeds = seeds_from_labels(labels3d, z, ids)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", EmbeddingCacheWarning)
+        emb = StackEmbeddings(volume, model)
+    notes += [str(w.message) for w in caught if issubclass(w.category, EmbeddingCacheWarning)]
+    n = volume.shape[0]
+    total = len(ids) * max(n - 1, 1)
+    results: dict[int, dict[int, np.ndarray]] = {i: {} for i in range(len(ids))}
+    scores = np.full((len(ids), n), np.nan, np.float32)
+    scores[:, z] = 1.0
+    report(0, total)
+    done = 0
+    for i, zz, m, s in iter_propagate_masks(volume, seeds, embeddings=emb, cancel=cancel, **params):
+        results[i][zz] = m
+        scores[i, zz] = s
+        done += 1
+        report(done, total)
+    return {"model": model, "ids": ids, "results": results, "scores": scores, "notes": notes,
+            "cancelled": cancel()}
+
+
+def run_embedding(volume, model, cancel, report) -> dict[str, Any]:
+    """Thread job: embed every slice of ``volume`` into the disk cache (progress, cancel)."""
+    if model is None:
+        from ..core.build import load_model
+
+        model = load_model()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", EmbeddingCacheWarning)
+        emb = StackEmbeddings(volume, model)
+        for done, total in emb.compute(cancel=cancel):
+            report(done, total)
+    notes = [str(w.message) for w in caught if issubclass(w.category, EmbeddingCacheWarning)]
+    return {"model": model, "notes": notes, "cancelled": cancel(), "missing": len(emb.missing()),
+            "where": "memory" if emb.in_memory else str(emb.path)}
+
+
+class PropagateWidget(QWidget):
+    """Propagate annotated objects up, down or through the volume (see the module docstring)."""
+
+    def __init__(self, napari_viewer: napari.Viewer) -> None:
+        super().__init__()
+        self.viewer = napari_viewer
+        self.state = get_state(napari_viewer)
+        self.worker = None
+        self.last_scores: dict[int, np.ndarray] = {}
+        self._token = CancelToken()
+        self._target: tuple | None = None
+        self._relay = ProgressRelay()
+        self._relay.progressed.connect(self._on_progress)
+        self._build_ui()
+        self.viewer.layers.events.inserted.connect(self._refresh)
+        self.viewer.layers.events.removed.connect(self._refresh)
+        self._refresh()
+
+    # ----------------------------------------------------------------- UI
+    def _build_ui(self) -> None:
+        self.image_combo, self.labels_combo = QComboBox(), QComboBox()
+        self.direction_combo, self.scope_combo, self.strategy_combo = QComboBox(), QComboBox(), QComboBox()
+        self.direction_combo.addItems(list(DIRECTIONS))
+        self.scope_combo.addItems(list(SCOPES))
+        self.strategy_combo.addItems(list(STRATEGIES))
+        self.strategy_combo.setCurrentText(PropagationParams.strategy)
+        self.overwrite_check = QCheckBox("overwrite other labels")
+        self.propagate_button, self.cancel_button = QPushButton("Propagate"), QPushButton("Cancel")
+        self.embed_button = QPushButton("Precompute embeddings")
+        self.embed_button.setToolTip("embed every slice now (cached on disk: reopening the stack is instant)")
+        self.cancel_button.setEnabled(False)
+        self.progress = QProgressBar()
+        self.progress.setFormat("idle")
+        self.status_label, self.confidence_label = QLabel(""), QLabel("")
+        for lab in (self.status_label, self.confidence_label):
+            lab.setWordWrap(True)
+        form = QFormLayout()
+        for name, w in (("image", self.image_combo), ("labels", self.labels_combo), ("direction",
+                        self.direction_combo), ("objects", self.scope_combo), ("strategy", self.strategy_combo)):
+            form.addRow(name, w)
+        buttons = QHBoxLayout()
+        buttons.addWidget(self.propagate_button)
+        buttons.addWidget(self.cancel_button)
+        lay = QVBoxLayout(self)
+        lay.addLayout(form)
+        lay.addWidget(self.overwrite_check)
+        lay.addLayout(buttons)
+        lay.addWidget(self.embed_button)
+        lay.addWidget(self.progress)
+        lay.addWidget(self.status_label)
+        lay.addWidget(QLabel("per-slice confidence (predicted IoU):"))
+        lay.addWidget(self.confidence_label)
+        lay.addStretch()
+        self.propagate_button.clicked.connect(lambda: self.propagate())
+        self.cancel_button.clicked.connect(self.cancel)
+        self.embed_button.clicked.connect(lambda: self.precompute())
+
+    def _refresh(self, *_) -> None:
+        import napari
+
+        for combo, kind in ((self.image_combo, napari.layers.Image), (self.labels_combo, napari.layers.Labels)):
+            cur = combo.currentText()
+            combo.clear()
+            combo.addItems([lay.name for lay in self.viewer.layers if isinstance(lay, kind) and lay.ndim >= 3])
+            if cur:
+                combo.setCurrentText(cur)
+
+    # ----------------------------------------------------------------- public API
+    def set_layers(self, image, labels) -> None:
+        """Choose the image and labels layers (layers or names)."""
+        self.image_combo.setCurrentText(getattr(image, "name", image))
+        self.labels_combo.setCurrentText(getattr(labels, "name", labels))
+
+    def busy(self) -> bool:
+        return self.worker is not None
+
+    def wait(self, timeout: float = 120.0) -> bool:
+        """Process Qt events until the running propagation finished (for scripts and tests)."""
+        import time
+
+        end = time.monotonic() + timeout
+        while self.busy() and time.monotonic() < end:
+            QApplication.processEvents()
+            time.sleep(0.005)
+        return not self.busy()
+
+    def cancel(self) -> None:
+        """Stop the running propagation; nothing is written."""
+        self._token.cancel()
+
+    def propagate(self, direction: str | None = None, scope: str | None = None, strategy: str | None = None,
+                  **params) -> bool:
+        """Start propagating; direction "both"/"up"/"down", scope "current"/"all" (default: the widget's
+        choices); ``params``: other PropagationParams fields (thresholds). Returns False (with a message)
+        if the layers do not allow it."""
+        if self.busy():
+            self._message("a propagation is running; wait or cancel it", "warning")
+            return False
+        try:
+            image, labels, lead, volume, labels3d, z = self._inputs()
+        except ValueError as e:
+            self._message(str(e), "error")
+            return False
+        direction = direction or DIRECTIONS[self.direction_combo.currentText()]
+        scope = scope or SCOPES[self.scope_combo.currentText()]
+        strategy = strategy or self.strategy_combo.currentText()
+        ids = None
+        if scope == "current":
+            ids = [int(labels.selected_label)]
+            if ids[0] == 0 or not np.any(labels3d[z] == ids[0]):
+                self._message(f"label {ids[0]} is not on slice {z}: select a label painted or committed on "
+                              "this slice (or choose 'all objects on this slice')", "error")
+                return False
+        elif not np.any(labels3d[z]):
+            self._message(f"slice {z} has no labels: annotate objects on it first", "error")
+            return False
+        params = {**params, "strategy": strategy, "direction": direction}
+        try:
+            make_params(params)
+        except (TypeError, ValueError) as e:
+            self._message(str(e), "error")
+            return False
+        self._target = (labels, lead, z)
+        self._start("propagating %p%")
+        self._message(f"propagating from slice {z}" + ("" if self.state.model is not None else
+                                                        " (loading the built-in model first)"))
+        self.worker = run_in_thread(run_propagation, volume, labels3d, z, ids, self.state.model, params,
+                                    self._token.cancelled, self._relay.report,
+                                    on_return=self._done, on_error=self._failed, on_finish=self._finished)
+        return True
+
+    def precompute(self) -> bool:
+        """Embed every slice of the displayed volume now, into the disk cache (progress, cancel)."""
+        if self.busy():
+            self._message("busy; wait or cancel first", "warning")
+            return False
+        iname = self.image_combo.currentText()
+        if not iname or iname not in self.viewer.layers:
+            self._message("no 3D image layer: open a (Z, Y, X) stack", "error")
+            return False
+        image = self.viewer.layers[iname]
+        step = image.world_to_data(np.asarray(self.viewer.dims.point))
+        idx = [int(np.clip(np.round(step[i]), 0, image.data.shape[i] - 1)) for i in range(image.ndim)]
+        volume = np.asarray(select_volume(image.data, idx))
+        self._start("embedding %p%")
+        self.worker = run_in_thread(run_embedding, volume, self.state.model, self._token.cancelled,
+                                    self._relay.report, on_return=self._embedded, on_error=self._failed,
+                                    on_finish=self._finished)
+        return True
+
+    def _embedded(self, out: dict) -> None:
+        if self.state.model is None:
+            self.state.set_model(out["model"], "builtin")
+        for note in out["notes"]:
+            self._message(note, "warning")
+        state = "cancelled" if out["cancelled"] else "done"
+        self._message(f"embedding {state}: {out['missing']} slice(s) left; stored in {out['where']}")
+
+    def _start(self, text: str) -> None:
+        self._token = CancelToken()
+        self.progress.setFormat(text)
+        self.progress.setValue(0)
+        self.cancel_button.setEnabled(True)
+        self.propagate_button.setEnabled(False)
+        self.embed_button.setEnabled(False)
+
+    # ----------------------------------------------------------------- internals
+    def _inputs(self):
+        iname, lname = self.image_combo.currentText(), self.labels_combo.currentText()
+        if not iname or iname not in self.viewer.layers:
+            raise ValueError("no 3D image layer: open a (Z, Y, X) stack")
+        if not lname or lname not in self.viewer.layers:
+            raise ValueError("no labels layer: annotate objects on a slice with the SAM annotator first")
+        image, labels = self.viewer.layers[iname], self.viewer.layers[lname]
+        if image.rgb:
+            raise ValueError(f"image {iname!r} is RGB; propagation needs a grayscale (Z, Y, X) stack")
+        if image.multiscale:
+            raise ValueError(f"image {iname!r} is multiscale; propagation needs a single-scale stack")
+        if tuple(labels.data.shape) != tuple(image.data.shape):
+            raise ValueError(f"labels {lname!r} have shape {labels.data.shape} but image {iname!r} has "
+                             f"{image.data.shape}; use a labels layer of the image's shape")
+        step = image.world_to_data(np.asarray(self.viewer.dims.point))
+        idx = [int(np.clip(np.round(step[i]), 0, image.data.shape[i] - 1)) for i in range(image.ndim)]
+        lead = tuple(idx[: image.ndim - 3])
+        volume = np.asarray(select_volume(image.data, idx))
+        labels3d = np.asarray(select_volume(labels.data, idx))
+        return image, labels, lead, volume, labels3d, idx[image.ndim - 3]
+
+    def _on_progress(self, done: int, total: int) -> None:
+        self.progress.setValue(int(100 * done / max(total, 1)))
+
+    def _done(self, out: dict) -> None:
+        if self.state.model is None:
+            self.state.set_model(out["model"], "builtin")
+        for note in out["notes"]:
+            self._message(note, "warning")
+        if out["cancelled"]:
+            self._message("propagation cancelled; nothing was written")
+            return
+        labels, lead, z = self._target
+        if labels not in self.viewer.layers:
+            self._message("the labels layer was removed; nothing was written", "warning")
+            return
+        current = np.asarray(select_volume(labels.data, (*lead, 0, 0, 0)))
+        (zz, rr, cc), values = plan_write(current, out["ids"], out["results"], self.overwrite_check.isChecked())
+        if values.size:
+            lead_idx = tuple(np.full(zz.shape, i) for i in lead)
+            with labels.block_history():  # one undo step for the whole 3D result
+                labels.data_setitem((*lead_idx, zz, rr, cc), values)
+        self.last_scores = {lab: out["scores"][i] for i, lab in enumerate(out["ids"])}
+        labels.metadata.setdefault("sam_confidence", {}).update(
+            {lab: s.tolist() for lab, s in self.last_scores.items()})
+        self.confidence_label.setText("\n".join(confidence_text(k, v) for k, v in self.last_scores.items()))
+        n = sum(len(r) for r in out["results"].values())
+        self._message(f"propagated {len(out['ids'])} object(s) from slice {z} over {n} slice(s); "
+                      f"{values.size} voxels changed (Ctrl+Z undoes it)")
+
+    def _failed(self, exc: BaseException) -> None:
+        self._message(f"propagation failed: {exc}", "error")
+
+    def _finished(self) -> None:
+        self.worker = None
+        self.progress.setFormat("idle")
+        self.progress.setValue(0)
+        self.cancel_button.setEnabled(False)
+        self.propagate_button.setEnabled(True)
+        self.embed_button.setEnabled(True)
+
+    def _message(self, text: str, level: str = "info") -> None:
+        from napari.utils import notifications
+
+        self.status_label.setText(text)
+        self.viewer.status = text
+        {"info": notifications.show_info, "warning": notifications.show_warning,
+         "error": notifications.show_error}[level](text)

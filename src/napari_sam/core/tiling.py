@@ -1,0 +1,115 @@
+"""Large images in tiles with a halo, stitched without seams.
+
+Each tile is its core region plus a ``halo`` on every side (clipped to the image). A segmenter labels each tile;
+an object is *cut* if it touches a tile side that is not an image border. Whole objects belong to the tile whose
+core holds their centroid (so objects in the halo are not doubled); cut pieces are always kept, and a cut piece
+that substantially overlaps an object from another tile is merged with it (union), so objects crossing tile
+borders come out whole. Memory: one tile's segmentation plus the (H, W) int32 label image.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+from scipy import ndimage
+
+
+def tile_boxes(shape: tuple[int, int], tile_size: int, halo: int) -> list[tuple[tuple, tuple]]:
+    """[(core, tile), ...]: boxes (min_row, min_col, max_row, max_col), max exclusive, row-major order."""
+    if tile_size < 16:
+        raise ValueError(f"tile_size={tile_size} is too small; use at least 16 (e.g. 1024)")
+    if halo < 0:
+        raise ValueError(f"halo={halo} must be >= 0")
+    h, w = shape
+    out = []
+    for r0 in range(0, h, tile_size):
+        for c0 in range(0, w, tile_size):
+            core = (r0, c0, min(r0 + tile_size, h), min(c0 + tile_size, w))
+            tile = (max(0, r0 - halo), max(0, c0 - halo), min(h, core[2] + halo), min(w, core[3] + halo))
+            out.append((core, tile))
+    return out
+
+
+class _UnionFind:
+    def __init__(self) -> None:
+        self.parent = [0]
+
+    def add(self) -> int:
+        self.parent.append(len(self.parent))
+        return len(self.parent) - 1
+
+    def find(self, a: int) -> int:
+        p = self.parent
+        while p[a] != a:
+            p[a] = p[p[a]]
+            a = p[a]
+        return a
+
+    def union(self, a: int, b: int) -> None:
+        ra, rb = self.find(a), self.find(b)
+        if ra != rb:
+            self.parent[max(ra, rb)] = min(ra, rb)
+
+
+def segment_tiled(image: np.ndarray, segment: Callable[[np.ndarray], np.ndarray], tile_size: int = 1024,
+                  halo: int = 128, merge_overlap: float = 0.5,
+                  progress: Callable[[int, int], None] | None = None,
+                  cancel: Callable[[], bool] | None = None) -> np.ndarray:
+    """Label image (H, W) int32 from ``segment(tile) -> (h, w) int labels`` run tile by tile.
+
+    image: (H, W) or (H, W, C). Two objects merge when one of them is cut by a tile border and their overlap
+    is at least ``merge_overlap`` of the smaller one. progress(done_tiles, n_tiles); cancel() -> True stops
+    with napari_sam.core.amg.Cancelled. Labels are renumbered 1..N in raster order.
+    """
+    from .amg import Cancelled
+    from .labels import _raster_relabel
+
+    h, w = image.shape[:2]
+    out = np.zeros((h, w), dtype=np.int32)
+    uf = _UnionFind()
+    cut = [False]
+    tile_of = [(0, 0, 0, 0)]
+    boxes = tile_boxes((h, w), tile_size, halo)
+    for k, (core, tile) in enumerate(boxes):
+        if cancel is not None and cancel():
+            raise Cancelled("tiled segmentation was cancelled")
+        t0, l0, t1, l1 = tile
+        lab = np.asarray(segment(image[t0:t1, l0:l1]))
+        if lab.shape != (t1 - t0, l1 - l0):
+            raise ValueError(f"segmenter returned shape {lab.shape} for a tile of shape {(t1 - t0, l1 - l0)}")
+        window = out[t0:t1, l0:l1]
+        seen = np.bincount(window.ravel(), minlength=len(cut))  # earlier objects' pixels inside this tile
+        open_sides = (t0 > 0, l0 > 0, t1 < h, l1 < w)
+        for i, sl in enumerate(ndimage.find_objects(lab), start=1):
+            if sl is None:
+                continue
+            m = lab[sl] == i
+            rs, cs = sl
+            is_cut = ((open_sides[0] and rs.start == 0) or (open_sides[1] and cs.start == 0)
+                      or (open_sides[2] and rs.stop == t1 - t0) or (open_sides[3] and cs.stop == l1 - l0))
+            if not is_cut:
+                rr, cc = np.nonzero(m)
+                cr, ccol = t0 + rs.start + rr.mean(), l0 + cs.start + cc.mean()
+                if not (core[0] <= cr < core[2] and core[1] <= ccol < core[3]):
+                    continue  # another tile's core owns this whole object
+            g = uf.add()
+            cut.append(is_cut)
+            tile_of.append(tile)
+            r_off, c_off = t0 + rs.start, l0 + cs.start
+            region = window[rs, cs]
+            under = region[m]
+            ids, counts = np.unique(under[under > 0], return_counts=True)
+            for e, c in zip(ids.tolist(), counts.tolist()):
+                if not (is_cut or cut[e]):
+                    continue
+                # compare only where both tiles saw the image: the overlap of their windows
+                e0, e1, e2, e3 = tile_of[e]
+                sub = m[max(0, e0 - r_off) : max(0, e2 - r_off), max(0, e1 - c_off) : max(0, e3 - c_off)]
+                if c >= merge_overlap * min(int(sub.sum()), int(seen[e])):
+                    uf.union(e, g)
+            region[m & (region == 0)] = g
+        if progress is not None:
+            progress(k + 1, len(boxes))
+    lut = np.array([uf.find(i) for i in range(len(uf.parent))], dtype=np.int32)
+    return _raster_relabel(lut[out])

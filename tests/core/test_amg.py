@@ -1,0 +1,123 @@
+"""AutomaticMaskGenerator / segment_everything API on real images with a random-weight model (plumbing only):
+record fields, live re-filtering equal to a fresh run, bad input, cancel and progress."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from napari_sam import AutomaticMaskGenerator, segment_everything
+from napari_sam.core.amg import Cancelled
+from napari_sam.core.labels import records_to_labels
+
+# random weights predict IoUs near 0: thresholds at 0 let every candidate through
+OPEN = dict(points_per_side=6, pred_iou_thresh=0.0, stability_score_thresh=0.0)
+
+
+@pytest.fixture(scope="module")
+def image(nuclei_sample):
+    return nuclei_sample[0]
+
+
+@pytest.fixture(scope="module")
+def proposals(tiny_model, image):
+    return AutomaticMaskGenerator(tiny_model, **OPEN).propose(image)
+
+
+def test_records_are_consistent(tiny_model, image):
+    recs = AutomaticMaskGenerator(tiny_model, box_nms_thresh=1.0, **OPEN).generate(image)
+    assert len(recs) > 1
+    h, w = image.shape[:2]
+    for r in recs:
+        seg = r["segmentation"]
+        assert seg.shape == (h, w) and seg.dtype == bool
+        rows, cols = np.nonzero(seg)
+        assert r["area"] == rows.size > 0
+        assert r["bbox"] == (rows.min(), cols.min(), rows.max() + 1, cols.max() + 1)  # max exclusive
+        assert 0 <= r["point"][0] < h and 0 <= r["point"][1] < w
+        assert r["crop_box"] == (0, 0, h, w)
+        assert 0.0 <= r["stability_score"] <= 1.0
+    ious = [r["predicted_iou"] for r in recs]
+    assert ious == sorted(ious, reverse=True)  # NMS order: best first
+
+
+@pytest.mark.parametrize("th", [dict(box_nms_thresh=0.5), dict(box_nms_thresh=0.9, min_mask_region_area=200)])
+def test_refilter_equals_a_fresh_run(tiny_model, image, proposals, th):
+    kept = proposals.filter(pred_iou_thresh=0.0, stability_score_thresh=0.0, **th)
+    fresh = AutomaticMaskGenerator(tiny_model, **OPEN, **th).generate(image)
+    assert len(kept) == len(fresh) >= 1
+    for a, b in zip(kept, fresh):
+        assert a["bbox"] == b["bbox"] and a["area"] == b["area"]
+        assert np.array_equal(a["segmentation_patch"].full(image.shape[:2]), b["segmentation"])
+
+
+def test_thresholds_drop_candidates(proposals):
+    iou = np.concatenate([c.iou for c in proposals.crops])
+    cut = float(np.median(iou))
+    all_recs = proposals.filter(pred_iou_thresh=0.0, stability_score_thresh=0.0, box_nms_thresh=1.0)
+    some = proposals.filter(pred_iou_thresh=max(cut, 1e-6), stability_score_thresh=0.0, box_nms_thresh=1.0)
+    assert len(some) < len(all_recs)
+    assert all(r["predicted_iou"] > cut for r in some)
+
+
+def test_segment_everything_labels(tiny_model, image, proposals):
+    lab = segment_everything(image, tiny_model, **OPEN, box_nms_thresh=1.0, min_object_area=0)
+    assert lab.shape == image.shape[:2] and lab.dtype == np.int32
+    recs = proposals.filter(pred_iou_thresh=0.0, stability_score_thresh=0.0, box_nms_thresh=1.0)
+    assert np.array_equal(lab, records_to_labels(recs, image.shape[:2]))
+    assert lab.max() > 1
+    assert set(np.unique(lab)) - {0} == set(range(1, int(lab.max()) + 1))  # sequential ids
+
+
+def test_constant_image_gives_empty_labels(tiny_model):
+    const = np.full((64, 80), 7, dtype=np.uint16)
+    assert AutomaticMaskGenerator(tiny_model, **OPEN).generate(const) == []
+    lab = segment_everything(const, tiny_model, **OPEN)
+    assert lab.shape == (64, 80) and not lab.any()
+
+
+def test_image_smaller_than_crops(tiny_model, image):
+    small = image[:12, :10]
+    gen = AutomaticMaskGenerator(tiny_model, crop_n_layers=1, points_per_side=2, pred_iou_thresh=0.0,
+                                 stability_score_thresh=0.0)
+    recs = gen.generate(small)
+    for r in recs:
+        assert r["segmentation"].shape == (12, 10)
+        r0, c0, r1, c1 = r["crop_box"]
+        assert 0 <= r0 < r1 <= 12 and 0 <= c0 < c1 <= 10
+
+
+@pytest.mark.parametrize("bad,word", [
+    (dict(points_per_side=0), "points_per_side"), (dict(pred_iou_thresh=1.5), "pred_iou_thresh"),
+    (dict(box_nms_thresh=-0.1), "box_nms_thresh"), (dict(crop_n_layers=-1), "crop_n_layers"),
+    (dict(crop_overlap_ratio=1.0), "crop_overlap_ratio"), (dict(points_per_batch=0), "points_per_batch"),
+    (dict(min_mask_region_area=-5), "min_mask_region_area"), (dict(stability_score_offset=-1), "offset"),
+    (dict(points_per_side=None), "point_grids"), (dict(points_per_side=2.5), "points_per_side"),
+])
+def test_bad_parameters(tiny_model, bad, word):
+    with pytest.raises(ValueError, match=word):
+        AutomaticMaskGenerator(tiny_model, **bad)
+
+
+def test_bad_images(tiny_model):
+    gen = AutomaticMaskGenerator(tiny_model, **OPEN)
+    with pytest.raises(ValueError, match="2D"):
+        gen.generate(np.zeros((3, 32, 32, 5)))
+    with pytest.raises(ValueError, match="NaN"):
+        gen.generate(np.full((16, 16), np.nan))
+
+
+def test_progress_and_cancel(tiny_model, image):
+    gen = AutomaticMaskGenerator(tiny_model, points_per_side=8, points_per_batch=16, pred_iou_thresh=0.0,
+                                 stability_score_thresh=0.0)
+    seen = []
+    gen.propose(image, progress=lambda d, t: seen.append((d, t)))
+    assert seen == [(16, 64), (32, 64), (48, 64), (64, 64)]
+    calls = []
+
+    def cancel():
+        calls.append(1)
+        return len(calls) > 2
+
+    with pytest.raises(Cancelled):
+        gen.propose(image, cancel=cancel)

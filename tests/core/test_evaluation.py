@@ -1,0 +1,108 @@
+"""Evaluation protocol: centre points, error clicks and mIoU bookkeeping on real labels, with an oracle
+predictor (exact masks) giving IoU 1 and a degraded one giving the exact expected IoU."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from napari_sam.core.evaluation import (EvalResult, center_point, error_click, evaluate_image, instance_ids,
+                                        markdown_table)
+from napari_sam.core.predictor import Prediction
+
+
+class OraclePredictor:
+    """Predictor-like object answering every prompt with the true instance under it (from the labels).
+
+    ``erode`` > 0 returns masks eroded by that many pixels (a known, imperfect answer)."""
+
+    def __init__(self, labels: np.ndarray, erode: int = 0):
+        self.labels, self.erode = labels, erode
+        self.calls = []
+
+    def set_image(self, image):
+        assert image.shape[:2] == self.labels.shape
+
+    def _mask(self, inst: int) -> np.ndarray:
+        m = self.labels == inst
+        return ndimage.binary_erosion(m, iterations=self.erode) if self.erode else m
+
+    def predict(self, points=None, point_labels=None, box=None, mask_input=None, multimask=True):
+        self.calls.append((None if points is None else np.array(points), box, mask_input is not None))
+        if points is not None:
+            first = np.asarray(points)[:, 0].astype(int)  # the first (centre) point names the object
+            ids = self.labels[first[:, 0], first[:, 1]]
+        else:
+            b = np.asarray(box).astype(int)
+            ids = np.array([np.bincount(self.labels[r0:r1 + 1, c0:c1 + 1].ravel())[1:].argmax() + 1
+                            for r0, c0, r1, c1 in b])
+        k = 3 if multimask else 1
+        masks = np.stack([np.stack([self._mask(i)] * k) for i in ids])
+        iou = np.tile(np.linspace(0.9, 0.8, k), (len(ids), 1))
+        return Prediction(masks, iou, np.zeros((len(ids), k, 4, 4), np.float32))
+
+
+def test_center_point_is_the_distance_transform_maximum(nuclei_sample):
+    _, labels = nuclei_sample
+    for i in instance_ids(labels)[:15]:
+        m = labels == i
+        r, c = center_point(m)
+        dt = ndimage.distance_transform_edt(np.pad(m, 1))[1:-1, 1:-1]
+        assert m[r, c] and dt[r, c] == dt.max()
+
+
+def test_error_click_targets_the_largest_error_region(nuclei_sample):
+    _, labels = nuclei_sample
+    ids = instance_ids(labels)
+    gt = labels == ids[0]
+    other = labels == ids[1]
+    # a prediction missing the object's lower half and adding a whole other (larger) nucleus
+    pred = gt.copy()
+    rows = np.nonzero(gt.any(1))[0]
+    pred[rows[len(rows) // 2]:] = False
+    missed = gt & ~pred
+    big_extra = other if other.sum() > missed.sum() else np.zeros_like(other)
+    (r, c), lab = error_click(pred | big_extra, gt)
+    if big_extra.any():
+        assert big_extra[r, c] and lab == 0
+    else:
+        assert missed[r, c] and lab == 1
+    (r, c), lab = error_click(pred, gt)
+    assert missed[r, c] and lab == 1
+    (r, c), lab = error_click(gt, gt)  # perfect: a positive click at the centre
+    assert (r, c) == center_point(gt) and lab == 1
+
+
+def test_oracle_predictor_scores_iou_one_for_every_prompt(nuclei_sample):
+    image, labels = nuclei_sample
+    pred = OraclePredictor(labels)
+    res = evaluate_image(pred, image, labels, n_clicks=3, chunk=7)
+    n = len(instance_ids(labels))
+    assert res["point"].shape == (n,) and res["box"].shape == (n,) and res["clicks"].shape == (n, 3)
+    for k in ("point", "oracle", "box", "clicks"):
+        assert np.all(res[k] == 1.0), k
+    # click rounds pass the previous logits and one more point each round
+    click_calls = [c for c in pred.calls if c[2]]
+    assert [c[0].shape[1] for c in click_calls[:2]] == [2, 3]
+
+
+def test_degraded_predictor_gives_the_exact_iou_and_a_summary(nuclei_sample):
+    image, labels = nuclei_sample
+    res = evaluate_image(OraclePredictor(labels, erode=1), image, labels, prompts=("box",), max_objects=10)
+    ids = instance_ids(labels, 10)
+    expected = [(ndimage.binary_erosion(labels == i)).sum() / (labels == i).sum() for i in ids]
+    np.testing.assert_allclose(res["box"], expected)
+    er = EvalResult("dsb", 5)
+    er.add("a", "fluo", res)
+    s = er.summary()
+    assert s["all"]["box"] == pytest.approx(np.mean(expected), abs=1e-4) and s["all"]["objects"] == 10
+    assert "| dsb | fluo | 1 | 10 |" in markdown_table([s])
+
+
+def test_bad_input_is_rejected(nuclei_sample):
+    image, labels = nuclei_sample
+    with pytest.raises(ValueError, match="does not match"):
+        evaluate_image(OraclePredictor(labels), image, labels[:-1])
+    with pytest.raises(ValueError, match="unknown prompt"):
+        evaluate_image(OraclePredictor(labels), image, labels, prompts=("lasso",))

@@ -1,0 +1,181 @@
+"""Propagation plumbing on a real GoNuclear crop with a random-weight nsam_t (no quality claims here:
+benchmarks/eval_propagation.py measures quality with the trained built-in model)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from conftest import data_dir, read_image
+from napari_sam.core.embedding_store import StackEmbeddings
+from napari_sam.core.predictor import SamPredictor
+from napari_sam.core.propagation import (
+    STRATEGIES,
+    interior_point,
+    iter_propagate_object,
+    make_params,
+    mask_box,
+    propagate_masks,
+    propagate_object,
+    repropagate,
+)
+
+NO_STOP = dict(iou_threshold=0.0, overlap_threshold=0.0, min_area=1)
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("NAPARI_SAM_CACHE_DIR", str(tmp_path / "cache"))
+
+
+@pytest.fixture(scope="module")
+def volume():
+    vol = read_image(data_dir("gonuclear_3d_nuclei") / "1135_crop_image.tif")
+    return np.ascontiguousarray(vol[40:48, :96, :96])  # (8, 96, 96) uint8
+
+
+@pytest.fixture(scope="module")
+def emb(volume, tiny_model):
+    return StackEmbeddings(volume, tiny_model, cache=False).compute_all()
+
+
+def test_propagate_object_shapes_seed_and_generator(volume, emb, tiny_model):
+    mask, scores = propagate_object(volume, 4, points=[[48, 48]], embeddings=emb, strategy="point", **NO_STOP)
+    assert mask.shape == (8, 96, 96) and mask.dtype == bool
+    assert scores.shape == (8,) and scores.dtype == np.float32
+    # the prompted slice is exactly what the predictor gives for that prompt
+    pred = SamPredictor(tiny_model)
+    pred.set_embedding(emb[4])
+    ref = pred.predict(points=np.array([[48.0, 48.0]]), multimask=True)
+    k = int(np.argmax(ref.iou))
+    assert np.array_equal(mask[4], ref.masks[k]) and scores[4] == pytest.approx(float(ref.iou[k]))
+    assert np.isfinite(scores).all() and mask.any(axis=(1, 2)).all()  # no stop rule: every slice
+    steps = list(iter_propagate_object(volume, 4, points=[[48, 48]], embeddings=emb, strategy="point", **NO_STOP))
+    assert [z for z, _, _ in steps] == [4, 3, 5, 2, 6, 1, 7, 0]  # lock-step, both directions
+    for z, m, s in steps:
+        assert np.array_equal(m, mask[z]) and s == pytest.approx(float(scores[z]))
+
+
+def test_every_strategy_and_direction(volume, emb):
+    seed = propagate_object(volume, 3, points=[[48, 48]], embeddings=emb, strategy="point", max_slices=0)[0][3]
+    for strategy in STRATEGIES:
+        labels, scores = propagate_masks(volume, [{3: seed}], embeddings=emb, strategy=strategy, max_slices=1,
+                                         **NO_STOP)
+        assert scores[0, 3] == 1.0 and np.isnan(scores[0, [0, 1, 5, 6, 7]]).all(), strategy
+        assert set(np.unique(labels)) <= {0, 1}
+    for extra in ({"select": "overlap"}, {"box_extension": 0.2}):
+        labels, scores = propagate_masks(volume, [{3: seed}], embeddings=emb, strategy="point_box" if
+                                         "box_extension" in extra else "point", max_slices=1, **extra, **NO_STOP)
+        assert scores[0, 3] == 1.0 and np.isnan(scores[0, [0, 1, 5, 6, 7]]).all()
+    # choosing the candidate by overlap keeps the one closest to the previous slice's mask
+    by_iou = propagate_masks(volume, [{3: seed}], embeddings=emb, strategy="point", max_slices=1, **NO_STOP)[0]
+    by_overlap = propagate_masks(volume, [{3: seed}], embeddings=emb, strategy="point", max_slices=1,
+                                 select="overlap", **NO_STOP)[0]
+    for z in (2, 4):
+        iou = [float(((lab[z] == 1) & seed).sum() / ((lab[z] == 1) | seed).sum()) for lab in (by_iou, by_overlap)]
+        assert iou[1] >= iou[0]
+    up = list(iter_propagate_object(volume, 3, points=[[48, 48]], embeddings=emb, strategy="point",
+                                    direction="up", **NO_STOP))
+    down = list(iter_propagate_object(volume, 3, points=[[48, 48]], embeddings=emb, strategy="point",
+                                      direction="down", **NO_STOP))
+    assert [z for z, _, _ in up] == [3, 4, 5, 6, 7] and [z for z, _, _ in down] == [3, 2, 1, 0]
+
+
+def test_stop_rules(volume, emb):
+    kw = dict(points=[[48, 48]], embeddings=emb, strategy="point")
+    mask, scores = propagate_object(volume, 4, iou_threshold=1.01, **kw)  # predicted IoU never reaches it
+    assert mask.any(axis=(1, 2)).tolist() == [False] * 4 + [True] + [False] * 3
+    mask, _ = propagate_object(volume, 4, min_area=volume.shape[1] * volume.shape[2] + 1, iou_threshold=0, **kw)
+    assert mask.any(axis=(1, 2)).sum() == 1  # "vanished" under min_area
+    mask, _ = propagate_object(volume, 4, max_slices=2, **NO_STOP, **kw)
+    assert mask.any(axis=(1, 2)).tolist() == [False, False, True, True, True, True, True, False]
+
+
+def test_strategy_defaults_and_bad_parameters():
+    assert make_params({"strategy": "microsam"}).overlap_threshold == 0.5
+    assert make_params({"strategy": "microsam"}).iou_threshold == 0.0
+    assert make_params({"strategy": "microsam", "overlap_threshold": 0.2}).overlap_threshold == 0.2
+    with pytest.raises(TypeError, match="unknown propagation parameter"):
+        make_params({"treshold": 0.5})
+    with pytest.raises(ValueError, match="unknown strategy"):
+        make_params({"strategy": "magic"})
+    with pytest.raises(ValueError, match="unknown direction"):
+        make_params({"direction": "sideways"})
+    with pytest.raises(ValueError, match="unknown select"):
+        make_params({"select": "best"})
+
+
+def test_prompt_helpers():
+    m = np.zeros((20, 30), bool)
+    m[2:9, 5:26] = True
+    m[9:15, 5:8] = True  # an L: the interior point must lie inside the thick bar
+    assert mask_box(m).tolist() == [2, 5, 14, 25]
+    r, c = interior_point(m)
+    assert m[int(r), int(c)] and 4 <= r <= 6
+
+
+def test_batched_objects_equal_single_runs(volume, emb):
+    first = propagate_object(volume, 2, points=[[30, 30]], embeddings=emb, strategy="point", max_slices=0)[0][2]
+    second = propagate_object(volume, 5, points=[[70, 60]], embeddings=emb, strategy="point", max_slices=0)[0][5]
+    seeds = [{2: first}, {5: second}]
+    labels, scores = propagate_masks(volume, seeds, embeddings=emb, strategy="point_box", **NO_STOP)
+    for i, s in enumerate(seeds):
+        lab1, sc1 = propagate_masks(volume, [s], embeddings=emb, strategy="point_box", **NO_STOP)
+        np.testing.assert_allclose(scores[i], sc1[0], atol=1e-4)
+        valid = np.isfinite(sc1[0])
+        assert (np.isfinite(scores[i]) == valid).all()
+        # where objects do not overlap, the batched pass gives the single run's voxels
+        only_i = (lab1 == 1) & ~((labels != 0) & (labels != i + 1))
+        agree = np.count_nonzero((labels == i + 1) & only_i) / max(np.count_nonzero(only_i), 1)
+        assert agree > 0.99
+
+
+def test_fill_between_two_prompted_slices_from_both_ends(volume, emb):
+    seed1 = propagate_object(volume, 1, points=[[48, 48]], embeddings=emb, strategy="point", max_slices=0)[0][1]
+    big6 = propagate_object(volume, 6, points=[[48, 48]], embeddings=emb, strategy="point", max_slices=0)[0][6]
+    labels, scores = propagate_masks(volume, [{1: seed1, 6: big6}], embeddings=emb, strategy="point", **NO_STOP)
+    assert np.isfinite(scores[0]).all()  # gap 2..5 filled, and outward 0 and 7
+    tiny6 = np.zeros_like(seed1)
+    tiny6[90:93, 90:93] = True  # a seed the model's masks never overlap with: its end stops at once
+    labels, scores = propagate_masks(volume, [{1: seed1, 6: tiny6}], embeddings=emb, strategy="point",
+                                     overlap_threshold=0.3, iou_threshold=0.0, min_area=1)
+    # the lower end went on past the middle (3) up to the slice next to the stopped end
+    assert np.isfinite(scores[0, [0, 1, 2, 3, 4, 5, 6]]).all() and np.isnan(scores[0, 7])
+    assert labels[6].sum() == 9
+
+
+def test_repropagation_redoes_only_the_affected_range(volume, emb):
+    kw = dict(embeddings=emb, strategy="point", **NO_STOP)
+    mask, _ = propagate_object(volume, 4, points=[[48, 48]], **kw)
+    corrected = mask[4].copy()
+    corrected[:10] = False  # a small correction: the next slices agree with the old ones again
+    new, scores, (lo, hi) = repropagate(volume, mask, 4, corrected, converge_iou=0.5, **kw)
+    assert (lo, hi) == (3, 5) and np.isnan(scores[[0, 1, 2, 6, 7]]).all()
+    assert np.array_equal(new[[0, 1, 2, 6, 7]], mask[[0, 1, 2, 6, 7]]) and np.array_equal(new[4], corrected)
+    new, scores, (lo, hi) = repropagate(volume, mask, 4, corrected, converge_iou=1.01, fixed=[1], **kw)
+    assert (lo, hi) == (2, 7) and np.array_equal(new[:2], mask[:2])  # never past the prompted slice 1
+    assert not np.shares_memory(new, mask)
+
+
+def test_bad_input(volume, emb, tiny_model):
+    with pytest.raises(ValueError, match="2D image"):
+        propagate_object(volume[0], 0, points=[[5, 5]], model=tiny_model)
+    with pytest.raises(ValueError, match=r"slice z=8 is outside the volume, which has 8 slice\(s\)"):
+        propagate_object(volume, 8, points=[[5, 5]], embeddings=emb)
+    with pytest.raises(ValueError, match="outside the volume"):
+        propagate_object(volume, -1, points=[[5, 5]], embeddings=emb)
+    with pytest.raises(ValueError, match="give a prompt"):
+        propagate_object(volume, 2, embeddings=emb)
+    with pytest.raises(ValueError, match="another stack"):
+        propagate_object(volume[:, ::-1], 2, points=[[5, 5]], embeddings=emb)
+    with pytest.raises(ValueError, match="seed mask of object 0 on slice 1 is empty"):
+        propagate_masks(volume, [{1: np.zeros((96, 96), bool)}], embeddings=emb)
+
+
+def test_single_slice_and_anisotropic_volumes(volume, tiny_model):
+    one = volume[3:4]  # a one-slice "volume": the prompted slice only, no error
+    mask, scores = propagate_object(one, 0, points=[[48, 48]], model=tiny_model, strategy="point", **NO_STOP)
+    assert mask.shape == (1, 96, 96) and np.isfinite(scores).all()
+    flat = np.ascontiguousarray(volume[2:5, ::1, ::3])  # 3 thin slices, 96 x 32 pixels
+    mask, scores = propagate_object(flat, 1, points=[[48, 16]], model=tiny_model, strategy="point", **NO_STOP)
+    assert mask.shape == (3, 96, 32) and np.isfinite(scores).all()

@@ -1,0 +1,176 @@
+"""Training: data validation, the paper's prompt simulation on real labels, exact losses, decoder-only
+fine-tuning on real data, exact resume, clear errors for bad input."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from napari_sam.core.build import build_sam
+from napari_sam.core.config import get_config
+from napari_sam.core.training import DataError, TrainConfig, Trainer, TrainingError, from_arrays
+from napari_sam.core.training.data import load_folder, pairs_from_folder
+from napari_sam.core.training.losses import dice_loss, focal_loss, mask_iou, sam_loss
+from napari_sam.core.training.simulate import corrective_clicks, mask_boxes, noisy_boxes, sample_points
+from tests.conftest import data_dir, read_image
+
+# nsam_t's architecture at 128 px (8x8 grid): cheap enough for a full from-scratch step in a test.
+SMALL = dataclasses.replace(get_config("nsam_t"), name="nsam_t_test128", img_size=128)
+
+
+def _nuclei_masks(labels: np.ndarray, n: int = 8) -> torch.Tensor:
+    ids = np.unique(labels)[1: n + 1]
+    return torch.from_numpy(labels[None] == ids[:, None, None])
+
+
+# ------------------------------------------------------------------ prompt simulation on real labels
+def test_points_are_inside_their_objects(nuclei_sample):
+    _, labels = nuclei_sample
+    gt = _nuclei_masks(labels, 12)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(5):
+        xy = sample_points(gt, gen)[:, 0].long()
+        assert gt[torch.arange(len(gt)), xy[:, 1], xy[:, 0]].all()
+
+
+def test_noisy_boxes_stay_within_the_noise_bound(nuclei_sample):
+    _, labels = nuclei_sample
+    gt = _nuclei_masks(labels, 12)
+    tight = mask_boxes(gt)
+    rr, cc = np.nonzero(gt[0].numpy())
+    assert tight[0].tolist() == [cc.min(), rr.min(), cc.max(), rr.max()]
+    gen = torch.Generator().manual_seed(1)
+    boxes = torch.stack([noisy_boxes(gt, gen) for _ in range(20)])
+    side = torch.stack([tight[:, 2] - tight[:, 0] + 1, tight[:, 3] - tight[:, 1] + 1] * 2, -1)
+    dev = (boxes - tight).abs()
+    assert (dev <= torch.clamp(side, max=1e9) * 10).all() and (dev <= 20.0 + 1e-4).all()
+    assert (dev > 0).any()  # there is noise
+    assert (boxes[..., 2] >= boxes[..., 0]).all() and (boxes[..., 3] >= boxes[..., 1]).all()
+
+
+def test_corrective_clicks_fall_in_error_regions_with_the_right_label(nuclei_sample):
+    _, labels = nuclei_sample
+    gt = _nuclei_masks(labels, 10)
+    # prediction: objects 0-4 under-segmented (only their upper half), 5-9 over-segmented (dilated box)
+    pred = gt.clone()
+    for k in range(5):
+        rows = torch.nonzero(gt[k].any(1)).flatten()
+        pred[k, rows[len(rows) // 2]:] = False
+    for k in range(5, 10):
+        x0, y0, x1, y1 = mask_boxes(gt[k: k + 1])[0].long().tolist()
+        pred[k, max(y0 - 3, 0): y1 + 4, max(x0 - 3, 0): x1 + 4] = True
+    gen = torch.Generator().manual_seed(2)
+    for _ in range(5):
+        pts, lab = corrective_clicks(pred, gt, gen)
+        x, y = pts[:, 0, 0].long(), pts[:, 0, 1].long()
+        b = torch.arange(10)
+        assert (pred ^ gt)[b, y, x].all()
+        assert lab[:5, 0].tolist() == [1] * 5 and lab[5:, 0].tolist() == [0] * 5
+        assert torch.equal(lab[:, 0], gt[b, y, x].long())
+    # a perfect mask gets a positive click inside the object
+    pts, lab = corrective_clicks(gt, gt, gen)
+    assert lab.eq(1).all() and gt[torch.arange(10), pts[:, 0, 1].long(), pts[:, 0, 0].long()].all()
+
+
+# ------------------------------------------------------------------ losses on exact references
+def test_losses_match_hand_computed_values():
+    logits = torch.tensor([0.0, float(np.log(3.0))]).view(1, 1, 1, 2)  # p = 0.5, 0.75
+    target = torch.tensor([1.0, 0.0]).view(1, 1, 1, 2)
+    # dice: 1 - (2 * 0.5 + 1) / (1.25 + 1 + 1)
+    assert dice_loss(logits, target).item() == pytest.approx(1 - 2 / 3.25, abs=1e-6)
+    # focal (alpha 0.25, gamma 2): mean(0.25 * 0.5^2 * ln 2, 0.75 * 0.75^2 * ln 4)
+    ref = (0.25 * 0.25 * np.log(2) + 0.75 * 0.5625 * np.log(4)) / 2
+    assert focal_loss(logits, target).item() == pytest.approx(ref, abs=1e-6)
+    assert mask_iou(logits, target).item() == 0.0  # pred {1}, target {0}
+    m, i = sam_loss(logits, target, torch.tensor([[0.5]]))
+    assert m.item() == pytest.approx(20 * ref + 1 - 2 / 3.25, abs=1e-5)
+    assert i.item() == pytest.approx(0.25, abs=1e-6)
+
+
+# ------------------------------------------------------------------ data and bad input
+def test_folder_pairs_and_bad_input(tmp_path, nuclei_sample):
+    import tifffile
+    from imageio.v3 import imwrite
+
+    image, labels = nuclei_sample
+    imwrite(tmp_path / "a_image.png", image)
+    tifffile.imwrite(tmp_path / "a_label.tif", labels)
+    samples = load_folder(tmp_path, None, 256)
+    assert len(samples) == 1 and max(samples[0].image.shape[:2]) == 256
+    assert samples[0].labels.shape == samples[0].image.shape[:2] and samples[0].ids.size > 10
+    imwrite(tmp_path / "b_image.png", image)  # no label file
+    with pytest.raises(DataError, match="no label file.*b_image.png"):
+        pairs_from_folder(tmp_path)
+    with pytest.raises(DataError, match="does not match the image"):
+        from_arrays([image], [labels[:-3]], 256)
+    with pytest.raises(DataError, match="empty"):
+        from_arrays([image], [np.zeros_like(labels)], 256)
+    with pytest.raises(DataError, match="integers"):
+        from_arrays([image], [labels.astype(np.float32)], 256)
+    # a napari-style stack: empty slices are skipped
+    gray = image if image.ndim == 2 else image[..., 0]
+    stack = from_arrays(np.stack([gray] * 3), np.stack([labels, np.zeros_like(labels), labels]), 128)
+    assert len(stack) == 2
+
+
+def _real_samples(img_size: int, n: int = 2):
+    d = data_dir("dsb2018_stage1_nuclei_2d")
+    files = sorted(d.glob("*_fluo_*_image.png"))[:n]
+    return from_arrays([read_image(f) for f in files],
+                       [read_image(f.with_name(f.name.replace("_image.png", "_label.tif"))) for f in files], img_size)
+
+
+def test_non_finite_loss_raises_a_clear_error():
+    model = build_sam(SMALL)
+    with torch.no_grad():
+        model.mask_decoder.iou_token.weight.fill_(float("nan"))
+    tr = Trainer(model, _real_samples(128, 1), TrainConfig(steps=1, objects_per_image=2, click_prob=0))
+    with pytest.raises(TrainingError, match="non-finite loss"):
+        tr.train_step()
+
+
+# ------------------------------------------------------------------ fine-tuning and resume
+def test_decoder_only_finetuning_lowers_the_loss_on_real_data():
+    torch.manual_seed(0)
+    model = build_sam("nsam_t")
+    samples = _real_samples(512, 2)
+    cfg = TrainConfig(mode="decoder", steps=12, lr=3e-3, warmup_steps=1, objects_per_image=8, click_prob=0,
+                      focal_ramp_steps=0, point_prob=0.0, augment=False)
+    tr = Trainer(model, samples, cfg)
+    enc_before = [p.clone() for p in model.image_encoder.parameters()]
+    before = tr.eval_loss()
+    tr.fit()
+    after = tr.eval_loss()
+    assert after < 0.8 * before, (before, after)
+    assert all(torch.equal(a, b) for a, b in zip(enc_before, model.image_encoder.parameters()))  # frozen
+
+
+def test_interrupted_run_resumes_exactly(tmp_path):
+    samples = _real_samples(128, 2)
+    cfg = TrainConfig(mode="scratch", steps=4, objects_per_image=3, max_click_iters=2, click_prob=1.0,
+                      warmup_steps=2, log_every=1, ckpt_every_s=1e9, eval_every_s=0)
+    torch.manual_seed(0)
+    straight = Trainer(build_sam(SMALL), samples, cfg, out_dir=tmp_path / "a")
+    straight.fit()
+    # the same run, interrupted after 2 steps (cancel), then resumed in a fresh process-like trainer
+    torch.manual_seed(0)
+    calls = {"n": 0}
+
+    def stop() -> bool:
+        calls["n"] += 1
+        return calls["n"] > 2
+
+    first = Trainer(build_sam(SMALL), samples, cfg, out_dir=tmp_path / "b", should_stop=stop)
+    first.fit()
+    assert first.step == 2 and (tmp_path / "b" / "last.pt").is_file()
+    torch.manual_seed(123)  # a different global state must not matter
+    second = Trainer(build_sam(SMALL), samples, cfg, out_dir=tmp_path / "b")
+    assert second.resume() and second.step == 2
+    second.fit()
+    assert second.step == 4
+    for (n, a), b in zip(straight.model.state_dict().items(), second.model.state_dict().values()):
+        assert torch.equal(a, b), n
+    assert [h["loss"] for h in straight.history] == [h["loss"] for h in second.history]

@@ -1,0 +1,110 @@
+"""The 3D propagation dock widget on a real GoNuclear crop and its ground-truth nuclei, with a random-weight
+model (plumbing): one undo step, other objects' voxels kept, confidence shown, cancel writes nothing."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+napari = pytest.importorskip("napari")
+
+from conftest import data_dir, read_image  # noqa: E402
+
+pytestmark = pytest.mark.gui
+NO_STOP = dict(iou_threshold=0.0, overlap_threshold=0.0, min_area=1)
+SEED, OTHER = 28, 33  # ground-truth nuclei: 28 annotated on slice 4 only, 33 already on every slice
+
+
+@pytest.fixture
+def scene(make_napari_viewer, qtbot, tiny_model, tmp_path, monkeypatch):
+    monkeypatch.setenv("NAPARI_SAM_CACHE_DIR", str(tmp_path / "cache"))
+    from napari_sam._widgets._state import get_state
+
+    d = data_dir("gonuclear_3d_nuclei")
+    img = np.ascontiguousarray(read_image(d / "1135_crop_image.tif")[40:48, :96, :96])
+    gt = read_image(d / "1135_crop_label.tif")[40:48, :96, :96]
+    labels = np.where(gt == OTHER, OTHER, 0).astype(np.uint32)
+    labels[4][gt[4] == SEED] = SEED
+    viewer = make_napari_viewer(show=True)
+    get_state(viewer).set_model(tiny_model, "random nsam_t")
+    viewer.add_image(img, name="stack")
+    lay = viewer.add_labels(labels, name="SAM labels")
+    lay.selected_label = SEED
+    viewer.dims.set_current_step(0, 4)
+    dw, widget = viewer.window.add_plugin_dock_widget("napari-sam", "3D propagation")
+    qtbot.waitUntil(dw.isVisible, timeout=5000)
+    widget.set_layers("stack", "SAM labels")
+    return viewer, widget, lay, labels.copy()
+
+
+def test_current_object_one_undo_step_and_confidence(scene):
+    viewer, w, lay, before = scene
+    assert w.propagate(direction="both", scope="current", strategy="point", **NO_STOP)
+    assert w.wait(120)
+    after = np.asarray(lay.data)
+    assert (after == SEED).any(axis=(1, 2)).all()  # the nucleus now spans all 8 slices
+    assert np.array_equal(after[4], before[4])  # the annotated slice is kept as drawn
+    assert np.array_equal(after == OTHER, before == OTHER)  # another object's voxels are never taken
+    assert set(np.unique(after)) == {0, SEED, OTHER}
+    text = w.confidence_label.text()
+    assert text.startswith(f"label {SEED}: z 0–7") and "lowest" in text
+    scores = w.last_scores[SEED]
+    assert scores[4] == 1.0 and np.isfinite(scores).all()
+    assert lay.metadata["sam_confidence"][SEED] == scores.tolist()
+    lay.undo()  # ONE step restores everything
+    assert np.array_equal(np.asarray(lay.data), before)
+
+
+def test_all_objects_of_a_slice_and_direction(scene):
+    viewer, w, lay, before = scene
+    assert w.propagate(direction="up", scope="all", strategy="point", max_slices=2, **NO_STOP)
+    assert w.wait(120)
+    after = np.asarray(lay.data)
+    assert (after == SEED).any(axis=(1, 2)).tolist() == [False] * 4 + [True] * 3 + [False]
+    assert sorted(w.last_scores) == [SEED, OTHER]
+    assert np.array_equal(after[:4], before[:4]) and np.array_equal(after[7], before[7])
+
+
+def test_cancel_writes_nothing(scene):
+    viewer, w, lay, before = scene
+    assert w.propagate(scope="current", strategy="point", **NO_STOP)
+    w.cancel()
+    assert w.wait(120)
+    assert np.array_equal(np.asarray(lay.data), before)
+    assert "cancelled" in w.status_label.text()
+
+
+def test_clear_errors(scene, monkeypatch, tmp_path):
+    viewer, w, lay, before = scene
+    lay.selected_label = 77
+    assert not w.propagate(scope="current")
+    assert "label 77 is not on slice 4" in w.status_label.text()
+    lay.selected_label = SEED
+    assert not w.propagate(scope="current", treshold=1)
+    assert "unknown propagation parameter" in w.status_label.text()
+    viewer.add_labels(np.zeros((8, 50, 50), np.uint32), name="small")
+    w.set_layers("stack", "small")
+    assert not w.propagate()
+    assert "use a labels layer of the image's shape" in w.status_label.text()
+    # no model in the viewer and no built-in model file: a clear message, labels untouched
+    from napari_sam._widgets._state import get_state
+    from napari_sam.core import build
+
+    monkeypatch.setattr(build, "builtin_checkpoint_path", lambda: tmp_path / "missing.pt")
+    get_state(viewer).model = None
+    w.set_layers("stack", "SAM labels")
+    assert w.propagate(scope="current", strategy="point")
+    assert w.wait(60)
+    assert "built-in model file" in w.status_label.text() and "missing" in w.status_label.text()
+    assert np.array_equal(np.asarray(lay.data), before)
+
+
+def test_precompute_embeddings_fills_the_disk_cache(scene, tiny_model):
+    viewer, w, lay, before = scene
+    assert w.precompute()
+    assert w.wait(120)
+    from napari_sam.core.embedding_store import StackEmbeddings
+
+    emb = StackEmbeddings(np.asarray(viewer.layers["stack"].data), tiny_model)
+    assert not emb.in_memory and emb.missing() == []
+    assert "0 slice(s) left" in w.status_label.text() and str(emb.path) in w.status_label.text()
