@@ -5,8 +5,9 @@ Usage::
     .venv/bin/python benchmarks/bench_engine.py                 # vit_t and vit_b, 3 repeats
     .venv/bin/python benchmarks/bench_engine.py --models vit_t --repeats 5 --threads 2
 
-Each (implementation, model) pair runs in a fresh subprocess (so peak-RSS numbers do not mix); the weights
-are seeded identically on both sides, and the same real image (../shared/data) is fed to both. Times are
+Each model runs in a fresh subprocess holding both implementations with identically seeded weights; the same
+real image (../shared/data) is fed to both, and calls alternate (ours, reference, ours, ...) so that load from
+other processes affects both alike. Peak memory is the largest RSS increase during one call. Times are
 medians over ``--repeats`` runs; ratios are reference / ours (> 1 means we are faster). Prints a markdown table.
 The machine may be busy (other processes): ratios within one run are what to compare.
 """
@@ -90,13 +91,16 @@ def _models(name: str):
     else:
         from segment_anything import SamPredictor as RefPredictor
         from segment_anything import sam_model_registry
-    ref = sam_model_registry[name](checkpoint=None).eval()
+    ref = sam_model_registry[name](checkpoint=None)
     missing, unexpected = ref.load_state_dict(ours.state_dict(), strict=False)
+    ref.eval()  # after loading: MobileSAM caches its attention biases in eval()
     assert not unexpected and all(k.startswith("image_encoder.") and "head" in k for k in missing), missing
     return ours, ref, RefPredictor
 
 
-def worker(impl: str, name: str, image_path: str, repeats: int, threads: int) -> dict:
+def worker(name: str, image_path: str, repeats: int, threads: int) -> dict:
+    """Both implementations in one process, calls interleaved (ours, reference, ours, ...) so that load from
+    other processes hits both alike. Returns {"ours": {...}, "reference": {...}}."""
     import numpy as np
     import torch
 
@@ -115,37 +119,41 @@ def worker(impl: str, name: str, image_path: str, repeats: int, threads: int) ->
     box_rc = np.array([h * 0.2, w * 0.3, h * 0.6, w * 0.7])
     tl = rng.uniform(0, 1, (16, 2)) * [h * 0.8, w * 0.8]
     boxes_rc = np.concatenate([tl, tl + rng.uniform(10, 60, (16, 2))], 1)
-    if impl == "ours":
-        del ref
-        pred = SamPredictor(ours)
-        encode = lambda: pred.set_image(rgb)  # noqa: E731
-        one_point = lambda: pred.predict(points=point_rc, point_labels=[1], multimask=True)  # noqa: E731
-        one_box = lambda: pred.predict(box=box_rc, multimask=False)  # noqa: E731
-        many_boxes = lambda: pred.predict(box=boxes_rc, multimask=False)  # noqa: E731
-    else:
-        del ours
-        pred = RefPredictor(ref)
-        encode = lambda: pred.set_image(rgb)  # noqa: E731
-        one_point = lambda: pred.predict(point_coords=point_rc[:, ::-1].copy(), point_labels=np.array([1]),  # noqa: E731
-                                         multimask_output=True)
-        one_box = lambda: pred.predict(box=box_rc[[1, 0, 3, 2]], multimask_output=False)  # noqa: E731
 
-        def many_boxes():
-            b = torch.as_tensor(boxes_rc[:, [1, 0, 3, 2]], dtype=torch.float32)
-            b = pred.transform.apply_boxes_torch(b, pred.original_size)
-            masks, _, _ = pred.predict_torch(None, None, boxes=b, multimask_output=False)
-            return masks.cpu().numpy()
-    out: dict = {}
-    with PeakRSS() as mem:
-        encode()
-    out["encoder_peak_mb"] = mem.delta_mb
-    out["encoder_s"] = _median_time(encode, repeats)
-    for key, fn in (("point_s", one_point), ("box_s", one_box), ("boxes16_s", many_boxes)):
-        fn()  # warm-up (operator caches)
-        with PeakRSS() as mem:
-            fn()
-        out[key.replace("_s", "_peak_mb")] = mem.delta_mb
-        out[key] = _median_time(fn, max(repeats, 5) * 2)
+    p, r = SamPredictor(ours), RefPredictor(ref)
+
+    def ref_many_boxes():
+        b = torch.as_tensor(boxes_rc[:, [1, 0, 3, 2]], dtype=torch.float32)
+        b = r.transform.apply_boxes_torch(b, r.original_size)
+        masks, _, _ = r.predict_torch(None, None, boxes=b, multimask_output=False)
+        return masks.cpu().numpy()
+
+    fns = {
+        "encoder": (lambda: p.set_image(rgb), lambda: r.set_image(rgb)),
+        "point": (lambda: p.predict(points=point_rc, point_labels=[1], multimask=True),
+                  lambda: r.predict(point_coords=point_rc[:, ::-1].copy(), point_labels=np.array([1]),
+                                    multimask_output=True)),
+        "box": (lambda: p.predict(box=box_rc, multimask=False),
+                lambda: r.predict(box=box_rc[[1, 0, 3, 2]], multimask_output=False)),
+        "boxes16": (lambda: p.predict(box=boxes_rc, multimask=False), ref_many_boxes),
+    }
+    out: dict = {"ours": {}, "reference": {}}
+    for key, pair in fns.items():
+        n = repeats if key in ("encoder", "boxes16") else 3 * repeats
+        times: dict = {"ours": [], "reference": []}
+        peaks: dict = {"ours": [], "reference": []}
+        for i in range(n + 1):
+            for impl, fn in zip(("ours", "reference"), pair):
+                with PeakRSS() as mem:
+                    t0 = time.perf_counter()
+                    fn()
+                    dt = time.perf_counter() - t0
+                peaks[impl].append(mem.delta_mb)
+                if i or key == "encoder":  # prompt calls: the first is a warm-up
+                    times[impl].append(dt)
+        for impl in out:
+            out[impl][key + "_s"] = statistics.median(times[impl])
+            out[impl][key + "_peak_mb"] = max(peaks[impl])
     return out
 
 
@@ -155,31 +163,31 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--image", default=str(DEFAULT_IMAGE))
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--worker", nargs=2, metavar=("IMPL", "MODEL"), help=argparse.SUPPRESS)
+    p.add_argument("--worker", metavar="MODEL", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.worker:
-        print(json.dumps(worker(a.worker[0], a.worker[1], a.image, a.repeats, a.threads)))
+        print(json.dumps(worker(a.worker, a.image, a.repeats, a.threads)))
         return 0
     if not Path(a.image).is_file():
         print(f"image {a.image} not found (needs ../shared/data next to the repo, or --image PATH)")
         return 1
     rows = []
+    # fixed mmap threshold: freed large blocks go back to the OS, so RSS deltas measure each call alone
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072")
     for name in a.models:
-        res = {}
-        for impl in ("ours", "reference"):
-            cmd = [sys.executable, __file__, "--worker", impl, name, "--image", a.image,
-                   "--repeats", str(a.repeats), "--threads", str(a.threads)]
-            r = subprocess.run(cmd, capture_output=True, text=True, check=False)
-            if r.returncode:
-                print(r.stderr)
-                return r.returncode
-            res[impl] = json.loads(r.stdout.strip().splitlines()[-1])
-            print(f"{name} {impl}: {res[impl]}", file=sys.stderr)
+        cmd = [sys.executable, __file__, "--worker", name, "--image", a.image,
+               "--repeats", str(a.repeats), "--threads", str(a.threads)]
+        r = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
+        if r.returncode:
+            print(r.stderr)
+            return r.returncode
+        res = json.loads(r.stdout.strip().splitlines()[-1])
+        print(f"{name}: {res}", file=sys.stderr)
         rows.append((name, res["ours"], res["reference"]))
     import torch
 
     print(f"\nImage {Path(a.image).name}; torch {torch.__version__}, {a.threads} threads, "
-          f"median of {a.repeats} (encoder) / {max(a.repeats, 5) * 2} (prompts) runs.\n")
+          f"median of {a.repeats} (encoder, 16 boxes) / {3 * a.repeats} (1 point, 1 box) interleaved runs.\n")
     print("| model | measure | reference | ours | speed-up / memory ratio |")
     print("|---|---|---|---|---|")
     for name, o, r in rows:
@@ -188,7 +196,8 @@ def main(argv: list[str] | None = None) -> int:
             unit, f = ("s", 1.0) if key == "encoder_s" else ("ms", 1000.0)
             print(f"| {name} | {label} | {r[key] * f:.3g} {unit} | {o[key] * f:.3g} {unit} | "
                   f"{r[key] / o[key]:.2f}x |")
-        for key, label in (("encoder_peak_mb", "peak RSS, encoder"), ("boxes16_peak_mb", "peak RSS, 16 boxes")):
+        for key, label in (("encoder_peak_mb", "peak RSS increase, encoder"),
+                           ("boxes16_peak_mb", "peak RSS increase, 16 boxes")):
             print(f"| {name} | {label} | {r[key]:.0f} MB | {o[key]:.0f} MB | "
                   f"{r[key] / max(o[key], 1e-3):.2f}x less |")
     return 0

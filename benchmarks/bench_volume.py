@@ -44,6 +44,8 @@ def main(argv=None) -> int:
     ap.add_argument("--ref-slices", type=int, default=20, help="slices for the plain-predictor reference")
     ap.add_argument("--objects", type=int, default=8, help="nuclei to propagate")
     ap.add_argument("--strategy", default=None, help="propagation strategy (default: the library default)")
+    ap.add_argument("--no-stop", action="store_true",
+                    help="disable the stop rules (timing with random-weight models, whose masks stop at once)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     import tifffile
@@ -56,6 +58,7 @@ def main(argv=None) -> int:
 
     model = load_model(args.model, device="cpu")
     strategy = args.strategy or PropagationParams.strategy
+    extra = dict(iou_threshold=0.0, overlap_threshold=0.0, min_area=1, max_slices=10) if args.no_stop else {}
     raw = tifffile.imread(DATA / "1135_crop_image.tif")[: args.slices]
     gt = tifffile.imread(DATA / "1135_crop_label.tif")[: args.slices]
     stack = upsampled(raw, args.size, 1)
@@ -88,14 +91,14 @@ def main(argv=None) -> int:
         seeds = []
         for _lab, z, center in prompts:
             for zz, m, _s in iter_propagate_object(stack, z, points=center[None], embeddings=emb,
-                                                   strategy=strategy):
+                                                   strategy=strategy, **extra):
                 if zz == z:
                     seeds.append({z: m})
                 else:
                     n_single += 1
         t_single = time.perf_counter() - t0
         t0 = time.perf_counter()
-        n_batch = sum(1 for _ in iter_propagate_masks(stack, seeds, embeddings=emb, strategy=strategy))
+        n_batch = sum(1 for _ in iter_propagate_masks(stack, seeds, embeddings=emb, strategy=strategy, **extra))
         t_batch = time.perf_counter() - t0
         ms_single = 1000 * t_single / max(n_single, 1)
         ms_batch = 1000 * t_batch / max(n_batch, 1)

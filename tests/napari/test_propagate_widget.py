@@ -108,3 +108,48 @@ def test_precompute_embeddings_fills_the_disk_cache(scene, tiny_model):
     emb = StackEmbeddings(np.asarray(viewer.layers["stack"].data), tiny_model)
     assert not emb.in_memory and emb.missing() == []
     assert "0 slice(s) left" in w.status_label.text() and str(emb.path) in w.status_label.text()
+
+
+def test_correction_repropagates_only_the_affected_range(scene):
+    viewer, w, lay, before = scene
+    assert w.propagate(direction="both", scope="current", strategy="point", **NO_STOP)
+    assert w.wait(120)
+    first = np.asarray(lay.data).copy()
+    # the user corrects slice 4 of the 3D object (erases its top rows) and propagates again
+    fixed = first.copy()
+    fixed[4, :10][fixed[4, :10] == SEED] = 0
+    lay.data = fixed
+    assert w.propagate(direction="both", scope="current", strategy="point", converge_iou=0.5, **NO_STOP)
+    assert w.wait(120)
+    msg = w.status_label.text()
+    assert "re-propagated label 28 from slice 4: only slices 3–5 were affected" in msg
+    after = np.asarray(lay.data)
+    assert np.array_equal(after[[0, 1, 2, 6, 7]], first[[0, 1, 2, 6, 7]])
+    assert np.array_equal(after[4], fixed[4]) and np.array_equal(after == OTHER, before == OTHER)
+    assert np.isfinite(w.last_scores[SEED]).all()  # earlier scores kept outside the redone range
+
+
+def test_time_lapse_tzyx_uses_the_displayed_volume(make_napari_viewer, qtbot, tiny_model, tmp_path, monkeypatch):
+    monkeypatch.setenv("NAPARI_SAM_CACHE_DIR", str(tmp_path / "cache"))
+    from napari_sam._widgets._state import get_state
+
+    d = data_dir("gonuclear_3d_nuclei")
+    img = read_image(d / "1135_crop_image.tif")[40:46, :64, :64]
+    gt = read_image(d / "1135_crop_label.tif")[40:46, :64, :64]
+    tzyx = np.ascontiguousarray(np.stack([img[::-1], img]))  # (2, 6, 64, 64)
+    labels = np.zeros(tzyx.shape, np.uint32)
+    labels[1, 3][gt[3] == SEED] = SEED
+    viewer = make_napari_viewer(show=True)
+    get_state(viewer).set_model(tiny_model, "random nsam_t")
+    viewer.add_image(tzyx, name="movie")
+    lay = viewer.add_labels(labels, name="SAM labels")
+    lay.selected_label = SEED
+    viewer.dims.set_current_step(0, 1)
+    viewer.dims.set_current_step(1, 3)
+    dw, w = viewer.window.add_plugin_dock_widget("napari-sam", "3D propagation")
+    w.set_layers("movie", "SAM labels")
+    assert w.propagate(direction="both", scope="current", strategy="point", max_slices=1, **NO_STOP)
+    assert w.wait(120)
+    after = np.asarray(lay.data)
+    assert np.array_equal(after[0], labels[0])  # the other time point is untouched
+    assert (after[1] == SEED).any(axis=(1, 2)).tolist() == [False, False, True, True, True, False]

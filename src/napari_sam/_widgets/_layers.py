@@ -70,12 +70,24 @@ def make_prompt_layers(viewer: napari.Viewer, image):
         pts = viewer.add_points(
             np.zeros((0, image.ndim)), name=POINTS_NAME, ndim=image.ndim, size=10, border_width=0.15,
             border_color="white", features={"positive": np.zeros(0, dtype=bool)}, **kw)
-        pts.feature_defaults = {"positive": True}
+        set_polarity(pts, True)
     boxes = viewer.layers[BOXES_NAME] if BOXES_NAME in viewer.layers else None
     if boxes is None:
         boxes = viewer.add_shapes(ndim=image.ndim, name=BOXES_NAME, edge_color="yellow", face_color="transparent",
                                   edge_width=2, **kw)
     return pts, boxes
+
+
+def set_polarity(points, positive: bool) -> None:
+    """New points get ``positive`` (feature, colour and symbol set up front: no restyling per click)."""
+    points.selected_data = set()  # napari applies current_* to selected points: change none of them
+    points.feature_defaults = {"positive": bool(positive)}
+    points.current_face_color = POSITIVE_COLOR if positive else NEGATIVE_COLOR
+    points.current_symbol = "disc" if positive else "cross"
+
+
+def is_positive_mode(points) -> bool:
+    return bool(points.feature_defaults["positive"].iloc[0])
 
 
 def style_points(points) -> None:

@@ -11,6 +11,7 @@ reads prompts and shows results. Coordinates are (row, col) in the image layer's
 
 from __future__ import annotations
 
+import functools
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -31,6 +32,23 @@ if TYPE_CHECKING:
 DEBOUNCE_MS = 40
 
 
+def _main_thread(fn):
+    """Record the wall and CPU time each main-thread entry point takes (``widget.main_thread_stats``):
+    the responsiveness test asserts that none of our code blocks the event loop for long."""
+
+    @functools.wraps(fn)
+    def wrapper(self, *args, **kwargs):
+        t0, c0 = time.perf_counter(), time.thread_time()
+        try:
+            return fn(self, *args, **kwargs)
+        finally:
+            wall, cpu = time.perf_counter() - t0, time.thread_time() - c0
+            old = self.main_thread_stats.get(fn.__name__, (0.0, 0.0))
+            self.main_thread_stats[fn.__name__] = (max(old[0], wall), max(old[1], cpu))
+
+    return wrapper
+
+
 def _notify(msg: str, level: str = "info") -> None:
     from napari.utils import notifications
 
@@ -45,6 +63,7 @@ class AnnotatorWidget(QWidget):
         super().__init__()
         # napari hands plugins a public-only proxy; keep the viewer itself so layer identity checks hold
         self.viewer = getattr(napari_viewer, "__wrapped__", napari_viewer)
+        self.main_thread_stats: dict[str, tuple[float, float]] = {}  # name -> (max wall s, max CPU s)
         self.state = get_state(napari_viewer)
         self.ui = AnnotatorUI(self)
         self.result: ann.Result | None = None  # the latest prediction shown in the preview
@@ -110,18 +129,21 @@ class AnnotatorWidget(QWidget):
             on_error=lambda e: self._model_failed(e, name), on_finish=self._model_done)
         return self._model_worker
 
+    @_main_thread
     def add_point(self, rc, positive: bool | None = None) -> None:
         """Add a prompt point at (row, col) of the current plane (image data coordinates); ``positive``
         None follows the current mode (see :meth:`toggle_polarity`)."""
         pts = self._ensure_layers()[0]
         pos = np.concatenate([np.asarray(L.plane_index(self.viewer, self.image_layer), float), rc])
         world = self.image_layer.data_to_world(pos)
-        old = dict(pts.feature_defaults.iloc[0])
-        if positive is not None:
-            pts.feature_defaults = {"positive": bool(positive)}
+        mode = L.is_positive_mode(pts)
+        if positive is not None and positive != mode:
+            L.set_polarity(pts, positive)
         pts.add(pts.world_to_data(world)[None])
-        pts.feature_defaults = old
+        if positive is not None and positive != mode:
+            L.set_polarity(pts, mode)
 
+    @_main_thread
     def add_box(self, box) -> None:
         """Add a box prompt (min_row, min_col, max_row, max_col) on the current plane."""
         boxes = self._ensure_layers()[1]
@@ -130,14 +152,16 @@ class AnnotatorWidget(QWidget):
         corners = np.array([lead + [r0, c0], lead + [r0, c1], lead + [r1, c1], lead + [r1, c0]], float)
         boxes.add_rectangles(np.array([boxes.world_to_data(self.image_layer.data_to_world(c)) for c in corners]))
 
+    @_main_thread
     def toggle_polarity(self) -> bool:
         """Switch new points between positive and negative; returns True if new points are positive."""
         pts = self._ensure_layers()[0]
-        new = not bool(pts.feature_defaults["positive"].iloc[0])
-        pts.feature_defaults = {"positive": new}
+        new = not L.is_positive_mode(pts)
+        L.set_polarity(pts, new)
         self._show_polarity()
         return new
 
+    @_main_thread
     def cycle_candidate(self) -> int:
         """Show the next of the candidate masks of an ambiguous prompt; returns its index."""
         r = self.result
@@ -148,6 +172,7 @@ class AnnotatorWidget(QWidget):
         self._show_result(r)
         return r.choice
 
+    @_main_thread
     def commit(self) -> list[int]:
         """Write the preview object(s) into the target Labels layer with new ids, as one undo step.
         Existing objects are kept unless 'overwrite' is checked. Returns the new ids."""
@@ -178,6 +203,7 @@ class AnnotatorWidget(QWidget):
         self.clear_prompts()
         return plan.ids
 
+    @_main_thread
     def clear_prompts(self) -> None:
         """Remove the prompts on the current plane and the preview."""
         if self.image_layer is not None:
@@ -289,9 +315,14 @@ class AnnotatorWidget(QWidget):
             self.points_layer.events.features.connect(self._on_points_changed)
             self.boxes_layer.events.data.connect(self._changed)
             self.points_layer.mode = "add"
-            self.viewer.layers.selection.active = self.points_layer
+        # create the preview (and a new target) now: adding layers costs napari a moment, not mid-click
+        self._preview(L.image_shape(self.image_layer)[-2:])
+        if self.ui.labels_combo.currentText() == NEW_LAYER:
+            self._target_labels()
+        self.viewer.layers.selection.active = self.points_layer
         return self.points_layer, self.boxes_layer
 
+    @_main_thread
     def _on_layer_removed(self, event) -> None:
         layer = event.value
         if layer is self.image_layer:
@@ -305,11 +336,13 @@ class AnnotatorWidget(QWidget):
         self._refresh_combos()
         self._changed()
 
+    @_main_thread
     def _on_points_changed(self, *_) -> None:
         if self.points_layer is not None:
             L.style_points(self.points_layer)
         self._changed()
 
+    @_main_thread
     def _changed(self, *_) -> None:
         """Prompts, plane, image or model changed: results in flight are stale; re-predict (debounced)."""
         self._version += 1
@@ -326,10 +359,11 @@ class AnnotatorWidget(QWidget):
                                     f"model: {self.state.model_name or 'custom'} on {m.device}")
 
     def _show_polarity(self) -> None:
-        pos = True if self.points_layer is None else bool(self.points_layer.feature_defaults["positive"].iloc[0])
+        pos = True if self.points_layer is None else L.is_positive_mode(self.points_layer)
         self.ui.polarity_label.setText("new points: POSITIVE (green)" if pos else "new points: NEGATIVE (magenta ×)")
 
     # ------------------------------------------------------------------ the update chain
+    @_main_thread
     def _update(self) -> None:
         """Model -> embedding of the current plane -> prediction, each step in a worker when needed."""
         image = self.image_layer
@@ -409,18 +443,21 @@ class AnnotatorWidget(QWidget):
 
         self._embed_worker = run_in_thread(job, on_return=done, on_error=failed, on_finish=self._embed_done)
 
+    @_main_thread
     def _embed_done(self) -> None:
         self._stop_progress()
         self._embed_worker = None
         if self._embed_ok or self._embed_restart:
             self._timer.start()  # predict with every prompt added meanwhile, or embed the new plane / model
 
+    @_main_thread
     def _predicted(self, out, version: int) -> None:
         res, preview = out
         if version != self._version:
             return  # stale: prompts changed while it ran
         self._set_result(res, preview)
 
+    @_main_thread
     def _predict_done(self) -> None:
         self._predict_worker = None
         if self._pending:
@@ -474,6 +511,7 @@ class AnnotatorWidget(QWidget):
             self.viewer.layers.selection.active = self.points_layer
         return lay
 
+    @_main_thread
     def _model_loaded(self, model, name: str) -> None:
         self.state.set_model(model, name)
         self._message(f"model {name!r} loaded on {model.device}")
@@ -495,6 +533,7 @@ class AnnotatorWidget(QWidget):
         self.ui.progress.setFormat("idle")
         self.ui.cancel_button.setEnabled(False)
 
+    @_main_thread
     def _on_progress(self, done: int, total: int) -> None:
         self.ui.progress.setValue(int(100 * done / max(total, 1)))
 

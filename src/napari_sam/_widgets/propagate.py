@@ -7,8 +7,10 @@ Scriptable::
 
 The image is (Z, Y, X) (or (T, Z, Y, X): the displayed volume at the current T). The labels layer has the
 image's shape. Objects are those of the labels layer on the current slice: the selected label ("current")
-or every label there ("all"). Work runs in a thread worker (progress, cancel); the result is written into
-the labels layer as ONE undoable step, and never over other objects' voxels unless "overwrite" is checked.
+or every label there ("all"). A current object that already spans other slices (a correction of a 3D object)
+is re-propagated: only the range the correction affects is redone. Work runs in a thread worker (progress,
+cancel); the result is written into the labels layer as ONE undoable step, and never over other objects'
+voxels unless "overwrite" is checked.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from qtpy.QtWidgets import (
 )
 
 from ..core.embedding_store import EmbeddingCacheWarning, StackEmbeddings, select_volume
-from ..core.propagation import STRATEGIES, PropagationParams, iter_propagate_masks, make_params
+from ..core.propagation import STRATEGIES, PropagationParams, iter_propagate_masks, make_params, repropagate
 from ..core.propagation_labels import confidence_text, plan_write, seeds_from_labels
 from ._state import get_state
 from ._workers import CancelToken, ProgressRelay, run_in_thread
@@ -55,6 +57,16 @@ def run_propagation(volume, labels3d, z, ids, model, params, cancel, report) -> 
     scores = np.full((len(ids), n), np.nan, np.float32)
     scores[:, z] = 1.0
     report(0, total)
+    obj = labels3d == ids[0]
+    elsewhere = obj.any(axis=(1, 2))
+    elsewhere[z] = False
+    if len(ids) == 1 and elsewhere.any():  # a correction of a 3D object: redo only the affected range
+        new, sc, (lo, hi) = repropagate(volume, obj, z, obj[z], embeddings=emb, cancel=cancel, **params)
+        results[0] = {zz: new[zz] for zz in range(lo, hi + 1) if zz != z}
+        scores[0] = sc
+        report(total, total)
+        return {"model": model, "ids": ids, "results": results, "scores": scores, "notes": notes,
+                "cancelled": cancel(), "range": (lo, hi)}
     done = 0
     for i, zz, m, s in iter_propagate_masks(volume, seeds, embeddings=emb, cancel=cancel, **params):
         results[i][zz] = m
@@ -62,7 +74,7 @@ def run_propagation(volume, labels3d, z, ids, model, params, cancel, report) -> 
         done += 1
         report(done, total)
     return {"model": model, "ids": ids, "results": results, "scores": scores, "notes": notes,
-            "cancelled": cancel()}
+            "cancelled": cancel(), "range": None}
 
 
 def run_embedding(volume, model, cancel, report) -> dict[str, Any]:
@@ -290,11 +302,24 @@ class PropagateWidget(QWidget):
             lead_idx = tuple(np.full(zz.shape, i) for i in lead)
             with labels.block_history():  # one undo step for the whole 3D result
                 labels.data_setitem((*lead_idx, zz, rr, cc), values)
-        self.last_scores = {lab: out["scores"][i] for i, lab in enumerate(out["ids"])}
-        labels.metadata.setdefault("sam_confidence", {}).update(
-            {lab: s.tolist() for lab, s in self.last_scores.items()})
+        known = labels.metadata.setdefault("sam_confidence", {})
+        self.last_scores = {}
+        for i, lab in enumerate(out["ids"]):
+            s = out["scores"][i]
+            prev = np.asarray(known.get(lab, []), dtype=np.float32)
+            if out["range"] is not None and prev.shape == s.shape:  # a re-propagation updates its range only
+                lo, hi = out["range"]
+                s = prev.copy()
+                s[lo: hi + 1] = out["scores"][i][lo: hi + 1]
+            self.last_scores[lab] = s
+            known[lab] = s.tolist()
         self.confidence_label.setText("\n".join(confidence_text(k, v) for k, v in self.last_scores.items()))
         n = sum(len(r) for r in out["results"].values())
+        if out["range"] is not None:
+            lo, hi = out["range"]
+            self._message(f"re-propagated label {out['ids'][0]} from slice {z}: only slices {lo}–{hi} were "
+                          f"affected; {values.size} voxels changed (Ctrl+Z undoes it)")
+            return
         self._message(f"propagated {len(out['ids'])} object(s) from slice {z} over {n} slice(s); "
                       f"{values.size} voxels changed (Ctrl+Z undoes it)")
 

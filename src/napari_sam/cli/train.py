@@ -32,6 +32,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--click-iters", type=int, default=3, help="max corrective-click iterations per step")
     p.add_argument("--focal-ramp", type=int, default=400)
     p.add_argument("--eval-every-min", type=float, default=10.0)
+    p.add_argument("--log-every", type=int, default=20)
     p.add_argument("--ckpt-every-min", type=float, default=5.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
@@ -51,8 +52,9 @@ def run(args: argparse.Namespace) -> int:
     size = model.img_size
     t0 = time.time()
     if args.split_csv:
-        train = load_split_folder(args.images, args.split, size)
-        val = load_split_folder(args.images, args.val_split, size, limit=args.val_limit) if args.val_split else []
+        train = load_split_folder(args.images, args.split, size, csv_path=args.split_csv)
+        val = load_split_folder(args.images, args.val_split, size, limit=args.val_limit,
+                                csv_path=args.split_csv) if args.val_split else []
     else:
         train = load_folder(args.images, args.labels, size)
         val = load_folder(args.val_images, args.val_labels, size)[: args.val_limit] if args.val_images else []
@@ -60,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = TrainConfig(mode=args.mode, steps=args.steps, max_minutes=args.max_minutes, lr=args.lr,
                       warmup_steps=args.warmup, images_per_step=args.images_per_step, objects_per_image=args.objects,
                       max_click_iters=args.click_iters, focal_ramp_steps=args.focal_ramp, seed=args.seed,
-                      eval_every_s=60 * args.eval_every_min, ckpt_every_s=60 * args.ckpt_every_min)
+                      eval_every_s=60 * args.eval_every_min, log_every=args.log_every, ckpt_every_s=60 * args.ckpt_every_min)
     meta = {"command": "napari-sam " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
             "data": f"{args.images} split={args.split if args.split_csv else 'all'}", "train_config": vars(cfg)}
     trainer = Trainer(model, train, cfg, val=val, out_dir=args.out, meta=meta,

@@ -45,7 +45,8 @@ class PropagationParams:
     direction: "both", "forward"/"up" (+z), "backward"/"down" (-z). max_slices: at most this many slices per
     direction (None: no limit). box_extension: the box from the previous mask grows by this fraction of its
     size on each side. select: among the 3 candidates of a point-only prompt keep the one with the highest
-    predicted IoU ("iou") or the highest IoU with the previous slice's mask ("overlap")."""
+    predicted IoU ("iou") or the highest IoU with the previous slice's mask ("overlap"). converge_iou
+    (:func:`repropagate` only): a direction ends where the new mask has this IoU with the old one."""
 
     strategy: str = "box_logits"
     iou_threshold: float = 0.5
@@ -55,6 +56,7 @@ class PropagationParams:
     max_slices: int | None = None
     box_extension: float = 0.0
     select: str = "iou"
+    converge_iou: float = 0.9
 
     def spec(self) -> dict:
         """The prompt recipe of the strategy: {"box": bool, "logits": bool, "point": bool}."""
@@ -351,10 +353,11 @@ def propagate_object(volume: np.ndarray, z: int, points=None, point_labels=None,
 
 
 def repropagate(volume: np.ndarray, mask: np.ndarray, z: int, corrected: np.ndarray, model=None,
-                embeddings: StackEmbeddings | None = None, fixed: Sequence[int] = (), converge_iou: float = 0.9,
+                embeddings: StackEmbeddings | None = None, fixed: Sequence[int] = (),
                 cancel: Callable[[], bool] | None = None, **params) -> tuple[np.ndarray, np.ndarray, tuple[int, int]]:
     """Redo only the range a correction affects: ``corrected`` (Y, X) replaces slice z of the 3D ``mask``, then
-    each direction propagates until its new mask agrees with the old one (IoU >= converge_iou; the rest is kept),
+    each direction propagates until its new mask agrees with the old one (IoU >= params converge_iou, default
+    0.9; the rest is kept),
     it stops (old slices up to the next fixed slice are cleared), or it reaches a ``fixed`` (prompted) slice.
 
     Returns (new mask (Z, Y, X) bool (the input is not modified), scores (Z,) float32 (NaN where not
@@ -383,13 +386,13 @@ def repropagate(volume: np.ndarray, mask: np.ndarray, z: int, corrected: np.ndar
     first = last = z
     for _o, zz, m, s in iter_tracks(predictor, emb, tracks, p, spec, cancel):
         t = next(t for t in tracks if t.z == zz and not t.stopped)
-        converged = old[zz].any() and mask_iou(m, old[zz]) >= converge_iou
+        converged = old[zz].any() and mask_iou(m, old[zz]) >= p.converge_iou
         new[zz], scores[zz] = m, s
         first, last = min(first, zz), max(last, zz)
         if converged:
             t.stopped = True
     for t in tracks:  # a direction that stopped without converging: its stale old slices go
-        if t.stopped and not (old[t.z].any() and mask_iou(new[t.z], old[t.z]) >= converge_iou):
+        if t.stopped and not (old[t.z].any() and mask_iou(new[t.z], old[t.z]) >= p.converge_iou):
             rng = range(t.z + t.step, t.end + t.step, t.step)
             for zz in rng:
                 if not old[zz].any():

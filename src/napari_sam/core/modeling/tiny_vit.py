@@ -27,6 +27,27 @@ class Conv2d_BN(nn.Sequential):
         nn.init.constant_(bn.weight, bn_weight_init)
         nn.init.constant_(bn.bias, 0)
         self.add_module("bn", bn)
+        self._fused: tuple | None = None
+
+    def fused_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Conv weight and bias with the (eval-mode) BatchNorm folded in."""
+        c, bn = self.c, self.bn
+        scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+        return c.weight * scale[:, None, None, None], bn.bias - bn.running_mean * scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            return self.bn(self.c(x))
+        c, bn = self.c, self.bn
+        if torch.is_grad_enabled():
+            w, b = self.fused_weights()
+        else:  # inference: fold once, refold if any of the tensors changed (version counters)
+            deps = (c.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var)
+            key = tuple((t.data_ptr(), t._version) for t in deps)
+            if self._fused is None or self._fused[0] != key:
+                self._fused = (key, *self.fused_weights())
+            w, b = self._fused[1], self._fused[2]
+        return F.conv2d(x, w, b, c.stride, c.padding, c.dilation, c.groups)
 
 
 class PatchEmbed(nn.Module):

@@ -132,15 +132,15 @@ def read_split(csv_path: str | Path, split: str | None = None) -> list[dict[str,
     return rows
 
 
-def load_split_folder(root: str | Path, split: str | None, img_size: int,
-                      limit: int | None = None) -> list[Sample]:
+def load_split_folder(root: str | Path, split: str | None, img_size: int, limit: int | None = None,
+                      csv_path: str | Path | None = None) -> list[Sample]:
     """dsb2018_full layout: ``root/images/<id>.png``, ``root/labels/<id>.tif``, ``root/split.csv``.
 
     ``group`` is the CSV's ``modality``. ``limit`` keeps n rows taken round-robin over the modalities (each
     sorted by id), so a small validation subset still covers every modality; deterministic.
     """
     root = Path(root)
-    rows = sorted(read_split(root / "split.csv", split), key=lambda r: r["id"])
+    rows = sorted(read_split(csv_path or root / "split.csv", split), key=lambda r: r["id"])
     if limit is not None and limit < len(rows):
         by: dict[str, list] = {}
         for r in rows:

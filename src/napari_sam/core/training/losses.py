@@ -10,14 +10,21 @@ import torch
 import torch.nn.functional as F
 
 
-def focal_loss(logits: torch.Tensor, target: torch.Tensor, alpha: float = 0.25, gamma: float = 2.0) -> torch.Tensor:
-    """Sigmoid focal loss (Lin et al.), mean over pixels -> (B, K). ``target`` is float 0/1."""
+def focal_loss(logits: torch.Tensor, target: torch.Tensor, alpha: float = 0.25, gamma: float = 2.0,
+               weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Sigmoid focal loss (Lin et al.), mean over pixels -> (B, K). ``target`` is float 0/1.
+
+    ``weight`` (B, 1, H, W): a weighted mean instead (e.g. 1 in a window around the object, 0 elsewhere).
+    """
     p = torch.sigmoid(logits)
     ce = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
     p_t = p * target + (1 - p) * (1 - target)
     loss = ce * (1 - p_t) ** gamma
     if alpha >= 0:
         loss = (alpha * target + (1 - alpha) * (1 - target)) * loss
+    if weight is not None:
+        w = weight.expand_as(loss).flatten(2)
+        return (loss.flatten(2) * w).sum(-1) / w.sum(-1).clamp(min=1e-6)
     return loss.flatten(2).mean(-1)
 
 
@@ -40,15 +47,38 @@ def mask_iou(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(union))
 
 
+def roi_weight(target: torch.Tensor, margin_frac: float = 0.5, min_margin: int = 4) -> torch.Tensor:
+    """(B, 1, H, W) weights: 1 in each object's box grown by max(``min_margin``, ``margin_frac`` x side), else 0.
+
+    Small nuclei cover < 1 % of an image; a focal loss averaged over the whole image drives a model trained
+    from scratch to all-background. Averaged over this window (positives ~ 20-50 %) it does not.
+    """
+    t = target[:, 0] > 0.5
+    b, h, w = t.shape
+    rows, cols = t.any(2), t.any(1)
+    ar_h, ar_w = torch.arange(h, device=t.device), torch.arange(w, device=t.device)
+    y0 = torch.where(rows, ar_h, h).min(-1).values
+    y1 = torch.where(rows, ar_h, -1).max(-1).values
+    x0 = torch.where(cols, ar_w, w).min(-1).values
+    x1 = torch.where(cols, ar_w, -1).max(-1).values
+    my = torch.clamp((margin_frac * (y1 - y0 + 1)).long(), min=min_margin)
+    mx = torch.clamp((margin_frac * (x1 - x0 + 1)).long(), min=min_margin)
+    in_r = (ar_h[None] >= (y0 - my)[:, None]) & (ar_h[None] <= (y1 + my)[:, None])
+    in_c = (ar_w[None] >= (x0 - mx)[:, None]) & (ar_w[None] <= (x1 + mx)[:, None])
+    return (in_r[:, :, None] & in_c[:, None, :]).float()[:, None]
+
+
 def sam_loss(logits: torch.Tensor, target: torch.Tensor, iou_pred: torch.Tensor, focal_weight: float = 20.0,
-             dice_weight: float = 1.0, iou_weight: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+             dice_weight: float = 1.0, iou_weight: float = 1.0,
+             weight: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-mask mask loss (B, K) = focal_weight * focal + dice_weight * dice, and per-mask IoU MSE (B, K).
 
-    logits (B, K, H, W); target (B, 1 or K, H, W) float; iou_pred (B, K).
+    logits (B, K, H, W); target (B, 1 or K, H, W) float; iou_pred (B, K); ``weight`` (B, 1, H, W) optional
+    focal weights (:func:`roi_weight`); dice is always over the whole mask.
     """
     target = target.expand_as(logits)
     mask = dice_weight * dice_loss(logits, target)
     if focal_weight > 0:
-        mask = mask + focal_weight * focal_loss(logits, target)
+        mask = mask + focal_weight * focal_loss(logits, target, weight=weight)
     iou_mse = iou_weight * (iou_pred - mask_iou(logits, target)) ** 2
     return mask, iou_mse

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from ..build import build_sam, load_model, save_checkpoint
 from ..modeling.sam import Sam
 from .data import Sample
-from .losses import mask_iou, sam_loss
+from .losses import mask_iou, roi_weight, sam_loss
 from .simulate import corrective_clicks, mask_boxes, noisy_boxes, sample_points
 from .validate import quick_eval
 
@@ -54,6 +54,7 @@ class TrainConfig:
     point_prob: float = 0.5
     focal_weight: float = 20.0
     focal_ramp_steps: int = 400
+    roi_focal: bool = True  # focal loss averaged over a window around each object (see losses.roi_weight)
     loss_res: int = 128
     augment: bool = True
     balance_groups: bool = True
@@ -216,6 +217,7 @@ class Trainer:
         r = cfg.loss_res
         target = F.adaptive_avg_pool2d(gt[:, None].float(), r) if r != self.img_size else gt[:, None].float()
         gt_r = target[:, 0] > 0.5
+        wroi = roi_weight(target) if cfg.roi_focal else None
         scale = self.img_size / r
         ramp = min(1.0, self.step / cfg.focal_ramp_steps) if cfg.focal_ramp_steps > 0 else 1.0
         use_point = self.rng.random() < cfg.point_prob
@@ -239,7 +241,8 @@ class Trainer:
                 low, iou_pred = model.mask_decoder(emb if grad else emb.detach(), pe, sparse, dense, multi)
                 logits = F.interpolate(low, size=(r, r), mode="bilinear", align_corners=False) \
                     if low.shape[-1] != r else low
-                mloss, iloss = sam_loss(logits, target, iou_pred, focal_weight=cfg.focal_weight * ramp)
+                mloss, iloss = sam_loss(logits, target, iou_pred, focal_weight=cfg.focal_weight * ramp,
+                                        weight=wroi)
                 best = mloss.argmin(1) if multi else torch.zeros(len(gt), dtype=torch.long, device=dev)
             if grad:
                 total = total + mloss[bidx, best].mean() + iloss.mean()
@@ -282,7 +285,8 @@ class Trainer:
             logits = F.interpolate(low, size=(r, r), mode="bilinear", align_corners=False) \
                 if low.shape[-1] != r else low
             target = F.adaptive_avg_pool2d(gt[:, None].float(), r)
-            m, iou_l = sam_loss(logits, target, iou_pred, focal_weight=self.cfg.focal_weight)
+            m, iou_l = sam_loss(logits, target, iou_pred, focal_weight=self.cfg.focal_weight,
+                                weight=roi_weight(target) if self.cfg.roi_focal else None)
             losses.append(float((m + iou_l).mean()))
         return float(np.mean(losses))
 

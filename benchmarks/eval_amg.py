@@ -1,0 +1,167 @@
+"""Segment-everything quality on dsb2018_full: instance F1 at IoU 0.5 and mean matched IoU.
+
+Usage::
+
+    .venv/bin/python benchmarks/eval_amg.py                           # built-in model, test split, all images
+    .venv/bin/python benchmarks/eval_amg.py --model runs/builtin/last.pt --limit 20 --reference-limit 8
+    .venv/bin/python benchmarks/eval_amg.py --tune-on val --limit 20  # pick live thresholds on val, then test
+
+Compares, with the SAME model:
+  * ``ours``      — napari_sam.segment_everything with our settings (label clean-up; thresholds tuned on the
+                    val split with --tune-on val, else the reference defaults);
+  * ``ours@ref``  — our AutomaticMaskGenerator at the reference's default parameters, records painted with
+                    no clean-up (what the reference pipeline produces, at our speed);
+  * ``meta@ref``  — Meta's SamAutomaticMaskGenerator itself at its defaults (on --reference-limit images;
+                    slow), fed our model object (our modules are drop-in compatible).
+Images are the first N of the split in split.csv order (deterministic). Never tunes on test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data" / "dsb2018_full"
+REF_DEFAULTS = dict(points_per_side=32, pred_iou_thresh=0.88, stability_score_thresh=0.95, box_nms_thresh=0.7)
+
+
+def match_stats(gt: np.ndarray, pred: np.ndarray, thr: float = 0.5) -> tuple[int, int, int, list[float]]:
+    """(TP, FP, FN, IoUs of matched pairs) for two instance label images; IoU > thr matches are unique."""
+    g = gt.ravel().astype(np.int64)
+    p = pred.ravel().astype(np.int64)
+    ng, npred = int(g.max()) + 1, int(p.max()) + 1
+    inter = np.bincount(g * npred + p, minlength=ng * npred).reshape(ng, npred)
+    area_g, area_p = inter.sum(1), inter.sum(0)
+    inter = inter[1:, 1:]
+    union = area_g[1:, None] + area_p[None, 1:] - inter
+    iou = np.where(union > 0, inter / np.maximum(union, 1), 0.0)
+    gi, pi = np.nonzero(iou > thr)
+    n_gt, n_pred = int((area_g[1:] > 0).sum()), int((area_p[1:] > 0).sum())
+    tp = len(gi)
+    return tp, n_pred - tp, n_gt - tp, iou[gi, pi].tolist()
+
+
+def summarize(stats: list[tuple]) -> dict:
+    tp = sum(s[0] for s in stats)
+    fp = sum(s[1] for s in stats)
+    fn = sum(s[2] for s in stats)
+    ious = [v for s in stats for v in s[3]]
+    return {"images": len(stats), "TP": tp, "FP": fp, "FN": fn,
+            "F1@0.5": round(2 * tp / max(2 * tp + fp + fn, 1), 4),
+            "precision": round(tp / max(tp + fp, 1), 4), "recall": round(tp / max(tp + fn, 1), 4),
+            "mean_matched_IoU": round(float(np.mean(ious)) if ious else 0.0, 4)}
+
+
+def load_split(split: str, limit: int | None) -> list[tuple[str, np.ndarray, np.ndarray]]:
+    import imageio.v3 as iio
+    import tifffile
+
+    with open(DATA / "split.csv") as f:
+        ids = [r["id"] for r in csv.DictReader(f) if r["split"] == split]
+    ids = ids[:limit] if limit else ids
+    return [(i, iio.imread(DATA / "images" / f"{i}.png"), tifffile.imread(DATA / "labels" / f"{i}.tif")) for i in ids]
+
+
+def tune(gen, images, min_area_choices=(0, 16, 48)) -> dict:
+    """Grid over the live thresholds on kept model outputs (one model run per image): best F1 on ``images``."""
+    from napari_sam.core.labels import records_to_labels
+
+    props = [(gen.propose(img, iou_floor=0.5, stability_floor=0.5), gt) for _, img, gt in images]
+    best = None
+    for piou in (0.5, 0.6, 0.7, 0.8, 0.88):
+        for stab in (0.5, 0.7, 0.85, 0.95):
+            for nms in (0.5, 0.7):
+                for ma in min_area_choices:
+                    stats = []
+                    for pr, gt in props:
+                        recs = pr.filter(pred_iou_thresh=piou, stability_score_thresh=stab, box_nms_thresh=nms)
+                        stats.append(match_stats(gt, records_to_labels(recs, gt.shape, ma)))
+                    f1 = summarize(stats)["F1@0.5"]
+                    if best is None or f1 > best[0]:
+                        best = (f1, dict(pred_iou_thresh=piou, stability_score_thresh=stab, box_nms_thresh=nms,
+                                         min_object_area=ma))
+    print(f"tuned on {len(images)} val images: F1@0.5 {best[0]:.4f} with {best[1]}", file=sys.stderr)
+    return best[1]
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default=None, help="model name / checkpoint (default: the built-in model)")
+    ap.add_argument("--split", default="test")
+    ap.add_argument("--limit", type=int, default=None, help="first N images of the split")
+    ap.add_argument("--reference-limit", type=int, default=0, help="also run Meta's generator on the first N")
+    ap.add_argument("--tune-on", default=None, help="split to tune live thresholds on (e.g. val), never test")
+    ap.add_argument("--tune-limit", type=int, default=16)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--json", default=None, help="write the results here")
+    args = ap.parse_args(argv)
+    if args.tune_on == "test":
+        ap.error("never tune on the test split")
+    import torch
+
+    from napari_sam.core.amg import AutomaticMaskGenerator, segment_everything
+    from napari_sam.core.build import load_model
+    from napari_sam.core.labels import records_to_labels
+
+    torch.set_num_threads(args.threads)
+    model = load_model(args.model)
+    images = load_split(args.split, args.limit)
+    ours_params = dict(min_object_area=16)
+    if args.tune_on:
+        ours_params = tune(AutomaticMaskGenerator(model, pred_iou_thresh=0.5, stability_score_thresh=0.5),
+                           load_split(args.tune_on, args.tune_limit))
+    min_area = ours_params.pop("min_object_area")
+    gen_ours = AutomaticMaskGenerator(model, **ours_params)
+    gen_ref = AutomaticMaskGenerator(model, **REF_DEFAULTS)
+    results: dict[str, list] = {"ours": [], "ours@ref": [], "meta@ref": []}
+    times: dict[str, float] = {k: 0.0 for k in results}
+    meta = None
+    if args.reference_limit:
+        sys.path.insert(0, str(ROOT / "tests"))
+        import conftest  # torchvision stand-ins for Meta's package (tested in the test suite)
+
+        conftest._install_reference_stubs()
+        from segment_anything import SamAutomaticMaskGenerator
+
+        meta = SamAutomaticMaskGenerator(model, **REF_DEFAULTS)
+    for k, (name, img, gt) in enumerate(images):
+        t = time.perf_counter()
+        results["ours"].append(match_stats(gt, segment_everything(img, gen_ours, min_object_area=min_area)))
+        times["ours"] += time.perf_counter() - t
+        t = time.perf_counter()
+        recs = gen_ref.propose(img).filter(**gen_ref.thresholds())
+        results["ours@ref"].append(match_stats(gt, records_to_labels(recs, gt.shape, 0)))
+        times["ours@ref"] += time.perf_counter() - t
+        if meta is not None and k < args.reference_limit:
+            t = time.perf_counter()
+            mrecs = meta.generate(img)
+            times["meta@ref"] += time.perf_counter() - t
+            conv = [{"segmentation": r["segmentation"], "predicted_iou": r["predicted_iou"]} for r in mrecs]
+            results["meta@ref"].append(match_stats(gt, records_to_labels(conv, gt.shape, 0)))
+        print(f"[{k + 1}/{len(images)}] {name[:12]} gt {int(gt.max())}: " + ", ".join(
+            f"{m} F1 {summarize(v)['F1@0.5']:.3f}" for m, v in results.items() if v), file=sys.stderr, flush=True)
+    out = {"model": args.model or "built-in", "split": args.split, "ours_params": {**ours_params,
+           "min_object_area": min_area}, "reference_params": REF_DEFAULTS}
+    print(f"\n| method | images | F1@0.5 | precision | recall | mean matched IoU | s / image |")
+    print("|---|---|---|---|---|---|---|")
+    for m, v in results.items():
+        if not v:
+            continue
+        s = summarize(v)
+        out[m] = {**s, "seconds_per_image": round(times[m] / len(v), 2)}
+        print(f"| {m} | {s['images']} | {s['F1@0.5']:.3f} | {s['precision']:.3f} | {s['recall']:.3f} | "
+              f"{s['mean_matched_IoU']:.3f} | {times[m] / len(v):.2f} |")
+    if args.json:
+        Path(args.json).write_text(json.dumps(out, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

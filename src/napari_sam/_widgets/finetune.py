@@ -1,0 +1,230 @@
+"""Fine-tune dock widget: tune the current model on the objects committed in a Labels layer (the data engine).
+
+Decoder-only by default (frozen encoder, each image embedded once), in a worker thread with progress, cancel
+and a loss curve; on success the tuned model becomes the viewer's model (annotator included) and can be
+saved as a checkpoint file. All training logic is :func:`napari_sam.core.training.finetune_iter`.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import napari
+import numpy as np
+from qtpy.QtCore import QObject, QPointF, Qt, Signal
+from qtpy.QtGui import QPainter, QPen, QPolygonF
+from qtpy.QtWidgets import (QComboBox, QDoubleSpinBox, QFileDialog, QFormLayout, QHBoxLayout, QLabel,
+                            QProgressBar, QPushButton, QSpinBox, QVBoxLayout, QWidget)
+
+from ._state import get_state
+from ._workers import CancelToken, run_in_thread
+
+
+class LossCurve(QWidget):
+    """A minimal line plot of the training loss (no plotting dependency)."""
+
+    def __init__(self, parent=None) -> None:
+        super().__init__(parent)
+        self.values: list[float] = []
+        self.setMinimumHeight(80)
+
+    def set_values(self, values: list[float]) -> None:
+        self.values = list(values)
+        self.update()
+
+    def paintEvent(self, event) -> None:  # noqa: N802 - Qt API
+        p = QPainter(self)
+        p.fillRect(self.rect(), Qt.black)
+        if len(self.values) < 2:
+            return
+        v = np.asarray(self.values, float)
+        lo, hi = float(v.min()), float(v.max())
+        span = hi - lo or 1.0
+        w, h = self.width() - 4, self.height() - 4
+        pts = [QPointF(2 + w * i / (len(v) - 1), 2 + h * (1 - (x - lo) / span)) for i, x in enumerate(v)]
+        p.setPen(QPen(Qt.green, 1.5))
+        p.drawPolyline(QPolygonF(pts))
+        p.setPen(Qt.white)
+        p.drawText(4, 14, f"loss {v[-1]:.3f}")
+
+
+class _Relay(QObject):
+    step = Signal(int, int, float)  # step, total, loss
+    phase = Signal(str)
+
+
+def run_finetune(model, images, labels, steps: int, mode: str, lr: float, cancel: CancelToken, relay: _Relay):
+    """Worker body: fine-tune a copy of ``model``; returns (tuned model, losses, finished)."""
+    from napari_sam.core.training import finetune_iter
+
+    tuned = copy.deepcopy(model).cpu()
+    losses: list[float] = []
+    gen = finetune_iter(tuned, images, labels, steps=steps, mode=mode, lr=lr)
+    try:
+        for rec in gen:
+            if cancel.cancelled():
+                break
+            if rec["phase"] == "embedding":
+                relay.phase.emit(f"embedding {rec['done']}/{rec['total']} image(s)…")
+            else:
+                losses.append(float(rec["loss"]))
+                relay.step.emit(int(rec["step"]), int(rec["total"]), float(rec["loss"]))
+    finally:
+        gen.close()
+    tuned.eval()
+    return tuned, losses, not cancel.cancelled()
+
+
+class FinetuneWidget(QWidget):
+    def __init__(self, napari_viewer: napari.Viewer) -> None:
+        super().__init__()
+        self.viewer = napari_viewer
+        self.state = get_state(napari_viewer)
+        self._worker = None
+        self._cancel: CancelToken | None = None
+        self.losses: list[float] = []
+        self.tuned = None
+        self.result: str = ""
+        self._relay = _Relay()
+        self._relay.step.connect(self._on_step)
+        self._relay.phase.connect(self._message)
+        self._build_ui()
+        for ev in (self.viewer.layers.events.inserted, self.viewer.layers.events.removed):
+            ev.connect(self._refresh)
+        self._refresh()
+
+    # ------------------------------------------------------------------ UI
+    def _build_ui(self) -> None:
+        self.image_combo, self.labels_combo = QComboBox(), QComboBox()
+        self.steps = QSpinBox()
+        self.steps.setRange(1, 100000)
+        self.steps.setValue(100)
+        self.lr = QDoubleSpinBox()
+        self.lr.setDecimals(6)
+        self.lr.setRange(1e-6, 1e-1)
+        self.lr.setSingleStep(1e-4)
+        self.lr.setValue(3e-4)
+        self.mode = QComboBox()
+        self.mode.addItems(["decoder", "full"])
+        self.mode.setToolTip("decoder: frozen encoder, fast on a CPU; full: all weights (slow without a GPU)")
+        form = QFormLayout()
+        form.addRow("image", self.image_combo)
+        form.addRow("labels (committed objects)", self.labels_combo)
+        form.addRow("steps", self.steps)
+        form.addRow("learning rate", self.lr)
+        form.addRow("mode", self.mode)
+        self.run_btn, self.cancel_btn, self.save_btn = QPushButton("Fine-tune"), QPushButton("Cancel"), \
+            QPushButton("Save model…")
+        self.cancel_btn.setEnabled(False)
+        self.save_btn.setEnabled(False)
+        self.run_btn.clicked.connect(lambda: self.run())
+        self.cancel_btn.clicked.connect(self.cancel)
+        self.save_btn.clicked.connect(self._save_dialog)
+        buttons = QHBoxLayout()
+        for b in (self.run_btn, self.cancel_btn, self.save_btn):
+            buttons.addWidget(b)
+        self.progress = QProgressBar()
+        self.curve = LossCurve()
+        self.status = QLabel("")
+        self.status.setWordWrap(True)
+        lay = QVBoxLayout(self)
+        lay.addLayout(form)
+        lay.addLayout(buttons)
+        lay.addWidget(self.progress)
+        lay.addWidget(self.curve)
+        lay.addWidget(self.status)
+
+    def _refresh(self, *_) -> None:
+        for combo, kind in ((self.image_combo, napari.layers.Image), (self.labels_combo, napari.layers.Labels)):
+            cur = combo.currentText()
+            combo.clear()
+            combo.addItems([ly.name for ly in self.viewer.layers if isinstance(ly, kind)])
+            if cur:
+                combo.setCurrentText(cur)
+
+    def _message(self, text: str) -> None:
+        self.status.setText(text)
+
+    def _on_step(self, step: int, total: int, loss: float) -> None:
+        self.losses.append(loss)
+        self.progress.setMaximum(total)
+        self.progress.setValue(step)
+        self.curve.set_values(self.losses)
+        self._message(f"step {step}/{total}, loss {loss:.4f}")
+
+    # ------------------------------------------------------------------ actions
+    def busy(self) -> bool:
+        return self._worker is not None
+
+    def run(self, steps: int | None = None) -> bool:
+        """Start fine-tuning on the chosen layers; returns False (with a message) if it cannot start."""
+        if self.busy():
+            self._message("fine-tuning is already running")
+            return False
+        names = [ly.name for ly in self.viewer.layers]
+        img_name, lab_name = self.image_combo.currentText(), self.labels_combo.currentText()
+        if img_name not in names or lab_name not in names:
+            self._message("choose an image layer and a Labels layer with committed objects first")
+            return False
+        image, labels = np.asarray(self.viewer.layers[img_name].data), np.asarray(self.viewer.layers[lab_name].data)
+        if not labels.any():
+            self._message(f"Labels layer {lab_name!r} has no objects: commit some objects first")
+            return False
+        model = self.state.model
+        if model is None:
+            from napari_sam.core.build import load_model
+
+            model = load_model(device="cpu")
+            self.state.set_model(model, "builtin")
+        if steps is not None:
+            self.steps.setValue(steps)
+        self.losses, self.tuned = [], None
+        self.curve.set_values([])
+        self._cancel = CancelToken()
+        self.run_btn.setEnabled(False)
+        self.cancel_btn.setEnabled(True)
+        self._message("starting…")
+        self._worker = run_in_thread(run_finetune, model, image, labels, self.steps.value(), self.mode.currentText(),
+                                     self.lr.value(), self._cancel, self._relay, on_return=self._done,
+                                     on_error=self._failed, on_finish=self._finished)
+        return True
+
+    def cancel(self) -> None:
+        if self._cancel is not None:
+            self._cancel.cancel()
+
+    def _done(self, result) -> None:
+        tuned, losses, finished = result
+        if not finished:
+            self.result = "cancelled"
+            self._message("cancelled: the model is unchanged")
+            return
+        self.tuned = tuned
+        name = f"{self.state.model_name or 'model'}+finetuned"
+        self.state.set_model(tuned, name)
+        self.save_btn.setEnabled(True)
+        self.result = "done"
+        self._message(f"done: loss {losses[0]:.4f} → {losses[-1]:.4f}; the viewer now uses {name!r}")
+
+    def _failed(self, exc: BaseException) -> None:
+        self.result = "failed"
+        self._message(f"fine-tuning failed: {exc}")
+
+    def _finished(self) -> None:
+        self._worker = None
+        self.run_btn.setEnabled(True)
+        self.cancel_btn.setEnabled(False)
+
+    def save(self, path: str | Path) -> Path:
+        """Save the tuned model as a checkpoint that ``napari_sam.load_model(path)`` reads."""
+        from napari_sam.core.build import save_checkpoint
+
+        if self.tuned is None:
+            raise RuntimeError("nothing to save: fine-tune first")
+        return save_checkpoint(self.tuned, path, half=True, finetuned_steps=len(self.losses))
+
+    def _save_dialog(self) -> None:
+        path, _ = QFileDialog.getSaveFileName(self, "Save fine-tuned model", "finetuned.pt", "Checkpoint (*.pt)")
+        if path:
+            self._message(f"saved {self.save(path)}")
