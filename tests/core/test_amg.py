@@ -121,3 +121,13 @@ def test_progress_and_cancel(tiny_model, image):
 
     with pytest.raises(Cancelled):
         gen.propose(image, cancel=cancel)
+
+
+def test_large_images_are_tiled(tiny_model, image):
+    seen = []
+    lab = segment_everything(image, tiny_model, points_per_side=2, pred_iou_thresh=0.0, stability_score_thresh=0.0,
+                             max_untiled=128, tile_size=128, halo=32, progress=lambda d, t: seen.append((d, t)))
+    assert lab.shape == image.shape[:2] and lab.max() >= 1
+    assert seen == [(1, 4), (2, 4), (3, 4), (4, 4)]  # 2 x 2 tiles of the 256 x 256 image
+    with pytest.raises(ValueError, match="halo"):
+        segment_everything(image, tiny_model, halo=0)

@@ -100,13 +100,13 @@ def test_decoder_cache_follows_weight_changes(tiny_model, sample):
     p.set_image(sample[0])
     before = p.predict(points=sample[2][:1]).low_res_logits
     with torch.no_grad():  # e.g. a fine-tuning step on the decoder
-        model.mask_decoder.transformer.layers[0].cross_attn_token_to_image.v_proj.weight.mul_(1.5)
-        model.prompt_encoder.no_mask_embed.weight.add_(0.2)
+        model.mask_decoder.transformer.layers[0].cross_attn_token_to_image.v_proj.weight.mul_(5.0)
+        model.prompt_encoder.no_mask_embed.weight.add_(2.0)
     after = p.predict(points=sample[2][:1])
     p.fast_decoder = False
     plain = p.predict(points=sample[2][:1])
-    assert np.abs(after.low_res_logits - before).max() > 1e-3
-    np.testing.assert_allclose(after.low_res_logits, plain.low_res_logits, atol=1e-5)
+    changed = np.abs(after.low_res_logits - before).max()
+    assert np.abs(after.low_res_logits - plain.low_res_logits).max() < changed / 100  # a stale cache fails
 
 
 def test_embedding_reuse_and_input_kinds(tiny_model, predictor, sample):

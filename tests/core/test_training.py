@@ -136,8 +136,8 @@ def test_non_finite_loss_raises_a_clear_error():
 def test_decoder_only_finetuning_lowers_the_loss_on_real_data():
     torch.manual_seed(0)
     model = build_sam("nsam_t")
-    samples = _real_samples(512, 2)
-    cfg = TrainConfig(mode="decoder", steps=12, lr=3e-3, warmup_steps=1, objects_per_image=8, click_prob=0,
+    samples = _real_samples(512, 1)
+    cfg = TrainConfig(mode="decoder", steps=10, lr=3e-3, warmup_steps=1, objects_per_image=6, click_prob=0,
                       focal_ramp_steps=0, point_prob=0.0, augment=False)
     tr = Trainer(model, samples, cfg)
     enc_before = [p.clone() for p in model.image_encoder.parameters()]

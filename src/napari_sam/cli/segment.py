@@ -13,10 +13,13 @@ import glob
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
 
+# torch notes once that PIL's read-only resize output is wrapped without a copy: harmless, and noise in a CLI
+warnings.filterwarnings("ignore", message="The given NumPy array is not writable", category=UserWarning)
 SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg")
 
 

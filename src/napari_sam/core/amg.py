@@ -267,6 +267,11 @@ def segment_everything(image: np.ndarray, model: Sam | str | os.PathLike | None 
         gen = AutomaticMaskGenerator(model, **params)
     rgb = to_rgb_uint8(image)
     min_area = max(gen.min_mask_region_area, 16) if min_object_area is None else int(min_object_area)
+    if min_area < 0:
+        raise ValueError(f"min_object_area={min_object_area!r} must be >= 0 (pixels)")
+    if not (16 <= tile_size and 0 < halo < tile_size and max_untiled >= tile_size):
+        raise ValueError(f"tiling needs 16 <= tile_size, 0 < halo < tile_size and max_untiled >= tile_size; got "
+                         f"tile_size={tile_size}, halo={halo}, max_untiled={max_untiled}")
 
     def one(tile: np.ndarray, prog: Progress | None = None) -> np.ndarray:
         recs = gen.propose(tile, progress=prog, cancel=cancel).filter(**gen.thresholds())

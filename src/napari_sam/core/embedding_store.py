@@ -17,6 +17,7 @@ import os
 import shutil
 import warnings
 import zlib
+from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
@@ -30,6 +31,7 @@ from .transforms import ResizeLongestSide, preprocess_shape
 STORE_FORMAT = 1
 MAX_BYTES_ENV = "NAPARI_SAM_EMBED_CACHE_MB"
 DEFAULT_MAX_BYTES = 4 << 30  # 4 GiB for all cached stacks together
+READ_CACHE_BYTES = 256 << 20  # slices read from disk are kept in memory up to this size (LRU)
 _LAST_USED = "last_used"
 
 
@@ -209,7 +211,9 @@ class StackEmbeddings:
         self.key = stack_key(self.volume, model)
         self._slice = volume_to_uint8(self.volume)
         self._transform = ResizeLongestSide(model.img_size)
-        self._mem: dict[int, np.ndarray] = {}
+        self._mem: dict[int, np.ndarray] = {}  # slices not on disk (memory mode, or not yet written)
+        self._read: OrderedDict[int, np.ndarray] = OrderedDict()  # recently read from disk (LRU)
+        self._read_budget = READ_CACHE_BYTES
         self._features = None  # zarr array (Z, C, G, G) float16
         self._crc = None  # zarr array (Z,) int64, -1 = not written
         self._crc_cache: np.ndarray | None = None
@@ -306,6 +310,9 @@ class StackEmbeddings:
     def _load_slice(self, z: int) -> np.ndarray | None:
         if z in self._mem:
             return self._mem[z]
+        if z in self._read:
+            self._read.move_to_end(z)
+            return self._read[z]
         if self._features is None or self._crc_cache[z] < 0:
             return None
         try:
@@ -317,6 +324,9 @@ class StackEmbeddings:
                           EmbeddingCacheWarning, stacklevel=3)
             self._crc_cache[z] = -1
             return None
+        self._read[z] = feats16
+        while len(self._read) * feats16.nbytes > self._read_budget:
+            self._read.popitem(last=False)
         return feats16
 
     # ---------------------------------------------------------------- access

@@ -179,7 +179,7 @@ def markdown_table(summaries: list[dict]) -> str:
     head = "| data set | group | images | objects | 1-point | 1-point oracle | box |" + \
         "".join(f" {j} clicks |" for j in range(1, k + 1) if j in (1, 3, 5, 10) or j == k)
     cols = [j for j in range(1, k + 1) if j in (1, 3, 5, 10) or j == k]
-    lines = [head, "|" + "---|" * (6 + len(cols))]
+    lines = [head, "|" + "---|" * (7 + len(cols))]
     for s in summaries:
         for g, m in [("all", s["all"])] + list(s["groups"].items()):
             f = (lambda key: f"{m[key]:.3f}" if key in m else "–")

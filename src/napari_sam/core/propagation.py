@@ -94,13 +94,21 @@ def mask_box(mask: np.ndarray) -> np.ndarray:
     return np.array([rows[0], cols[0], rows[-1], cols[-1]], dtype=np.float64)
 
 
-def interior_point(mask: np.ndarray) -> np.ndarray:
-    """(row, col) of the maximum of the distance transform: the point deepest inside the mask."""
+def interior_point(mask: np.ndarray, max_side: int = 64) -> np.ndarray:
+    """(row, col) of the maximum of the distance transform: the point deepest inside the mask. Large masks are
+    subsampled to at most ``max_side`` pixels a side first (the point stays inside the mask)."""
     r0, c0, r1, c1 = mask_box(mask).astype(int)
-    crop = np.pad(mask[r0: r1 + 1, c0: c1 + 1], 1)
-    dist = ndimage.distance_transform_edt(crop)
+    crop = mask[r0: r1 + 1, c0: c1 + 1]
+    f = max(1, -(-max(crop.shape) // max_side))
+    small = np.pad(crop[::f, ::f], 1)
+    dist = ndimage.distance_transform_edt(small)
     r, c = np.unravel_index(int(np.argmax(dist)), dist.shape)
-    return np.array([r0 + r - 1, c0 + c - 1], dtype=np.float64)
+    r, c = r0 + (r - 1) * f, c0 + (c - 1) * f
+    if not mask[r, c]:  # cannot happen for f == 1; guard the subsampled case
+        rr, cc = np.nonzero(crop)
+        k = int(np.argmin((rr + r0 - r) ** 2 + (cc + c0 - c) ** 2))
+        r, c = rr[k] + r0, cc[k] + c0
+    return np.array([r, c], dtype=np.float64)
 
 
 class _Track:

@@ -14,6 +14,8 @@ from torch import nn
 
 from .common import LayerNorm2d, MLPBlock
 
+MAX_BIAS_ELEMENTS = 1 << 25  # at most 128 MB of float32 attention bias at a time
+
 
 class ImageEncoderViT(nn.Module):
     """Maps a (B, 3, img_size, img_size) normalised image to (B, out_chans, img_size/patch, img_size/patch)."""
@@ -144,10 +146,20 @@ class Attention(nn.Module):
         # (3, B, heads, N, head_dim)
         qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
-        bias = None
-        if self.use_rel_pos:
-            bias = rel_pos_bias(q, self.rel_pos_h, self.rel_pos_w, (h, w))  # (B, heads, N, N)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=self.scale)
+        if not self.use_rel_pos:
+            out = F.scaled_dot_product_attention(q, k, v, scale=self.scale)
+        else:
+            # the bias is (B, heads, N, N): 800 MB for one global-attention layer of ViT-B at N = 4096.
+            # Build and use it a few heads at a time (same result) to bound peak memory.
+            step = max(1, MAX_BIAS_ELEMENTS // (b * n * n))
+            outs = []
+            for i in range(0, self.num_heads, step):
+                sl = slice(i, i + step)
+                bias = rel_pos_bias(q[:, sl], self.rel_pos_h, self.rel_pos_w, (h, w))  # (B, step, N, N)
+                outs.append(F.scaled_dot_product_attention(q[:, sl], k[:, sl], v[:, sl], attn_mask=bias,
+                                                           scale=self.scale))
+                del bias
+            out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
         out = out.permute(0, 2, 1, 3).reshape(b, h, w, -1)  # (B, H, W, C)
         return self.proj(out)
 

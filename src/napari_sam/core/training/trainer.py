@@ -54,6 +54,7 @@ class TrainConfig:
     point_prob: float = 0.5
     focal_weight: float = 20.0
     focal_ramp_steps: int = 400
+    focal_start_iou: float = 0.0  # >0: no focal term until the running mean IoU of first prompts reaches it
     roi_focal: bool = True  # focal loss averaged over a window around each object (see losses.roi_weight)
     loss_res: int = 128
     augment: bool = True
@@ -124,6 +125,7 @@ class Trainer:
             train_params = [p for n, p in model.named_parameters() if not n.startswith("image_encoder.")]
         self.opt = torch.optim.AdamW(list(train_params), lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=True)
         self.step, self.elapsed, self.best = 0, 0.0, -1.0
+        self.iou_ema, self.focal_start = 0.0, (0 if cfg.focal_start_iou <= 0 else None)
         self.history: list[dict] = []
         groups = sorted({s.group for s in samples})
         self.groups = {g: [i for i, s in enumerate(samples) if s.group == g] for g in groups}
@@ -136,7 +138,8 @@ class Trainer:
         return {"model": self.model.state_dict(), "opt": self.opt.state_dict(), "step": self.step,
                 "elapsed": self.elapsed, "best": self.best, "rng": self.rng.bit_generator.state,
                 "gen": self.gen.get_state(), "torch_rng": torch.get_rng_state(), "history": self.history,
-                "cfg": asdict(self.cfg), "config": self.model.config.to_dict()}
+                "cfg": asdict(self.cfg), "config": self.model.config.to_dict(), "iou_ema": self.iou_ema,
+                "focal_start": self.focal_start}
 
     def load_state_dict(self, st: dict[str, Any]) -> None:
         self.model.load_state_dict(st["model"])
@@ -146,6 +149,10 @@ class Trainer:
         self.gen.set_state(st["gen"])
         torch.set_rng_state(st["torch_rng"])
         self.history = list(st["history"])
+        self.iou_ema = st.get("iou_ema", 0.0)
+        self.focal_start = st.get("focal_start", 0 if self.cfg.focal_start_iou <= 0 else None)
+        if self.cfg.focal_start_iou > 0 and self.focal_start is not None and self.iou_ema < self.cfg.focal_start_iou:
+            self.focal_start = None  # resumed with an adaptive ramp: wait for the IoU again
 
     def save_state(self, path: str | Path | None = None) -> Path:
         path = Path(path) if path is not None else self.out_dir / "last.pt"
@@ -219,7 +226,12 @@ class Trainer:
         gt_r = target[:, 0] > 0.5
         wroi = roi_weight(target) if cfg.roi_focal else None
         scale = self.img_size / r
-        ramp = min(1.0, self.step / cfg.focal_ramp_steps) if cfg.focal_ramp_steps > 0 else 1.0
+        if self.focal_start is None:
+            ramp = 0.0
+        elif cfg.focal_ramp_steps > 0:
+            ramp = min(1.0, (self.step - self.focal_start) / cfg.focal_ramp_steps)
+        else:
+            ramp = 1.0
         use_point = self.rng.random() < cfg.point_prob
         n_click, n_iter = 0, 1
         if cfg.max_click_iters > 0 and self.rng.random() < cfg.click_prob:
@@ -260,12 +272,15 @@ class Trainer:
                 f"non-finite loss ({float(loss)}) at step {self.step}; lower the learning rate (--lr) or check "
                 "the images for NaN/inf values"
             )
+        self.iou_ema = 0.95 * self.iou_ema + 0.05 * ious[0]
+        if self.focal_start is None and self.iou_ema >= cfg.focal_start_iou:
+            self.focal_start = self.step
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_([p for g in self.opt.param_groups for p in g["params"]], 1.0)
         self.opt.step()
         return {"loss": float(loss.detach()), "iou_first": ious[0], "iou_last": ious[-1], "n_iter": n_iter,
-                "objects": len(gt)}
+                "objects": len(gt), "focal_ramp": ramp}
 
     @torch.no_grad()
     def eval_loss(self, max_objects: int | None = None) -> float:

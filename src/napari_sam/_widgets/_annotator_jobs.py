@@ -1,0 +1,190 @@
+"""The annotator's background chain: model loading -> embedding of the current plane -> prediction.
+
+Each step runs in a thread worker (``_workers.run_in_thread``); the main thread only starts jobs and
+applies results. A result is applied only if nothing changed meanwhile (``_version``); prompts added
+while the embedding runs are picked up when it ends (queued, not lost).
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+
+import numpy as np
+
+from ..core import annotation as ann
+from . import _layers as L
+from ._workers import CancelToken, run_in_thread
+
+
+def _main_thread(fn):
+    """Record the wall and CPU time each main-thread entry point takes (``widget.main_thread_stats``):
+    the responsiveness test asserts that none of our code blocks the event loop for long."""
+
+    @functools.wraps(fn)
+    def wrapper(self, *args, **kwargs):
+        t0, c0 = time.perf_counter(), time.thread_time()
+        try:
+            return fn(self, *args, **kwargs)
+        finally:
+            wall, cpu = time.perf_counter() - t0, time.thread_time() - c0
+            old = self.main_thread_stats.get(fn.__name__, (0.0, 0.0))
+            self.main_thread_stats[fn.__name__] = (max(old[0], wall), max(old[1], cpu))
+
+    return wrapper
+
+
+class AnnotatorJobs:
+    """Mixin of :class:`~napari_sam._widgets.annotator.AnnotatorWidget`: the worker chain."""
+
+    def load_model(self):
+        """Load the model chosen in the widget (in a worker); the result is shared by all widgets."""
+        if self._model_worker is not None:
+            return self._message("a model is already loading; wait for it to finish", "warning")
+        choice = self.ui.model_combo.currentText()
+        name = self.ui.checkpoint_edit.text().strip() if choice == "checkpoint file" else choice
+        if not name:
+            return self._message("choose a checkpoint file (the '…' button) or another model", "warning")
+        device = self.ui.device_combo.currentText()
+        from ..core.build import load_model
+
+        self._start_progress(f"loading {name}")
+        self._model_worker = run_in_thread(
+            load_model, name, device=None if device == "auto" else device, progress=self._relay.report,
+            on_return=lambda m: self._model_loaded(m, name),
+            on_error=lambda e: self._model_failed(e, name), on_finish=self._model_done)
+        return self._model_worker
+
+    def _cancel_embedding(self, restart: bool, quiet: bool = False) -> None:
+        if self._embed_worker is not None:
+            self._embed_restart, self._embed_quiet = restart, quiet
+            self._embed_token.cancel()
+
+    # ------------------------------------------------------------------ the update chain
+    @_main_thread
+    def _update(self) -> None:
+        """Model -> embedding of the current plane -> prediction, each step in a worker when needed."""
+        image = self.image_layer
+        if image is None or self.points_layer is None:
+            return self._set_result(None)
+        if self.state.model is None:
+            if self._model_worker is None:
+                self.load_model()
+            return
+        dims = self.viewer.dims
+        if dims.ndisplay != 2 or tuple(dims.displayed) != (dims.ndim - 2, dims.ndim - 1):
+            return self._message("the annotator works on 2D views of the last two axes: switch to 2D "
+                                 "(Ctrl+Y) and keep the default axis order", "warning")
+        index = L.plane_index(self.viewer, image)
+        prompts, outside = L.read_prompts(self.points_layer, self.boxes_layer, image, index)
+        if outside:
+            self._message(f"{outside} point(s) outside the image were ignored", "warning")
+        if prompts.empty:
+            return self._set_result(None)
+        key = (id(image), id(image.data), index, self.state.model_key)
+        emb = self.state.embeddings.get(key)
+        if emb is None:
+            return self._start_embedding(image, index, key)
+        if self._predict_worker is not None:
+            self._pending = True  # re-run when the running prediction ends (stale results are dropped)
+            return
+        self._pending = False
+        r = self.result
+        mask_input = None
+        if (self.ui.refine_check.isChecked() and r is not None and not r.batch and not self.ui.batch_check.isChecked()
+                and r.prompts is not None and prompts.extends(r.prompts)):
+            mask_input = r.logits[r.choice]
+        version, batch, model = self._version, self.ui.batch_check.isChecked(), self.state.model
+
+        def job():
+            from ..core.predictor import SamPredictor
+
+            p = SamPredictor(model)
+            p.set_embedding(emb)
+            res = ann.predict(p, prompts, mask_input, batch)
+            return res, res.preview()
+
+        self._predict_worker = run_in_thread(
+            job, on_return=lambda out: self._predicted(out, version),
+            on_error=lambda e: self._message(f"prediction failed: {e}", "error"), on_finish=self._predict_done)
+
+    def _start_embedding(self, image, index, key) -> None:
+        if self._embed_worker is not None:
+            if self._embed_key == key:
+                return  # clicks made meanwhile are queued: _update runs again when it ends
+            self._cancel_embedding(restart=True)
+            return  # the old run ends soon (cancelled); _embed_done restarts the chain
+        data = image.data[0] if image.multiscale else image.data
+        model, model_key = self.state.model, self.state.model_key
+        self._embed_key, self._embed_token = key, CancelToken()
+        self._embed_ok = self._embed_restart = self._embed_quiet = False
+        token = self._embed_token
+        self._start_progress("embedding image" + (f" plane {index}" if index else ""))
+
+        def job():
+            from ..core.predictor import SamPredictor
+
+            return ann.compute_embedding(SamPredictor(model), np.asarray(data[index]), self._relay.report,
+                                         token.cancelled)
+
+        def done(emb):
+            self._embed_ok = True
+            if model_key == self.state.model_key:
+                self.state.embeddings.put(key, emb)
+
+        def failed(exc):
+            self._embed_ok = False
+            if not isinstance(exc, ann.EmbeddingCancelled):
+                self._message(f"cannot embed image {image.name!r}: {exc}", "error")
+            elif not (self._embed_restart or self._embed_quiet):
+                self._message("embedding cancelled; change a prompt to start it again")
+
+        self._embed_worker = run_in_thread(job, on_return=done, on_error=failed, on_finish=self._embed_done)
+
+    @_main_thread
+    def _embed_done(self) -> None:
+        self._stop_progress()
+        self._embed_worker = None
+        if self._embed_ok or self._embed_restart:
+            self._timer.start()  # predict with every prompt added meanwhile, or embed the new plane / model
+
+    @_main_thread
+    def _predicted(self, out, version: int) -> None:
+        res, preview = out
+        if version != self._version:
+            return  # stale: prompts changed while it ran
+        self._set_result(res, preview)
+
+    @_main_thread
+    def _predict_done(self) -> None:
+        self._predict_worker = None
+        if self._pending:
+            self._pending = False
+            self._timer.start()
+
+    @_main_thread
+    def _model_loaded(self, model, name: str) -> None:
+        self.state.set_model(model, name)
+        self._message(f"model {name!r} loaded on {model.device}")
+
+    def _model_failed(self, exc, name: str) -> None:
+        self._message(f"could not load model {name!r}: {exc}", "error")
+
+    def _model_done(self) -> None:
+        self._stop_progress()
+        self._model_worker = None
+
+    def _start_progress(self, text: str) -> None:
+        self.ui.progress.setValue(0)
+        self.ui.progress.setFormat(text + " %p%")
+        self.ui.cancel_button.setEnabled(True)
+
+    def _stop_progress(self) -> None:
+        self.ui.progress.setValue(0)
+        self.ui.progress.setFormat("idle")
+        self.ui.cancel_button.setEnabled(False)
+
+    @_main_thread
+    def _on_progress(self, done: int, total: int) -> None:
+        self.ui.progress.setValue(int(100 * done / max(total, 1)))
+

@@ -1,0 +1,89 @@
+"""Real quality with the built-in model on real nuclei (DSB2018, ground truth): one click on a nucleus
+commits an object with IoU >= 0.7; a negative point and a box change the mask as expected. Skipped,
+with the reason, while the built-in model file does not exist."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+napari = pytest.importorskip("napari")
+
+from annotator_helpers import interior_point, wait_idle  # noqa: E402
+
+from napari_sam.core.build import builtin_checkpoint_path  # noqa: E402
+
+pytestmark = [
+    pytest.mark.gui,
+    pytest.mark.slow,
+    pytest.mark.skipif(not builtin_checkpoint_path().is_file(),
+                       reason=f"the built-in model {builtin_checkpoint_path()} does not exist yet (training makes it)"),
+]
+
+
+def _iou(a, b):
+    return float((a & b).sum() / max((a | b).sum(), 1))
+
+
+@pytest.fixture
+def builtin_annotator(make_napari_viewer, qtbot, nuclei_sample):
+    viewer = make_napari_viewer(show=True)
+    img, gt = nuclei_sample
+    viewer.add_image(img, name="nuclei")
+    dw, w = viewer.window.add_plugin_dock_widget("napari-sam", "SAM annotator")
+    qtbot.waitUntil(dw.isVisible, timeout=5000)
+    assert w.ui.model_combo.currentText() == "builtin"  # the default choice
+    w.set_image_layer("nuclei")  # the built-in model loads in a worker on first use
+    return viewer, w, gt
+
+
+def _nuclei_by_size(gt):
+    """Ids of nuclei not touching the border, largest first."""
+    ids, counts = np.unique(gt[gt > 0], return_counts=True)
+    border = set(np.unique(np.concatenate([gt[0], gt[-1], gt[:, 0], gt[:, -1]])).tolist())
+    return [int(i) for _, i in sorted(zip(counts, ids), reverse=True) if i not in border]
+
+
+def test_click_on_a_nucleus_commits_it(builtin_annotator, qtbot):
+    viewer, w, gt = builtin_annotator
+    nid = _nuclei_by_size(gt)[len(_nuclei_by_size(gt)) // 2]  # a typical (median-size) nucleus
+    target = gt == nid
+    w.add_point(interior_point(target))
+    wait_idle(qtbot, w, timeout=120000)
+    assert w.state.model_name == "builtin"
+    ids = w.commit()
+    committed = viewer.layers["SAM labels"].data == ids[0]
+    iou = _iou(committed, target)
+    print(f"built-in model, one click on nucleus {nid}: IoU {iou:.3f}")
+    assert iou >= 0.7
+    viewer.layers["SAM labels"].undo()
+    assert not viewer.layers["SAM labels"].data.any()
+
+
+def test_box_and_negative_point_change_the_mask_as_expected(builtin_annotator, qtbot):
+    viewer, w, gt = builtin_annotator
+    nid = _nuclei_by_size(gt)[0]  # the largest nucleus
+    target = gt == nid
+    rows, cols = np.nonzero(target)
+    w.add_box((rows.min() - 2, cols.min() - 2, rows.max() + 2, cols.max() + 2))
+    wait_idle(qtbot, w, timeout=120000)
+    box_iou = _iou(w.result.mask, target)
+    print(f"built-in model, box around nucleus {nid}: IoU {box_iou:.3f}")
+    assert box_iou >= 0.7
+    outside_box = np.ones_like(target)
+    outside_box[rows.min() - 2: rows.max() + 3, cols.min() - 2: cols.max() + 3] = False
+    assert (w.result.mask & outside_box).sum() <= 0.05 * w.result.mask.sum()  # the mask stays in the box
+    w.clear_prompts()
+    # positive click on the nucleus, then a negative click on it: the nucleus leaves the mask
+    r, c = interior_point(target)
+    w.add_point((r, c))
+    wait_idle(qtbot, w, timeout=120000)
+    before = w.result.mask.copy()
+    assert before[r, c] and _iou(before, target) >= 0.5
+    w.toggle_polarity()
+    w.add_point((r, c + 1))
+    wait_idle(qtbot, w, timeout=120000)
+    after = w.result.mask
+    print(f"negative point: mask {before.sum()} -> {after.sum()} px, nucleus overlap "
+          f"{(before & target).sum()} -> {(after & target).sum()}")
+    assert (after & target).sum() < 0.5 * (before & target).sum()
