@@ -56,7 +56,7 @@ def main() -> None:
     ours = bench(load_model(device="cpu"), image, args.repeats)
     ref = bench(build_sam("vit_t").eval(), image, max(3, args.repeats // 3))
     print(f"threads={args.threads}, image 520x696 RGB, median of repeats")
-    print(f"| metric | built-in (nsam_t, 512 px) | MobileSAM vit_t (1024 px) | ratio |")
+    print("| metric | built-in (nsam_t, 512 px) | MobileSAM vit_t (1024 px) | ratio |")
     print("|---|---|---|---|")
     for k in ours:
         print(f"| {k} | {ours[k]:.1f} | {ref[k]:.1f} | {ours[k] / ref[k]:.2f} |")

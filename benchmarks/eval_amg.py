@@ -7,8 +7,8 @@ Usage::
     .venv/bin/python benchmarks/eval_amg.py --tune-on val --limit 20  # pick live thresholds on val, then test
 
 Compares, with the SAME model:
-  * ``ours``      — napari_sam.segment_everything with our settings (label clean-up; thresholds tuned on the
-                    val split with --tune-on val, else the reference defaults);
+  * ``ours``      — our generator + label image with clean-up (islands/holes < 16 px), thresholds tuned on
+                    the val split with --tune-on val, else the reference defaults (= segment_everything);
   * ``ours@ref``  — our AutomaticMaskGenerator at the reference's default parameters, records painted with
                     no clean-up (what the reference pipeline produces, at our speed);
   * ``meta@ref``  — Meta's SamAutomaticMaskGenerator itself at its defaults (on --reference-limit images;
@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("never tune on the test split")
     import torch
 
-    from napari_sam.core.amg import AutomaticMaskGenerator, segment_everything
+    from napari_sam.core.amg import AutomaticMaskGenerator
     from napari_sam.core.build import load_model
     from napari_sam.core.labels import records_to_labels
 
@@ -118,8 +118,13 @@ def main(argv: list[str] | None = None) -> int:
         ours_params = tune(AutomaticMaskGenerator(model, pred_iou_thresh=0.5, stability_score_thresh=0.5),
                            load_split(args.tune_on, args.tune_limit))
     min_area = ours_params.pop("min_object_area")
-    gen_ours = AutomaticMaskGenerator(model, **ours_params)
-    gen_ref = AutomaticMaskGenerator(model, **REF_DEFAULTS)
+    ours_th = {**REF_DEFAULTS, **ours_params}
+    ours_th.pop("points_per_side")
+    ref_th = {k: v for k, v in REF_DEFAULTS.items() if k != "points_per_side"}
+    # one model run per image serves both settings: kept outputs are re-filtered (equal to a fresh run, tested)
+    gen = AutomaticMaskGenerator(model, points_per_side=REF_DEFAULTS["points_per_side"])
+    floors = dict(iou_floor=min(ours_th["pred_iou_thresh"], ref_th["pred_iou_thresh"]),
+                  stability_floor=min(ours_th["stability_score_thresh"], ref_th["stability_score_thresh"]))
     results: dict[str, list] = {"ours": [], "ours@ref": [], "meta@ref": []}
     times: dict[str, float] = {k: 0.0 for k in results}
     meta = None
@@ -133,12 +138,13 @@ def main(argv: list[str] | None = None) -> int:
         meta = SamAutomaticMaskGenerator(model, **REF_DEFAULTS)
     for k, (name, img, gt) in enumerate(images):
         t = time.perf_counter()
-        results["ours"].append(match_stats(gt, segment_everything(img, gen_ours, min_object_area=min_area)))
-        times["ours"] += time.perf_counter() - t
-        t = time.perf_counter()
-        recs = gen_ref.propose(img).filter(**gen_ref.thresholds())
-        results["ours@ref"].append(match_stats(gt, records_to_labels(recs, gt.shape, 0)))
-        times["ours@ref"] += time.perf_counter() - t
+        props = gen.propose(img, **floors)
+        t_model = time.perf_counter() - t
+        for key, th, ma in (("ours", ours_th, min_area), ("ours@ref", ref_th, 0)):
+            t = time.perf_counter()
+            recs = props.filter(**th)
+            results[key].append(match_stats(gt, records_to_labels(recs, gt.shape, ma)))
+            times[key] += t_model + time.perf_counter() - t
         if meta is not None and k < args.reference_limit:
             t = time.perf_counter()
             mrecs = meta.generate(img)
@@ -147,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
             results["meta@ref"].append(match_stats(gt, records_to_labels(conv, gt.shape, 0)))
         print(f"[{k + 1}/{len(images)}] {name[:12]} gt {int(gt.max())}: " + ", ".join(
             f"{m} F1 {summarize(v)['F1@0.5']:.3f}" for m, v in results.items() if v), file=sys.stderr, flush=True)
-    out = {"model": args.model or "built-in", "split": args.split, "ours_params": {**ours_params,
+    out = {"model": args.model or "built-in", "split": args.split, "ours_params": {**ours_th,
            "min_object_area": min_area}, "reference_params": REF_DEFAULTS}
     print(f"\n| method | images | F1@0.5 | precision | recall | mean matched IoU | s / image |")
     print("|---|---|---|---|---|---|---|")

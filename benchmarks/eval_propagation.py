@@ -26,16 +26,16 @@ DATA = ROOT.parent / "shared" / "data" / "gonuclear_3d_nuclei"
 VOLUMES = ("1135", "1136")
 
 # (name, strategy, extra params): the strategies of napari_sam.core.propagation plus micro-sam's default
-RUNS = [
-    ("box", "box", {}),
+RUNS = [  # most informative first: a time-boxed run (--strategies) still compares the main ones
     ("box + logits", "box_logits", {}),
-    ("box (+10%) + logits", "box_logits", {"box_extension": 0.1}),
     ("point", "point", {}),
-    ("point, candidate by overlap", "point", {"select": "overlap"}),
-    ("point + box", "point_box", {}),
-    ("point + logits", "point_logits", {}),
-    ("point + box + logits", "point_box_logits", {}),
     ("micro-sam default (point, stop IoU<0.5)", "microsam", {}),
+    ("point + box + logits", "point_box_logits", {}),
+    ("box", "box", {}),
+    ("point + box", "point_box", {}),
+    ("box (+10%) + logits", "box_logits", {"box_extension": 0.1}),
+    ("point, candidate by overlap", "point", {"select": "overlap"}),
+    ("point + logits", "point_logits", {}),
 ]
 
 
@@ -65,48 +65,50 @@ def iou3d(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.count_nonzero(a & b) / union) if union else 0.0
 
 
-def evaluate(model, strategies, min_voxels: int, cache, log=print, limit: int | None = None) -> dict:
+def evaluate(model, strategies, min_voxels: int, cache, log=print, limit: int | None = None,
+             on_strategy=None) -> dict:
+    """Embed both volumes, prompt every nucleus once, then run each strategy over all nuclei."""
+    from tifffile import imread
+
     from napari_sam.core.embedding_store import StackEmbeddings
     from napari_sam.core.predictor import SamPredictor
     from napari_sam.core.propagation import iter_propagate_masks
-    from tifffile import imread as read_tif
 
-    results = {name: [] for name, _, _ in strategies}
-    slices = {name: 0 for name, _, _ in strategies}
-    times = {name: 0.0 for name, _, _ in strategies}
-    seeds_ok = []
+    out = {"results": {}, "slices": {}, "times": {}, "seed_iou": []}
+    volumes = []
     for vid in VOLUMES:
-        vol = read_tif(DATA / f"{vid}_crop_image.tif")
-        gt = read_tif(DATA / f"{vid}_crop_label.tif")
+        vol, gt = imread(DATA / f"{vid}_crop_image.tif"), imread(DATA / f"{vid}_crop_label.tif")
         t0 = time.perf_counter()
-        emb = StackEmbeddings(vol, model, cache=cache)
-        emb.compute_all()
+        emb = StackEmbeddings(vol, model, cache=cache).compute_all()
         log(f"{vid}: embeddings of {vol.shape[0]} slices in {time.perf_counter() - t0:.1f} s")
-        prompts = nucleus_prompts(gt, min_voxels)[:limit]
         pred = SamPredictor(model)
         seeds, objs = [], []
-        for lab, z, center in prompts:  # the prompted slice: one point, best of 3 candidates
+        for lab, z, center in nucleus_prompts(gt, min_voxels)[:limit]:  # one point, best of 3 candidates
             pred.set_embedding(emb[z])
             p = pred.predict(points=center[None], multimask=True)
             k = int(np.argmax(p.iou))
             seeds.append({z: p.masks[k]})
             objs.append(lab)
-            seeds_ok.append(iou3d(p.masks[k], gt[z] == lab))
-        for name, strategy, extra in strategies:
+            out["seed_iou"].append(iou3d(p.masks[k], gt[z] == lab))
+        volumes.append((vol, gt, emb, seeds, objs))
+    for name, strategy, extra in strategies:
+        ious, n, t = [], 0, 0.0
+        for vol, gt, emb, seeds, objs in volumes:
             masks = [np.zeros(gt.shape, bool) for _ in objs]
             for i, s in enumerate(seeds):
                 for z, m in s.items():
                     masks[i][z] = m
             t0 = time.perf_counter()
-            n = 0
             for i, z, m, _s in iter_propagate_masks(vol, seeds, embeddings=emb, strategy=strategy, **extra):
                 masks[i][z] = m
                 n += 1
-            times[name] += time.perf_counter() - t0
-            slices[name] += n
-            results[name] += [iou3d(masks[i], gt == lab) for i, lab in enumerate(objs)]
-            log(f"{vid}: {name}: mean 3D IoU {np.mean(results[name][-len(objs):]):.3f} ({len(objs)} nuclei)")
-    return {"results": results, "slices": slices, "times": times, "seed_iou": seeds_ok}
+            t += time.perf_counter() - t0
+            ious += [iou3d(masks[i], gt == lab) for i, lab in enumerate(objs)]
+        out["results"][name], out["slices"][name], out["times"][name] = ious, n, t
+        log(f"{name}: mean 3D IoU {np.mean(ious):.3f} over {len(ious)} nuclei ({t:.0f} s)")
+        if on_strategy is not None:
+            on_strategy(out)
+    return out
 
 
 def table(out: dict) -> str:
@@ -129,24 +131,34 @@ def main(argv=None) -> int:
     ap.add_argument("--no-cache", action="store_true", help="keep embeddings in memory (no disk cache)")
     ap.add_argument("--limit", type=int, default=None, help="at most this many nuclei per volume (smoke runs)")
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--out", type=Path, default=None, help="also write the table here, updated after each strategy")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     from napari_sam.core.build import load_model
 
     model = load_model(args.model, device="cpu")
     runs = RUNS if args.strategies is None else [r for r in RUNS if r[1] in args.strategies.split(",")]
+    model_name = args.model or "builtin"
+
+    def report(out, final=False):
+        n = len(next(iter(out["results"].values())))
+        text = (f"GoNuclear 3D ({', '.join(VOLUMES)}), {n} nuclei >= {args.min_voxels} voxels, model {model_name}; "
+                f"prompted-slice 2D IoU {np.mean(out['seed_iou']):.3f}\n\n{table(out)}\n")
+        best = max(out["results"], key=lambda k: np.mean(out["results"][k]))
+        text += f"\nbest: {best} ({np.mean(out['results'][best]):.3f})\n"
+        if args.out:
+            args.out.write_text(text)
+        if args.json:
+            args.json.write_text(json.dumps({
+                "results": {k: [float(x) for x in v] for k, v in out["results"].items()},
+                "slices": out["slices"], "times": out["times"], "seed_iou": [float(x) for x in out["seed_iou"]],
+            }, indent=1))
+        if final:
+            print(text)
+
     out = evaluate(model, runs, args.min_voxels, cache=not args.no_cache, log=lambda s: print(s, file=sys.stderr),
-                   limit=args.limit)
-    n = len(next(iter(out["results"].values())))
-    print(f"GoNuclear 3D ({', '.join(VOLUMES)}), {n} nuclei >= {args.min_voxels} voxels, model "
-          f"{args.model or 'builtin'}; prompted-slice 2D IoU {np.mean(out['seed_iou']):.3f}\n")
-    print(table(out))
-    best = max(out["results"], key=lambda k: np.mean(out["results"][k]))
-    print(f"\nbest: {best} ({np.mean(out['results'][best]):.3f})")
-    if args.json:
-        args.json.write_text(json.dumps({k: (v if not isinstance(v, dict) else {kk: (list(map(float, vv)) if
-                                         isinstance(vv, list) else float(vv)) for kk, vv in v.items()})
-                                         for k, v in out.items() if k != "seed_iou"}, indent=1))
+                   limit=args.limit, on_strategy=report)
+    report(out, final=True)
     return 0
 
 

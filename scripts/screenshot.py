@@ -30,15 +30,20 @@ def main(argv=None) -> int:
         img = iio.imread(args.image)
         viewer.add_image(img, name=Path(args.image).stem, rgb=img.ndim == 3 and img.shape[-1] in (3, 4))
     else:
-        viewer.open_sample("napari-sam", "hematoxylin")
+        viewer.open_sample("napari-sam", "ihc")
     image = viewer.layers[-1]
     _, w = viewer.window.add_plugin_dock_widget("napari-sam", "SAM annotator")
     w.set_model(args.model)
     w.wait(600)
     w.set_image_layer(image)
-    # click the centres of the darkest (nuclear stain) blobs: the brightest in the hematoxylin channel
-    data = np.asarray(image.data, dtype=np.float32)
-    gray = data.mean(-1) if data.ndim == 3 else data
+    # click the centres of the strongest nuclear-stain blobs
+    data = np.asarray(image.data)
+    if data.ndim == 3:  # RGB: the hematoxylin (nuclear stain) channel
+        from skimage.color import rgb2hed
+
+        gray = rgb2hed(data[..., :3])[..., 0]
+    else:
+        gray = data.astype(np.float32)
     smooth = ndimage.gaussian_filter(gray, 4)
     peaks = (smooth == ndimage.maximum_filter(smooth, 25)) & (smooth > np.percentile(smooth, 97))
     centres = [tuple(int(v) for v in c) for c in np.argwhere(peaks)][:8]

@@ -28,6 +28,17 @@ SMALL = SamConfig("store_test", "tiny_vit", img_size=128, tv_embed_dims=(16, 32,
                   prompt_embed_dim=32, decoder_mlp_dim=64, decoder_num_heads=2, iou_head_hidden_dim=32)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Small models gain nothing from a second thread; on a shared 2-core machine it only adds contention."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def stack():
     vol = read_image(data_dir("gonuclear_3d_nuclei") / "1135_crop_image.tif")
@@ -55,7 +66,7 @@ def count_encoder_calls(model):
 def test_compute_store_and_reopen_without_encoder(stack, model, cache):
     emb = StackEmbeddings(stack, model)
     assert not emb.in_memory and emb.path.parent == cache == embeddings_dir()
-    progress = list(emb.compute(batch_size=2))
+    progress = list(emb.compute(batch_size=2))  # (done, total) after each batch
     assert progress == [(0, 5), (2, 5), (4, 5), (5, 5)]
     import zarr
 

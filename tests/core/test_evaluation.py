@@ -106,3 +106,32 @@ def test_bad_input_is_rejected(nuclei_sample):
         evaluate_image(OraclePredictor(labels), image, labels[:-1])
     with pytest.raises(ValueError, match="unknown prompt"):
         evaluate_image(OraclePredictor(labels), image, labels, prompts=("lasso",))
+
+
+def test_cli_train_and_evaluate_on_a_folder(tmp_path, tiny_model, nuclei_sample):
+    """Plumbing of ``napari-sam train`` (2 decoder-only steps) and ``napari-sam evaluate`` on a real image."""
+    import json
+
+    import tifffile
+    from imageio.v3 import imwrite
+
+    from napari_sam.cli import main
+    from napari_sam.core.build import load_model, save_checkpoint
+
+    image, labels = nuclei_sample
+    data = tmp_path / "data"
+    data.mkdir()
+    imwrite(data / "a_image.png", image)
+    tifffile.imwrite(data / "a_label.tif", labels)
+    ck = save_checkpoint(tiny_model, tmp_path / "random.pt")
+    assert main(["train", "--images", str(data), "--model", str(ck), "--mode", "decoder", "--steps", "2",
+                 "--objects", "3", "--out", str(tmp_path / "run"), "--log-every", "1"]) == 0
+    tuned = load_model(tmp_path / "run" / "final.pt")
+    assert tuned.checkpoint_meta["step"] == 2 and "napari-sam" in tuned.checkpoint_meta["command"]
+    out = tmp_path / "res.json"
+    assert main(["evaluate", "--images", str(data), "--model", str(tmp_path / "run" / "final.pt"), "--prompt", "box",
+                 "point", "--max-objects", "3", "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert res["all"]["objects"] == 3 and 0 <= res["all"]["box"] <= 1 and "clicks" not in res["all"]
+    assert out.with_suffix(".md").read_text().startswith("| data set |")
+    assert main(["evaluate", "--images", str(tmp_path / "missing"), "--model", str(ck), "--out", str(out)]) == 2

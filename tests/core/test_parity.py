@@ -229,11 +229,12 @@ def test_input_frames_match_reference_for_every_size(reference, shared_data):
 
 def test_large_model_keys_and_shapes_match_reference(reference, monkeypatch):
     """vit_l and vit_h: same parameter names and shapes as the reference builders (built on the meta device)."""
-    import segment_anything.build_sam as ref_build
+    import importlib
 
     from napari_sam.core import build as our_build
     from napari_sam.core.build import infer_config
 
+    ref_build = importlib.import_module("segment_anything.build_sam")  # the package attribute is a function
     for module in (ref_build, our_build):  # the prompt encoder is small: build it on the CPU, which avoids
         def on_cpu(*args, _cls=module.PromptEncoder, **kwargs):  # torch's slow first-use meta-op import
             with torch.device("cpu"):

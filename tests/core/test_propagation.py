@@ -23,6 +23,17 @@ from napari_sam.core.propagation import (
 NO_STOP = dict(iou_threshold=0.0, overlap_threshold=0.0, min_area=1)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Small models gain nothing from a second thread; on a shared 2-core machine it only adds contention."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(autouse=True)
 def _cache(tmp_path, monkeypatch):
     monkeypatch.setenv("NAPARI_SAM_CACHE_DIR", str(tmp_path / "cache"))
@@ -112,6 +123,12 @@ def test_prompt_helpers():
     assert mask_box(m).tolist() == [2, 5, 14, 25]
     r, c = interior_point(m)
     assert m[int(r), int(c)] and 4 <= r <= 6
+    big = np.zeros((400, 400), bool)  # subsampled path: still inside, near the exact maximum
+    big[20:220, 30:380] = True
+    big[220:390, 30:90] = True
+    r, c = interior_point(big)
+    exact = interior_point(big, max_side=10_000)
+    assert big[int(r), int(c)] and np.abs(np.array([r, c]) - exact).max() <= 8 and abs(exact[0] - 120) <= 1
 
 
 def test_batched_objects_equal_single_runs(volume, emb):

@@ -121,9 +121,21 @@ def test_small_int_labels_run_out_of_ids(annotator, qtbot, nuclei_sample):
     assert np.array_equal(lab.data, before)
 
 
-def test_missing_model_file_gives_a_message(make_napari_viewer, qtbot, tmp_path):
+def test_model_from_a_local_file_and_a_missing_file(make_napari_viewer, qtbot, tmp_path, model):
+    from napari_sam._widgets._state import get_state
+    from napari_sam.core import save_checkpoint
+
     viewer = make_napari_viewer(show=True)
     _, w = viewer.window.add_plugin_dock_widget("napari-sam", "SAM annotator")
     w.set_model(str(tmp_path / "nope.pt"))
     qtbot.waitUntil(lambda: w._model_worker is None, timeout=30000)
     assert "could not load model" in w.ui.status_label.text() and "does not exist" in w.ui.status_label.text()
+    assert get_state(viewer).model is None
+    path = save_checkpoint(model, tmp_path / "mine.pt")
+    w.set_model(str(path), device="cpu")
+    qtbot.waitUntil(lambda: w._model_worker is None, timeout=30000)
+    loaded = get_state(viewer).model
+    assert loaded is not None and get_state(viewer).model_name == str(path)
+    for a, b in zip(loaded.state_dict().values(), model.state_dict().values()):
+        assert np.array_equal(a.numpy(), b.numpy())
+    assert "loaded on cpu" in w.ui.status_label.text() and "on cpu" in w.ui.model_label.text()

@@ -77,6 +77,8 @@ def test_point_cycle_refine_commit_undo(annotator, qtbot, model, nuclei_sample):
         assert np.array_equal(labels.data[before == 1], before[before == 1])
         labels.undo()  # one undo step removes the whole commit
         np.testing.assert_array_equal(labels.data, before)
+    else:
+        assert w.commit() == [] and "nothing new to commit" in w.ui.status_label.text()
     labels.undo()
     assert not labels.data.any()
 
@@ -161,3 +163,37 @@ def test_shortcuts_are_viewer_keybindings_without_clashes(annotator, qtbot):
     QTest.keyClick(canvas, Qt.Key_C, Qt.ShiftModifier)  # commit
     qtbot.waitUntil(lambda: "SAM labels" in viewer.layers, timeout=3000)
     assert viewer.layers["SAM labels"].data.max() == 1
+
+
+def test_closing_the_dock_unhooks_the_widget(make_napari_viewer, qtbot, model, nuclei_sample):
+    import gc
+
+    from napari.utils.key_bindings import coerce_keybinding
+
+    from napari_sam._widgets._annotator_ui import SHORTCUTS
+    from napari_sam._widgets._state import get_state
+
+    viewer = make_napari_viewer(show=True)
+    get_state(viewer).set_model(model)
+    viewer.add_image(nuclei_sample[0], name="nuclei")
+    _, w = viewer.window.add_plugin_dock_widget("napari-sam", "SAM annotator")
+    w.set_image_layer("nuclei")
+    w.add_point((60, 140))
+    wait_idle(qtbot, w)
+    assert all(coerce_keybinding(k) in viewer.keymap for k in SHORTCUTS)
+    destroyed = []
+    w.destroyed.connect(lambda *_: destroyed.append(True))
+    from qtpy.QtCore import QCoreApplication, QEvent
+
+    viewer.window.remove_dock_widget("all")
+    del w
+    for _ in range(3):
+        QCoreApplication.sendPostedEvents(None, QEvent.DeferredDelete)
+        gc.collect()
+        qtbot.wait(20)
+    assert destroyed  # nothing (shortcuts, shared state, workers) keeps the closed widget alive
+    assert all(coerce_keybinding(k) not in viewer.keymap for k in SHORTCUTS)
+    assert not get_state(viewer)._callbacks
+    viewer.layers["SAM points"].add([[10.0, 10.0]])  # no callback into the deleted widget (would raise)
+    viewer.layers.remove("nuclei")
+    qtbot.wait(100)

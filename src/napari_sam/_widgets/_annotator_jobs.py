@@ -51,8 +51,8 @@ class AnnotatorJobs:
         self._start_progress(f"loading {name}")
         self._model_worker = run_in_thread(
             load_model, name, device=None if device == "auto" else device, progress=self._relay.report,
-            on_return=lambda m: self._model_loaded(m, name),
-            on_error=lambda e: self._model_failed(e, name), on_finish=self._model_done)
+            on_return=self._weak(lambda w, m: w._model_loaded(m, name)),
+            on_error=self._weak(lambda w, e: w._model_failed(e, name)), on_finish=self._weak(type(self)._model_done))
         return self._model_worker
 
     def _cancel_embedding(self, restart: bool, quiet: bool = False) -> None:
@@ -105,8 +105,9 @@ class AnnotatorJobs:
             return res, res.preview()
 
         self._predict_worker = run_in_thread(
-            job, on_return=lambda out: self._predicted(out, version),
-            on_error=lambda e: self._message(f"prediction failed: {e}", "error"), on_finish=self._predict_done)
+            job, on_return=self._weak(lambda w, out: w._predicted(out, version)),
+            on_error=self._weak(lambda w, e: w._message(f"prediction failed: {e}", "error")),
+            on_finish=self._weak(type(self)._predict_done))
 
     def _start_embedding(self, image, index, key) -> None:
         if self._embed_worker is not None:
@@ -118,28 +119,29 @@ class AnnotatorJobs:
         model, model_key = self.state.model, self.state.model_key
         self._embed_key, self._embed_token = key, CancelToken()
         self._embed_ok = self._embed_restart = self._embed_quiet = False
-        token = self._embed_token
+        token, report = self._embed_token, self._relay.report
         self._start_progress("embedding image" + (f" plane {index}" if index else ""))
 
         def job():
             from ..core.predictor import SamPredictor
 
-            return ann.compute_embedding(SamPredictor(model), np.asarray(data[index]), self._relay.report,
+            return ann.compute_embedding(SamPredictor(model), np.asarray(data[index]), report,
                                          token.cancelled)
 
-        def done(emb):
-            self._embed_ok = True
-            if model_key == self.state.model_key:
-                self.state.embeddings.put(key, emb)
+        def done(w, emb):
+            w._embed_ok = True
+            if model_key == w.state.model_key:
+                w.state.embeddings.put(key, emb)
 
-        def failed(exc):
-            self._embed_ok = False
+        def failed(w, exc):
+            w._embed_ok = False
             if not isinstance(exc, ann.EmbeddingCancelled):
-                self._message(f"cannot embed image {image.name!r}: {exc}", "error")
-            elif not (self._embed_restart or self._embed_quiet):
-                self._message("embedding cancelled; change a prompt to start it again")
+                w._message(f"cannot embed image {image.name!r}: {exc}", "error")
+            elif not (w._embed_restart or w._embed_quiet):
+                w._message("embedding cancelled; change a prompt to start it again")
 
-        self._embed_worker = run_in_thread(job, on_return=done, on_error=failed, on_finish=self._embed_done)
+        self._embed_worker = run_in_thread(job, on_return=self._weak(done), on_error=self._weak(failed),
+                                           on_finish=self._weak(type(self)._embed_done))
 
     @_main_thread
     def _embed_done(self) -> None:

@@ -12,6 +12,7 @@ reads prompts and shows results. Coordinates are (row, col) in the image layer's
 from __future__ import annotations
 
 import time
+import weakref
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -69,9 +70,12 @@ class AnnotatorWidget(AnnotatorJobs, QWidget):
         self.viewer.layers.events.inserted.connect(self._refresh_combos)
         self.viewer.layers.events.removed.connect(self._on_layer_removed)
         self.viewer.dims.events.current_step.connect(self._changed)
-        self.state.on_model_changed(self._on_model_changed)
-        for key, (action, _) in SHORTCUTS.items():
-            self.viewer.bind_key(key, self._key_handler(action), overwrite=True)
+        model_cb = self._weak(lambda w, model: w._on_model_changed(model))
+        self.state.on_model_changed(model_cb)
+        handlers = {key: self._key_handler(action) for key, (action, _) in SHORTCUTS.items()}
+        for key, handler in handlers.items():
+            self.viewer.bind_key(key, handler, overwrite=True)
+        self.destroyed.connect(self._teardown_callback(handlers, model_cb))
         self._refresh_combos()
         self._show_polarity()
         self._show_model()
@@ -159,6 +163,10 @@ class AnnotatorWidget(AnnotatorJobs, QWidget):
         except (L.LayerError, ValueError) as exc:
             self._message(str(exc), "error")
             return []
+        if not plan.writes:
+            self._message("nothing new to commit: the mask lies entirely on existing objects (tick 'overwrite "
+                          "existing objects' to replace them)", "warning")
+            return []
         msg = f"committed object(s) {plan.ids} into {labels.name!r} (select it and press Ctrl+Z to undo)"
         if plan.skipped:
             msg += f"; {plan.skipped} object(s) lay entirely on existing labels and were skipped"
@@ -218,13 +226,26 @@ class AnnotatorWidget(AnnotatorJobs, QWidget):
         u.clear_button.clicked.connect(self.clear_prompts)
         u.batch_check.toggled.connect(self._changed)
 
+    def _weak(self, fn):
+        """``fn(widget, *args)`` as a callback that holds the widget weakly (no-op once it is gone)."""
+        ref = weakref.ref(self)
+
+        def callback(*args):
+            widget = ref()
+            if widget is not None:
+                return fn(widget, *args)
+
+        return callback
+
     def _key_handler(self, action: str):
-        def handler(viewer):
+        def run(widget, viewer):
             try:
-                getattr(self, action)()
+                getattr(widget, action)()
             except (L.LayerError, ValueError) as exc:
-                self._message(str(exc), "warning")
-        handler.__doc__ = f"napari-sam: {action}"
+                widget._message(str(exc), "warning")
+
+        handler = self._weak(run)
+        handler.__doc__ = f"napari-sam annotator: {action}"
         return handler
 
     def _browse(self) -> None:
@@ -374,8 +395,18 @@ class AnnotatorWidget(AnnotatorJobs, QWidget):
         self.viewer.status = text
         _notify(text, level)
 
-    def closeEvent(self, event) -> None:  # noqa: N802 - Qt API
-        for key in SHORTCUTS:
-            self.viewer.bind_key(key, None)
-        self.state.disconnect(self._on_model_changed)
-        super().closeEvent(event)
+    def _teardown_callback(self, handlers, model_cb):
+        """A closure holding no reference to the widget (it runs once the widget is gone) that removes
+        the viewer shortcuts and the shared-state callback. napari's layer/viewer events hold only weak
+        references to the widget's methods, so they need no clean-up."""
+        viewer, state = self.viewer, self.state
+
+        def teardown(*_):
+            from napari.utils.key_bindings import coerce_keybinding
+
+            for key, handler in handlers.items():
+                if viewer.keymap.get(coerce_keybinding(key)) is handler:
+                    viewer.bind_key(key, None)
+            state.disconnect(model_cb)
+
+        return teardown

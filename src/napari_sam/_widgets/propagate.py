@@ -278,7 +278,7 @@ class PropagateWidget(QWidget):
         idx = [int(np.clip(np.round(step[i]), 0, image.data.shape[i] - 1)) for i in range(image.ndim)]
         lead = tuple(idx[: image.ndim - 3])
         volume = np.asarray(select_volume(image.data, idx))
-        labels3d = np.asarray(select_volume(labels.data, idx))
+        labels3d = np.array(select_volume(labels.data, idx))  # a copy: the user may paint meanwhile
         return image, labels, lead, volume, labels3d, idx[image.ndim - 3]
 
     def _on_progress(self, done: int, total: int) -> None:

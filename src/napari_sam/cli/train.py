@@ -63,8 +63,9 @@ def run(args: argparse.Namespace) -> int:
     print(f"loaded {len(train)} training and {len(val)} validation images in {time.time() - t0:.1f} s", flush=True)
     cfg = TrainConfig(mode=args.mode, steps=args.steps, max_minutes=args.max_minutes, lr=args.lr,
                       warmup_steps=args.warmup, images_per_step=args.images_per_step, objects_per_image=args.objects,
-                      max_click_iters=args.click_iters, focal_ramp_steps=args.focal_ramp, focal_start_iou=args.focal_start_iou, seed=args.seed,
-                      eval_every_s=60 * args.eval_every_min, log_every=args.log_every, ckpt_every_s=60 * args.ckpt_every_min)
+                      max_click_iters=args.click_iters, focal_ramp_steps=args.focal_ramp,
+                      focal_start_iou=args.focal_start_iou, seed=args.seed, eval_every_s=60 * args.eval_every_min,
+                      log_every=args.log_every, ckpt_every_s=60 * args.ckpt_every_min)
     meta = {"command": "napari-sam " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
             "data": f"{args.images} split={args.split if args.split_csv else 'all'}", "train_config": vars(cfg)}
     trainer = Trainer(model, train, cfg, val=val, out_dir=args.out, meta=meta,

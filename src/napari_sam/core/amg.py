@@ -32,6 +32,7 @@ class Cancelled(RuntimeError):
     """Raised inside generation when the ``cancel`` callback returns True."""
 
 
+DECODER_BYTES = 64 * 2**20  # cap on one image-sized decoder tensor per sub-batch (vit_*: 16 points, nsam_t: 128)
 THRESHOLDS = ("pred_iou_thresh", "stability_score_thresh", "box_nms_thresh", "crop_nms_thresh",
               "min_mask_region_area")
 
@@ -163,10 +164,7 @@ class AutomaticMaskGenerator:
         for s in range(0, n, self.points_per_batch):
             _check_cancel(cancel)
             e = min(n, s + self.points_per_batch)
-            pc = coords[s:e, None, :]
-            labels = torch.ones(pc.shape[:2], dtype=torch.int64, device=pc.device)
-            with torch.inference_mode():
-                low, iou = self.predictor.predict_torch(pc, labels, multimask_output=True)
+            low, iou = self._decode(coords[s:e, None, :])
             k = low.shape[1]
             low, iou = low.flatten(0, 1).float().cpu(), iou.flatten(0, 1).float().cpu()
             pts = np.repeat(pts_rc[s:e], k, axis=0) + np.array([r0, c0])
@@ -189,6 +187,23 @@ class AutomaticMaskGenerator:
             progress(e)
         crop.finish()
         return crop
+
+
+    def _decode(self, pc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Decode (B, 1, 2) points; split into sub-batches whose per-point image-sized decoder tensors stay
+        under DECODER_BYTES (the decoder is independent per point, so results are identical)."""
+        c = self.model.prompt_encoder.embed_dim
+        g = self.model.prompt_encoder.image_embedding_size
+        step = max(1, min(len(pc), DECODER_BYTES // (4 * c * g[0] * g[1])))
+        lows, ious = [], []
+        with torch.inference_mode():
+            for s in range(0, len(pc), step):
+                sub = pc[s : s + step]
+                labels = torch.ones(sub.shape[:2], dtype=torch.int64, device=sub.device)
+                low, iou = self.predictor.predict_torch(sub, labels, multimask_output=True)
+                lows.append(low)
+                ious.append(iou)
+        return torch.cat(lows), torch.cat(ious)
 
 
 def _support(op: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:

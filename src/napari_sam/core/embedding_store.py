@@ -292,17 +292,23 @@ class StackEmbeddings:
         self._features, self._crc, self.path, self._crc_cache = feats, crc, path, crcs
         return True
 
-    def _store_slice(self, z: int, feats16: np.ndarray) -> None:
-        self._mem[z] = feats16
+    def _store_slices(self, items: Sequence[tuple[int, np.ndarray]]) -> None:
+        """Keep (z, float16 features) pairs; on disk, the chunks first, then the CRC index (crash-safe order)."""
+        for z, feats16 in items:
+            self._mem[z] = feats16
         if self._features is None or not self._writable:
             return
         try:
-            self._features[z] = feats16
-            self._crc_cache[z] = zlib.crc32(feats16.tobytes())
-            self._crc[:] = self._crc_cache  # the index is written after the chunk
-            self._mem.pop(z, None)
+            for z, feats16 in items:
+                self._features[z] = feats16
+            crcs = self._crc_cache.copy()
+            for z, feats16 in items:
+                crcs[z] = zlib.crc32(feats16.tobytes())
+            self._crc[:] = crcs  # the index is written after the chunks
+            self._crc_cache = crcs
+            for z, _ in items:
+                self._mem.pop(z, None)
         except OSError as e:
-            self._crc_cache[z] = -1
             warnings.warn(f"writing the embedding cache {self.path} failed ({e.strerror or e}); the remaining "
                           "embeddings are kept in memory", EmbeddingCacheWarning, stacklevel=4)
             self._writable = False  # slices already on disk stay readable
@@ -352,7 +358,7 @@ class StackEmbeddings:
         feats16 = self._load_slice(z)
         if feats16 is None:
             feats16 = self._encode([z])[0]
-            self._store_slice(z, feats16)
+            self._store_slices([(z, feats16)])
         t = torch.from_numpy(feats16.astype(np.float32))[None]
         return ImageEmbedding(t, self.original_size, self.input_size)
 
@@ -370,7 +376,7 @@ class StackEmbeddings:
             out.append(self.model.image_encoder(self.model.preprocess(x))[0].cpu().numpy().astype(np.float16))
         return out
 
-    def compute(self, slices: Sequence[int] | None = None, batch_size: int = 2,
+    def compute(self, slices: Sequence[int] | None = None, batch_size: int = 4,
                 cancel: Callable[[], bool] | None = None) -> Iterator[tuple[int, int]]:
         """Generator: embed the missing slices (all, or ``slices``), yielding (done, total) after each batch.
         Stops early (keeping what is done) when ``cancel()`` returns True."""
@@ -382,8 +388,7 @@ class StackEmbeddings:
             if cancel is not None and cancel():
                 return
             batch = todo[i: i + batch_size]
-            for z, f in zip(batch, self._encode(batch)):
-                self._store_slice(z, f)
+            self._store_slices(list(zip(batch, self._encode(batch))))
             yield min(i + batch_size, total), total
         if self.path is not None and self._features is not None:
             try:

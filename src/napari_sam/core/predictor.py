@@ -230,7 +230,10 @@ class SamPredictor:
         for lin in (l0.cross_attn_token_to_image.k_proj, l0.cross_attn_token_to_image.v_proj,
                     l0.cross_attn_image_to_token.q_proj):
             deps += [lin.weight, lin.bias]
-        key = (id(emb), emb.features.data_ptr(), tuple((t.data_ptr(), t._version) for t in deps))
-        if self._ctx is None or self._ctx[0] != key:
+        try:
+            key = (id(emb), emb.features.data_ptr(), tuple((t.data_ptr(), t._version) for t in deps))
+        except RuntimeError:  # weights that are inference tensors have no version counter: do not cache
+            key = None
+        if key is None or self._ctx is None or self._ctx[0] != key:
             self._ctx = (key, prepare_context(emb.features, pe, dec))
         return self._ctx[1]

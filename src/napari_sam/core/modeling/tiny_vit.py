@@ -43,8 +43,11 @@ class Conv2d_BN(nn.Sequential):
             w, b = self.fused_weights()
         else:  # inference: fold once, refold if any of the tensors changed (version counters)
             deps = (c.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var)
-            key = tuple((t.data_ptr(), t._version) for t in deps)
-            if self._fused is None or self._fused[0] != key:
+            try:
+                key = tuple((t.data_ptr(), t._version) for t in deps)
+            except RuntimeError:  # inference tensors have no version counter: do not cache
+                key = None
+            if key is None or self._fused is None or self._fused[0] != key:
                 self._fused = (key, *self.fused_weights())
             w, b = self._fused[1], self._fused[2]
         return F.conv2d(x, w, b, c.stride, c.padding, c.dilation, c.groups)
@@ -148,14 +151,28 @@ class Attention(nn.Module):
         self.attention_biases = nn.Parameter(torch.zeros(num_heads, len(offsets)))
         n = len(points)
         self.register_buffer("attention_bias_idxs", torch.LongTensor(idxs).view(n, n), persistent=False)
+        self._bias: tuple | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, N, C)
         b, n, _ = x.shape
         x = self.qkv(self.norm(x)).view(b, n, self.num_heads, -1)
         q, k, v = x.split([self.key_dim, self.key_dim, self.d], dim=3)
         q, k, v = q.permute(0, 2, 1, 3), k.permute(0, 2, 1, 3), v.permute(0, 2, 1, 3)
-        bias = self.attention_biases[:, self.attention_bias_idxs]  # (heads, N, N)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype), scale=self.scale)
+        if torch.is_grad_enabled():
+            bias = self.attention_biases[:, self.attention_bias_idxs]  # (heads, N, N)
+        else:  # inference: gather once, again only if the biases change (version counter)
+            try:
+                key = (self.attention_biases.data_ptr(), self.attention_biases._version)
+            except RuntimeError:
+                key = None
+            if key is None or self._bias is None or self._bias[0] != key:
+                self._bias = (key, self.attention_biases[:, self.attention_bias_idxs])
+            bias = self._bias[1]
+        # windows are small (N = 49 for vit_t): plain attention beats SDPA with a float mask on the CPU
+        attn = torch.baddbmm(bias.to(q.dtype).expand(b, -1, -1, -1).reshape(-1, n, n),
+                             (q * self.scale).reshape(-1, n, self.key_dim),
+                             k.reshape(-1, n, self.key_dim).transpose(1, 2))
+        out = (attn.softmax(-1) @ v.reshape(-1, n, self.d)).reshape(b, self.num_heads, n, self.d)
         return self.proj(out.transpose(1, 2).reshape(b, n, self.dh))
 
 

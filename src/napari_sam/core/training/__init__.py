@@ -4,5 +4,5 @@ from .data import DataError, Sample, from_arrays, load_folder, load_split_folder
 from .finetune import finetune, finetune_iter
 from .trainer import TrainConfig, Trainer, TrainingError, make_model
 
-__all__ = ["DataError", "Sample", "finetune", "finetune_iter", "TrainConfig", "Trainer", "TrainingError", "from_arrays", "load_folder",
-           "load_split_folder", "make_model"]
+__all__ = ["DataError", "Sample", "TrainConfig", "Trainer", "TrainingError", "finetune", "finetune_iter",
+           "from_arrays", "load_folder", "load_split_folder", "make_model"]

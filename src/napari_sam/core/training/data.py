@@ -161,7 +161,8 @@ def load_split_folder(root: str | Path, split: str | None, img_size: int, limit:
 
 def load_folder(images: str | Path, labels: str | Path | None, img_size: int) -> list[Sample]:
     """Folder of pairs (see :func:`pairs_from_folder`) -> resized samples (group = "")."""
-    return [resize_pair(read_array(i), read_array(lab), img_size, i.stem) for i, lab in pairs_from_folder(images, labels)]
+    pairs = pairs_from_folder(images, labels)
+    return [resize_pair(read_array(i), read_array(lab), img_size, i.stem) for i, lab in pairs]
 
 
 def from_arrays(images: list[np.ndarray] | np.ndarray, labels: list[np.ndarray] | np.ndarray,
