@@ -48,12 +48,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=10)
+    ap.add_argument("--model", default=None, help="checkpoint (default: the built-in model)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     from napari_sam.core.build import build_sam, load_model
 
     image = (np.random.default_rng(0).random((520, 696, 3)) * 255).astype(np.uint8)  # a typical DSB size
-    ours = bench(load_model(device="cpu"), image, args.repeats)
+    ours = bench(load_model(args.model, device="cpu"), image, args.repeats)
     ref = bench(build_sam("vit_t").eval(), image, max(3, args.repeats // 3))
     print(f"threads={args.threads}, image 520x696 RGB, median of repeats")
     print("| metric | built-in (nsam_t, 512 px) | MobileSAM vit_t (1024 px) | ratio |")

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from napari_sam.core import CheckpointError, SamPredictor, build_sam, get_config, load_model, save_checkpoint
+from napari_sam.core import CheckpointError, SamPredictor, get_config, load_model, save_checkpoint
 from napari_sam.core import checkpoints as ck
-from napari_sam.core.build import infer_config, read_checkpoint
+from napari_sam.core.build import infer_config
 
 from conftest import randomize_
 

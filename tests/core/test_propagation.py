@@ -196,3 +196,29 @@ def test_single_slice_and_anisotropic_volumes(volume, tiny_model):
     flat = np.ascontiguousarray(volume[2:5, ::1, ::3])  # 3 thin slices, 96 x 32 pixels
     mask, scores = propagate_object(flat, 1, points=[[48, 16]], model=tiny_model, strategy="point", **NO_STOP)
     assert mask.shape == (3, 96, 32) and np.isfinite(scores).all()
+
+
+def test_confidence_text_and_write_plan():
+    from napari_sam.core.propagation_labels import confidence_text, plan_write, seeds_from_labels
+
+    s = np.array([np.nan, 0.9, 1.0, 0.2, np.nan, 0.5, np.nan], np.float32)
+    assert confidence_text(3, s) == "label 3: z 1–5, lowest 0.20 at z 3\n▇█▂·▅"
+    assert confidence_text(3, np.full(4, np.nan)) == "label 3: not propagated"
+    labels = np.zeros((3, 4, 4), np.uint16)
+    labels[1, :2, :2] = 5  # object 5 seeded on slice 1
+    labels[2, 0, 0] = 7  # another object's voxel on slice 2
+    labels[2, 3, 3] = 5  # a stale voxel of object 5 on slice 2
+    ids, seeds = seeds_from_labels(labels, 1)
+    assert ids == [5] and np.array_equal(seeds[0][1], labels[1] == 5)
+    with pytest.raises(ValueError, match=r"label\(s\) \[9\] are not on slice 1"):
+        seeds_from_labels(labels, 1, [9])
+    new = np.zeros((4, 4), bool)
+    new[:2, :2] = True
+    (z, r, c), v = plan_write(labels, [5], {0: {2: new}})
+    out = labels.copy()
+    out[z, r, c] = v
+    assert out[2, 0, 0] == 7 and out[2, 3, 3] == 0  # kept the other object, cleared the stale voxel
+    assert np.count_nonzero(out[2] == 5) == 3
+    (z, r, c), v = plan_write(labels, [5], {0: {2: new}}, overwrite=True)
+    out[z, r, c] = v
+    assert out[2, 0, 0] == 5

@@ -139,3 +139,20 @@ def test_model_from_a_local_file_and_a_missing_file(make_napari_viewer, qtbot, t
     for a, b in zip(loaded.state_dict().values(), model.state_dict().values()):
         assert np.array_equal(a.numpy(), b.numpy())
     assert "loaded on cpu" in w.ui.status_label.text() and "on cpu" in w.ui.model_label.text()
+
+
+def test_cancel_embedding_then_resume(annotator, qtbot):
+    viewer, w = annotator
+    seen = []
+    w.ui.progress.valueChanged.connect(seen.append)
+    w.add_point((40, 40))
+    w.predict_now()
+    assert w._embed_worker is not None and w.ui.cancel_button.isEnabled()
+    w.ui.cancel_button.click()
+    wait_idle(qtbot, w)
+    assert w.result is None and "cancelled" in w.ui.status_label.text()
+    assert not w.ui.cancel_button.isEnabled() and len(w.state.embeddings) == 0
+    w.add_point((60, 60))  # the next change starts it again; both points are used
+    wait_idle(qtbot, w)
+    assert w.result is not None and len(w.result.prompts.points) == 2
+    assert any(0 < v <= 100 for v in seen)  # the progress bar moved during the embedding

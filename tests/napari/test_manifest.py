@@ -27,6 +27,7 @@ def test_every_python_name_imports(cmd):
     assert callable(obj)
 
 
+@pytest.mark.slow
 def test_npe2_validate_with_imports():
     exe = shutil.which("npe2", path=str(Path(sys.executable).parent)) or shutil.which("npe2")
     if exe is None:

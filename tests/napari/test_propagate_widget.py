@@ -58,7 +58,7 @@ def test_current_object_one_undo_step_and_confidence(scene):
     assert np.array_equal(after == OTHER, before == OTHER)  # another object's voxels are never taken
     assert set(np.unique(after)) == {0, SEED, OTHER}
     text = w.confidence_label.text()
-    assert text.startswith(f"label {SEED}: z 0–7") and "lowest" in text
+    assert text.startswith(f"label {SEED}: z 0–7, lowest") and len(text.splitlines()[1]) == 8  # a bar per slice
     scores = w.last_scores[SEED]
     assert scores[4] == 1.0 and np.isfinite(scores).all()
     assert lay.metadata["sam_confidence"][SEED] == scores.tolist()
@@ -164,3 +164,21 @@ def test_time_lapse_tzyx_uses_the_displayed_volume(make_napari_viewer, qtbot, ti
     after = np.asarray(lay.data)
     assert np.array_equal(after[0], labels[0])  # the other time point is untouched
     assert (after[1] == SEED).any(axis=(1, 2)).tolist() == [False, False, True, True, True, False]
+
+
+def test_object_drawn_on_two_slices_is_filled_between_them(scene):
+    viewer, w, lay, before = scene
+    d = data_dir("gonuclear_3d_nuclei")
+    gt = read_image(d / "1135_crop_label.tif")[40:48, :96, :96]
+    drawn = before.copy()
+    drawn[1][gt[1] == SEED] = SEED  # the nucleus drawn on slices 1, 4 and 6
+    drawn[6][gt[6] == SEED] = SEED
+    lay.data = drawn
+    assert w.propagate(direction="both", scope="current", strategy="point", **NO_STOP)
+    assert w.wait(120)
+    after = np.asarray(lay.data)
+    assert (after == SEED).any(axis=(1, 2)).all()
+    for z in (1, 4, 6):  # the drawn slices are kept as drawn
+        assert np.array_equal(after[z], drawn[z])
+    assert np.array_equal(after == OTHER, before == OTHER)
+    assert "propagated 1 object(s)" in w.status_label.text()

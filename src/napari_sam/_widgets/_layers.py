@@ -104,7 +104,7 @@ def style_points(points) -> None:
         points.symbol = list(symbols)
 
 
-def _to_image_coords(layer, image, data: np.ndarray) -> np.ndarray:
+def to_image_coords(layer, image, data: np.ndarray) -> np.ndarray:
     """(N, layer.ndim) data coordinates of ``layer`` -> (N, image.ndim) data coordinates of ``image``."""
     if data.size == 0:
         return np.zeros((0, image.ndim))
@@ -116,7 +116,7 @@ def _to_image_coords(layer, image, data: np.ndarray) -> np.ndarray:
     return np.array([image.world_to_data(layer.data_to_world(p)) for p in data], dtype=np.float64)
 
 
-def _in_plane(coords: np.ndarray, index: tuple[int, ...]) -> np.ndarray:
+def in_plane(coords: np.ndarray, index: tuple[int, ...]) -> np.ndarray:
     lead = len(index)
     if lead == 0:
         return np.ones(len(coords), dtype=bool)
@@ -131,8 +131,8 @@ def read_prompts(points, boxes, image, index: tuple[int, ...]) -> tuple[Prompts,
     labels = np.zeros(0, dtype=np.int64)
     outside = 0
     if points is not None and len(points.data):
-        c = _to_image_coords(points, image, np.asarray(points.data))
-        keep = _in_plane(c, index)
+        c = to_image_coords(points, image, np.asarray(points.data))
+        keep = in_plane(c, index)
         rc = c[keep][:, -2:]
         lab = np.asarray(points.features["positive"], dtype=bool)[keep].astype(np.int64)
         inside = (rc[:, 0] >= -0.5) & (rc[:, 0] <= shape[0] - 0.5) & (rc[:, 1] >= -0.5) & (rc[:, 1] <= shape[1] - 0.5)
@@ -143,8 +143,8 @@ def read_prompts(points, boxes, image, index: tuple[int, ...]) -> tuple[Prompts,
         for verts, kind in zip(boxes.data, boxes.shape_type):
             if kind != "rectangle":
                 continue
-            c = _to_image_coords(boxes, image, np.asarray(verts))
-            if not _in_plane(c[:1], index)[0]:
+            c = to_image_coords(boxes, image, np.asarray(verts))
+            if not in_plane(c[:1], index)[0]:
                 continue
             lo, hi = c[:, -2:].min(0), c[:, -2:].max(0)
             lo = np.maximum(lo, 0)

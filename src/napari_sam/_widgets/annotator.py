@@ -185,8 +185,8 @@ class AnnotatorWidget(AnnotatorJobs, QWidget):
                 if layer is None or not len(layer.data):
                     continue
                 data = layer.data if layer is self.points_layer else [d[0] for d in layer.data]
-                coords = L._to_image_coords(layer, self.image_layer, np.asarray(data).reshape(-1, layer.ndim))
-                layer.selected_data = set(np.flatnonzero(L._in_plane(coords, index)).tolist())
+                coords = L.to_image_coords(layer, self.image_layer, np.asarray(data).reshape(-1, layer.ndim))
+                layer.selected_data = set(np.flatnonzero(L.in_plane(coords, index)).tolist())
                 layer.remove_selected()
         self._set_result(None)
 

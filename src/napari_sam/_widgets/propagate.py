@@ -7,8 +7,9 @@ Scriptable::
 
 The image is (Z, Y, X) (or (T, Z, Y, X): the displayed volume at the current T). The labels layer has the
 image's shape. Objects are those of the labels layer on the current slice: the selected label ("current")
-or every label there ("all"). A current object that already spans other slices (a correction of a 3D object)
-is re-propagated: only the range the correction affects is redone. Work runs in a thread worker (progress,
+or every label there ("all"). A current object drawn on several slices with gaps is filled between them from
+both ends; one that already spans a run of slices (a correction of a 3D object) is re-propagated: only the
+range the correction affects is redone. Work runs in a thread worker (progress,
 cancel); the result is written into the labels layer as ONE undoable step, and never over other objects'
 voxels unless "overwrite" is checked.
 """
@@ -39,8 +40,10 @@ SCOPES = {"current object": "current", "all objects on this slice": "all"}
 
 def run_propagation(volume, labels3d, z, ids, model, params, cancel, report) -> dict[str, Any]:
     """Thread job: load the model if needed, open the stack's cached embeddings, propagate the objects ``ids``
-    of slice z with ``params`` (PropagationParams fields). Returns {"model", "ids", "results": {i: {z: mask}},
-    "scores": (B, Z), "notes", "cancelled"}."""
+    of slice z with ``params`` (PropagationParams fields). One object drawn on several slices with gaps between
+    them: the gaps are filled from both ends. One object already spanning a run of slices: only the range
+    its correction on slice z affects is redone. Returns {"model", "ids", "results": {i: {z: mask}},
+    "scores": (B, Z), "notes", "cancelled", "range"}."""
     notes = []
     if model is None:
         from ..core.build import load_model
@@ -58,9 +61,12 @@ def run_propagation(volume, labels3d, z, ids, model, params, cancel, report) -> 
     scores[:, z] = 1.0
     report(0, total)
     obj = labels3d == ids[0]
-    elsewhere = obj.any(axis=(1, 2))
-    elsewhere[z] = False
-    if len(ids) == 1 and elsewhere.any():  # a correction of a 3D object: redo only the affected range
+    present = np.flatnonzero(obj.any(axis=(1, 2)))
+    gaps = len(ids) == 1 and present.size > 1 and np.any(np.diff(present) > 1)
+    if gaps:  # the object was drawn on several slices with gaps: fill them from both ends, then outward
+        seeds = [{int(zz): obj[zz] for zz in present}]
+        scores[0, present] = 1.0
+    elif len(ids) == 1 and present.size > 1:  # a correction of a 3D object: redo only the affected range
         new, sc, (lo, hi) = repropagate(volume, obj, z, obj[z], embeddings=emb, cancel=cancel, **params)
         results[0] = {zz: new[zz] for zz in range(lo, hi + 1) if zz != z}
         scores[0] = sc
@@ -127,8 +133,8 @@ class PropagateWidget(QWidget):
         self.progress = QProgressBar()
         self.progress.setFormat("idle")
         self.status_label, self.confidence_label = QLabel(""), QLabel("")
-        for lab in (self.status_label, self.confidence_label):
-            lab.setWordWrap(True)
+        self.status_label.setWordWrap(True)
+        self.confidence_label.setStyleSheet("font-family: monospace")
         form = QFormLayout()
         for name, w in (("image", self.image_combo), ("labels", self.labels_combo), ("direction",
                         self.direction_combo), ("objects", self.scope_combo), ("strategy", self.strategy_combo)):

@@ -156,7 +156,8 @@ class AutomaticMaskGenerator:
         a, b = _upsample_operators(L, model.img_size, tuple(emb.input_size), tuple(size))
         crop = CropProposals(tuple(box), layer, a, b, float(model.mask_threshold))
         row_ranges, col_ranges = _support(a), _support(b)
-        valid = (int(np.ceil(emb.input_size[0] * L / model.img_size)), int(np.ceil(emb.input_size[1] * L / model.img_size)))
+        # low-res rows/cols that cover the resized image (the rest is padding): stability is scored there
+        valid = tuple(int(np.ceil(s * L / model.img_size)) for s in emb.input_size)
         pts_rc = self.point_grids[layer] * np.array(size, dtype=np.float64)[None]
         coords = self.predictor.transform.apply_coords(rc_to_xy(pts_rc), size)
         coords = torch.as_tensor(coords, dtype=torch.float32, device=self.predictor.device)
@@ -187,7 +188,6 @@ class AutomaticMaskGenerator:
             progress(e)
         crop.finish()
         return crop
-
 
     def _decode(self, pc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Decode (B, 1, 2) points; split into sub-batches whose per-point image-sized decoder tensors stay

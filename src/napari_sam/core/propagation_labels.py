@@ -73,11 +73,12 @@ def plan_write(labels: np.ndarray, ids: Sequence[int], results: Mapping[int, Map
     return (np.concatenate(zs), np.concatenate(rows), np.concatenate(cols)), np.concatenate(vals)
 
 
-BARS = " ▁▂▃▄▅▆▇█"
+BARS = "▁▂▃▄▅▆▇█"
 
 
 def confidence_text(label: int, scores: np.ndarray) -> str:
-    """One line per object: a bar per slice (predicted IoU 0..1, '·' where absent), its range and weakest slice."""
+    """Two lines per object: its slice range and weakest slice, then one bar per slice (predicted IoU 0..1,
+    '·' where the object is absent), so drift along the stack is visible at a glance."""
     s = np.asarray(scores, dtype=np.float64)
     present = np.flatnonzero(np.isfinite(s))
     if present.size == 0:
@@ -86,4 +87,4 @@ def confidence_text(label: int, scores: np.ndarray) -> str:
     bars = "".join("·" if not np.isfinite(v) else BARS[int(round(np.clip(v, 0, 1) * (len(BARS) - 1)))]
                    for v in s[lo: hi + 1])
     worst = lo + int(np.nanargmin(s[lo: hi + 1]))
-    return f"label {label}: z {lo}–{hi} {bars} (lowest {s[worst]:.2f} at z {worst})"
+    return f"label {label}: z {lo}–{hi}, lowest {s[worst]:.2f} at z {worst}\n{bars}"

@@ -11,11 +11,24 @@ import torch.nn.functional as F
 
 
 def focal_loss(logits: torch.Tensor, target: torch.Tensor, alpha: float = 0.25, gamma: float = 2.0,
-               weight: torch.Tensor | None = None) -> torch.Tensor:
+               weight: torch.Tensor | None = None, balanced: bool = False) -> torch.Tensor:
     """Sigmoid focal loss (Lin et al.), mean over pixels -> (B, K). ``target`` is float 0/1.
 
     ``weight`` (B, 1, H, W): a weighted mean instead (e.g. 1 in a window around the object, 0 elsewhere).
+    ``balanced``: no alpha; the mean over object pixels and the mean over background pixels count half each
+    (a model that cannot yet tell them apart is pushed to p = 0.5, not to all-background).
     """
+    target = target.expand_as(logits)
+    if balanced:
+        ce = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
+        p = torch.sigmoid(logits)
+        p_t = p * target + (1 - p) * (1 - target)
+        loss = (ce * (1 - p_t) ** gamma).flatten(2)
+        w = (weight if weight is not None else torch.ones_like(target[:, :1])).expand_as(logits).flatten(2)
+        t = target.expand_as(logits).flatten(2)
+        pos = (loss * w * t).sum(-1) / (w * t).sum(-1).clamp(min=1e-6)
+        neg = (loss * w * (1 - t)).sum(-1) / (w * (1 - t)).sum(-1).clamp(min=1e-6)
+        return 0.5 * (pos + neg)
     p = torch.sigmoid(logits)
     ce = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
     p_t = p * target + (1 - p) * (1 - target)
@@ -70,7 +83,7 @@ def roi_weight(target: torch.Tensor, margin_frac: float = 0.5, min_margin: int =
 
 def sam_loss(logits: torch.Tensor, target: torch.Tensor, iou_pred: torch.Tensor, focal_weight: float = 20.0,
              dice_weight: float = 1.0, iou_weight: float = 1.0,
-             weight: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+             weight: torch.Tensor | None = None, balanced: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-mask mask loss (B, K) = focal_weight * focal + dice_weight * dice, and per-mask IoU MSE (B, K).
 
     logits (B, K, H, W); target (B, 1 or K, H, W) float; iou_pred (B, K); ``weight`` (B, 1, H, W) optional
@@ -79,6 +92,6 @@ def sam_loss(logits: torch.Tensor, target: torch.Tensor, iou_pred: torch.Tensor,
     target = target.expand_as(logits)
     mask = dice_weight * dice_loss(logits, target)
     if focal_weight > 0:
-        mask = mask + focal_weight * focal_loss(logits, target, weight=weight)
+        mask = mask + focal_weight * focal_loss(logits, target, weight=weight, balanced=balanced)
     iou_mse = iou_weight * (iou_pred - mask_iou(logits, target)) ** 2
     return mask, iou_mse

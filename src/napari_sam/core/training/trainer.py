@@ -55,6 +55,7 @@ class TrainConfig:
     focal_weight: float = 20.0
     focal_ramp_steps: int = 400
     focal_start_iou: float = 0.0  # >0: no focal term until the running mean IoU of first prompts reaches it
+    focal_balanced: bool = False  # see losses.focal_loss(balanced=True)
     roi_focal: bool = True  # focal loss averaged over a window around each object (see losses.roi_weight)
     loss_res: int = 128
     augment: bool = True
@@ -153,6 +154,8 @@ class Trainer:
         self.focal_start = st.get("focal_start", 0 if self.cfg.focal_start_iou <= 0 else None)
         if self.cfg.focal_start_iou > 0 and self.focal_start is not None and self.iou_ema < self.cfg.focal_start_iou:
             self.focal_start = None  # resumed with an adaptive ramp: wait for the IoU again
+        if self.cfg.focal_start_iou <= 0 and self.focal_start is None:
+            self.focal_start = self.step  # resumed with a fixed ramp: it starts now
 
     def save_state(self, path: str | Path | None = None) -> Path:
         path = Path(path) if path is not None else self.out_dir / "last.pt"
@@ -254,7 +257,7 @@ class Trainer:
                 logits = F.interpolate(low, size=(r, r), mode="bilinear", align_corners=False) \
                     if low.shape[-1] != r else low
                 mloss, iloss = sam_loss(logits, target, iou_pred, focal_weight=cfg.focal_weight * ramp,
-                                        weight=wroi)
+                                        weight=wroi, balanced=cfg.focal_balanced)
                 best = mloss.argmin(1) if multi else torch.zeros(len(gt), dtype=torch.long, device=dev)
             if grad:
                 total = total + mloss[bidx, best].mean() + iloss.mean()
@@ -301,7 +304,8 @@ class Trainer:
                 if low.shape[-1] != r else low
             target = F.adaptive_avg_pool2d(gt[:, None].float(), r)
             m, iou_l = sam_loss(logits, target, iou_pred, focal_weight=self.cfg.focal_weight,
-                                weight=roi_weight(target) if self.cfg.roi_focal else None)
+                                weight=roi_weight(target) if self.cfg.roi_focal else None,
+                                balanced=self.cfg.focal_balanced)
             losses.append(float((m + iou_l).mean()))
         return float(np.mean(losses))
 
