@@ -82,18 +82,23 @@ def evaluate(model, strategies, min_voxels: int, cache, log=print, limit: int | 
         emb = StackEmbeddings(vol, model, cache=cache).compute_all()
         log(f"{vid}: embeddings of {vol.shape[0]} slices in {time.perf_counter() - t0:.1f} s")
         pred = SamPredictor(model)
-        seeds, objs = [], []
+        seeds, objs, failed = [], [], 0
         for lab, z, center in nucleus_prompts(gt, min_voxels)[:limit]:  # one point, best of 3 candidates
             pred.set_embedding(emb[z])
             p = pred.predict(points=center[None], multimask=True)
             k = int(np.argmax(p.iou))
+            out["seed_iou"].append(iou3d(p.masks[k], gt[z] == lab))
+            if not p.masks[k].any():  # nothing to propagate: this nucleus scores 3D IoU 0 in every strategy
+                failed += 1
+                continue
             seeds.append({z: p.masks[k]})
             objs.append(lab)
-            out["seed_iou"].append(iou3d(p.masks[k], gt[z] == lab))
-        volumes.append((vol, gt, emb, seeds, objs))
+        if failed:
+            log(f"{vid}: {failed} nuclei got an empty mask on their prompted slice (3D IoU 0)")
+        volumes.append((vol, gt, emb, seeds, objs, failed))
     for name, strategy, extra in strategies:
         ious, n, t = [], 0, 0.0
-        for vol, gt, emb, seeds, objs in volumes:
+        for vol, gt, emb, seeds, objs, failed in volumes:
             masks = [np.zeros(gt.shape, bool) for _ in objs]
             for i, s in enumerate(seeds):
                 for z, m in s.items():
@@ -103,7 +108,7 @@ def evaluate(model, strategies, min_voxels: int, cache, log=print, limit: int | 
                 masks[i][z] = m
                 n += 1
             t += time.perf_counter() - t0
-            ious += [iou3d(masks[i], gt == lab) for i, lab in enumerate(objs)]
+            ious += [iou3d(masks[i], gt == lab) for i, lab in enumerate(objs)] + [0.0] * failed
         out["results"][name], out["slices"][name], out["times"][name] = ious, n, t
         log(f"{name}: mean 3D IoU {np.mean(ious):.3f} over {len(ious)} nuclei ({t:.0f} s)")
         if on_strategy is not None:

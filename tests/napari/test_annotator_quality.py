@@ -52,6 +52,7 @@ def test_click_on_a_nucleus_commits_it(builtin_annotator, qtbot):
     wait_idle(qtbot, w, timeout=120000)
     assert w.state.model_name == "builtin"
     ids = w.commit()
+    assert ids, f"nothing committed (empty mask); status: {w.ui.status_label.text()}"
     committed = viewer.layers["SAM labels"].data == ids[0]
     iou = _iou(committed, target)
     print(f"built-in model, one click on nucleus {nid}: IoU {iou:.3f}")
