@@ -47,17 +47,18 @@ def main(argv=None) -> int:
     smooth = ndimage.gaussian_filter(gray, 4)
     peaks = (smooth == ndimage.maximum_filter(smooth, 25)) & (smooth > np.percentile(smooth, 97))
     centres = [tuple(int(v) for v in c) for c in np.argwhere(peaks)][:8]
+    committed = []
     for rc in centres[:-1]:
         w.add_point(rc)
         w.wait(120)
-        w.commit()
+        committed += w.commit()
     w.add_point(centres[-1])
     w.wait(120)
     viewer.layers.selection.active = w.points_layer
     shot = viewer.screenshot(canvas_only=False, flash=False)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     iio.imwrite(args.out, shot)
-    print(f"saved {args.out} {shot.shape}; committed {len(centres) - 1} objects; status: {w.ui.status_label.text()}")
+    print(f"saved {args.out} {shot.shape}; committed objects {committed}; status: {w.ui.status_label.text()}")
     viewer.close()
     return 0
 

@@ -163,6 +163,9 @@ class AnnotatorWidget(AnnotatorJobs, QWidget):
         except (L.LayerError, ValueError) as exc:
             self._message(str(exc), "error")
             return []
+        if not any(m.any() for m in r.objects()):
+            self._message("the predicted mask is empty: nothing to commit; move the point or draw a box", "warning")
+            return []
         if not plan.writes:
             self._message("nothing new to commit: the mask lies entirely on existing objects (tick 'overwrite "
                           "existing objects' to replace them)", "warning")
