@@ -9,12 +9,14 @@ thread (``ProgressRelay.report(done, total)``) arrives in the main thread throug
 from __future__ import annotations
 
 import threading
+import time
 import warnings
 from collections.abc import Callable
 from typing import Any
 
 from napari.qt.threading import create_worker
 from qtpy.QtCore import QObject, Signal
+from qtpy.QtWidgets import QApplication
 
 
 # torch warns once that PIL's read-only resize output is wrapped without a copy; harmless here, and
@@ -80,3 +82,15 @@ def run_in_thread(
         worker.finished.connect(on_finish)
     worker.start()
     return worker
+
+
+def process_events_until(done: Callable[[], bool], timeout: float) -> bool:
+    """Process Qt events until ``done()`` is true or ``timeout`` seconds pass (for scripts and tests).
+
+    Returns ``done()`` at the end, i.e. False on timeout.
+    """
+    end = time.monotonic() + timeout
+    while not done() and time.monotonic() < end:
+        QApplication.processEvents()
+        time.sleep(0.005)
+    return done()

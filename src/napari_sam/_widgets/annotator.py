@@ -11,13 +11,12 @@ reads prompts and shows results. Coordinates are (row, col) in the image layer's
 
 from __future__ import annotations
 
-import time
 import weakref
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from qtpy.QtCore import QTimer
-from qtpy.QtWidgets import QApplication, QFileDialog, QWidget
+from qtpy.QtWidgets import QFileDialog, QWidget
 
 from ..core import annotation as ann
 from ..core.device import available_devices
@@ -25,7 +24,7 @@ from . import _layers as L
 from ._annotator_jobs import AnnotatorJobs, _main_thread
 from ._annotator_ui import MODEL_CHOICES, NEW_LAYER, SHORTCUTS, AnnotatorUI
 from ._state import get_state
-from ._workers import CancelToken, ProgressRelay
+from ._workers import CancelToken, ProgressRelay, process_events_until
 
 if TYPE_CHECKING:
     import napari
@@ -206,11 +205,7 @@ class AnnotatorWidget(AnnotatorJobs, QWidget):
 
     def wait(self, timeout: float = 120.0) -> bool:
         """Process Qt events until idle (for scripts and the napari console). Returns False on timeout."""
-        end = time.monotonic() + timeout
-        while self.busy and time.monotonic() < end:
-            QApplication.processEvents()
-            time.sleep(0.005)
-        return not self.busy
+        return process_events_until(lambda: not self.busy, timeout)
 
     def cancel(self) -> None:
         """Cancel a running embedding (the prompts stay; the next change restarts it)."""

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from qtpy.QtCore import Qt, QTimer
 from qtpy.QtWidgets import (
-    QApplication, QCheckBox, QComboBox, QFormLayout, QHBoxLayout, QLabel, QProgressBar, QPushButton, QSpinBox,
+    QCheckBox, QComboBox, QFormLayout, QHBoxLayout, QLabel, QProgressBar, QPushButton, QSpinBox,
     QVBoxLayout, QWidget,
 )
 from superqt import QLabeledDoubleSlider, QLabeledSlider
@@ -28,7 +28,7 @@ from ..core.amg import AutomaticMaskGenerator
 from ..core.labels import records_to_labels
 from . import _layers as L
 from ._state import get_state
-from ._workers import CancelToken, ProgressRelay, run_in_thread
+from ._workers import CancelToken, ProgressRelay, process_events_until, run_in_thread
 
 if TYPE_CHECKING:
     import napari
@@ -180,11 +180,7 @@ class SegmentEverythingWidget(QWidget):
         return self.worker is not None
 
     def wait(self, timeout: float = 300.0) -> bool:
-        end = time.monotonic() + timeout
-        while self.busy() and time.monotonic() < end:
-            QApplication.processEvents()
-            time.sleep(0.005)
-        return not self.busy()
+        return process_events_until(lambda: not self.busy(), timeout)
 
     def cancel(self) -> None:
         """Stop the running model; nothing is written."""

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from qtpy.QtWidgets import (
-    QApplication, QCheckBox, QComboBox, QFormLayout, QHBoxLayout, QLabel, QProgressBar, QPushButton, QVBoxLayout,
+    QCheckBox, QComboBox, QFormLayout, QHBoxLayout, QLabel, QProgressBar, QPushButton, QVBoxLayout,
     QWidget,
 )
 
@@ -29,7 +29,7 @@ from ..core.embedding_store import EmbeddingCacheWarning, StackEmbeddings, selec
 from ..core.propagation import STRATEGIES, PropagationParams, iter_propagate_masks, make_params, repropagate
 from ..core.propagation_labels import confidence_text, plan_write, seeds_from_labels
 from ._state import get_state
-from ._workers import CancelToken, ProgressRelay, run_in_thread
+from ._workers import CancelToken, ProgressRelay, process_events_until, run_in_thread
 
 if TYPE_CHECKING:
     import napari
@@ -177,13 +177,7 @@ class PropagateWidget(QWidget):
 
     def wait(self, timeout: float = 120.0) -> bool:
         """Process Qt events until the running propagation finished (for scripts and tests)."""
-        import time
-
-        end = time.monotonic() + timeout
-        while self.busy() and time.monotonic() < end:
-            QApplication.processEvents()
-            time.sleep(0.005)
-        return not self.busy()
+        return process_events_until(lambda: not self.busy(), timeout)
 
     def cancel(self) -> None:
         """Stop the running propagation; nothing is written."""
