@@ -162,3 +162,13 @@ def tiny_model():
     from napari_sam.core import build_sam, get_config
 
     return randomize_(build_sam(get_config("nsam_t")), seed=1).eval()
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread for a test module (small models gain nothing from a second one; on a shared 2-core
+    machine it only adds contention). Use with ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

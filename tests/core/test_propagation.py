@@ -23,15 +23,7 @@ from napari_sam.core.propagation import (
 NO_STOP = dict(iou_threshold=0.0, overlap_threshold=0.0, min_area=1)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small models gain nothing from a second thread; on a shared 2-core machine it only adds contention."""
-    import torch
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(autouse=True)

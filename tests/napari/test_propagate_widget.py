@@ -10,20 +10,11 @@ napari = pytest.importorskip("napari")
 
 from conftest import data_dir, read_image  # noqa: E402
 
-pytestmark = pytest.mark.gui
+pytestmark = [pytest.mark.gui, pytest.mark.usefixtures("one_torch_thread")]
 NO_STOP = dict(iou_threshold=0.0, overlap_threshold=0.0, min_area=1)
 SEED, OTHER = 28, 33  # ground-truth nuclei: 28 annotated on slice 4 only, 33 already on every slice
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small models gain nothing from a second thread; on a shared 2-core machine it only adds contention."""
-    import torch
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture
