@@ -13,7 +13,7 @@ from napari_sam.core.build import build_sam
 from napari_sam.core.config import get_config
 from napari_sam.core.training import DataError, TrainConfig, Trainer, TrainingError, from_arrays
 from napari_sam.core.training.data import load_folder, pairs_from_folder
-from napari_sam.core.training.losses import dice_loss, focal_loss, mask_iou, sam_loss
+from napari_sam.core.training.losses import dice_loss, focal_loss, mask_iou, sam_loss, weighted_bce
 from napari_sam.core.training.simulate import corrective_clicks, mask_boxes, noisy_boxes, sample_points
 from tests.conftest import data_dir, read_image
 
@@ -88,6 +88,24 @@ def test_losses_match_hand_computed_values():
     m, i = sam_loss(logits, target, torch.tensor([[0.5]]))
     assert m.item() == pytest.approx(20 * ref + 1 - 2 / 3.25, abs=1e-5)
     assert i.item() == pytest.approx(0.25, abs=1e-6)
+
+
+def test_weighted_bce_balances_a_small_object_against_its_background():
+    logits = torch.tensor([0.0, float(np.log(3.0)), 0.0, 0.0]).view(1, 1, 1, 4)  # p = 0.5, 0.75, 0.5, 0.5
+    target = torch.tensor([1.0, 0.0, 0.0, 0.0]).view(1, 1, 1, 4)  # object share 1/4 -> object weight 3
+    # (3 ln 2 + ln 4 + ln 2 + ln 2) / 4 / 2
+    assert weighted_bce(logits, target).item() == pytest.approx(7 * np.log(2) / 8, abs=1e-6)
+    m, _ = sam_loss(logits, target, torch.tensor([[0.0]]), pixel_loss="wbce")
+    assert m.item() == pytest.approx(7 * np.log(2) / 8 + dice_loss(logits, target).item(), abs=1e-6)
+    # an all-background prediction is no longer cheap: it costs as much as an all-object one
+    t = torch.zeros(1, 1, 10, 10)
+    t[..., :1, :1] = 1  # 1 % object
+    all_bg, all_fg = weighted_bce(torch.full_like(t, -4.0), t), weighted_bce(torch.full_like(t, 4.0), t)
+    assert all_bg.item() == pytest.approx(all_fg.item(), rel=1e-5)
+    assert focal_loss(torch.full_like(t, -4.0), t).item() < 0.1 * focal_loss(torch.full_like(t, 4.0), t).item()
+    assert TrainConfig().pixel_loss == "wbce"
+    with pytest.raises(ValueError, match="unknown pixel_loss"):
+        sam_loss(logits, target, torch.tensor([[0.0]]), pixel_loss="bce")
 
 
 # ------------------------------------------------------------------ data and bad input

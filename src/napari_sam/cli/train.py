@@ -30,6 +30,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--images-per-step", type=int, default=1)
     p.add_argument("--objects", type=int, default=10, help="objects per image per step")
     p.add_argument("--click-iters", type=int, default=3, help="max corrective-click iterations per step")
+    p.add_argument("--pixel-loss", default="wbce", choices=("wbce", "focal"),
+                   help="wbce: object-weighted BCE + dice (default; learns from scratch); focal: the paper's "
+                        "20*focal + dice")
     p.add_argument("--focal-ramp", type=int, default=400, help="steps over which the focal term is ramped in")
     p.add_argument("--focal-balanced", action="store_true",
                    help="class-balanced focal term (object and background halves; no alpha)")
@@ -66,7 +69,8 @@ def run(args: argparse.Namespace) -> int:
     cfg = TrainConfig(mode=args.mode, steps=args.steps, max_minutes=args.max_minutes, lr=args.lr,
                       warmup_steps=args.warmup, images_per_step=args.images_per_step, objects_per_image=args.objects,
                       max_click_iters=args.click_iters, focal_ramp_steps=args.focal_ramp,
-                      focal_start_iou=args.focal_start_iou, focal_balanced=args.focal_balanced, seed=args.seed, eval_every_s=60 * args.eval_every_min,
+                      focal_start_iou=args.focal_start_iou, focal_balanced=args.focal_balanced,
+                      pixel_loss=args.pixel_loss, seed=args.seed, eval_every_s=60 * args.eval_every_min,
                       log_every=args.log_every, ckpt_every_s=60 * args.ckpt_every_min)
     meta = {"command": "napari-sam " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
             "data": f"{args.images} split={args.split if args.split_csv else 'all'}", "train_config": vars(cfg)}

@@ -41,6 +41,21 @@ def focal_loss(logits: torch.Tensor, target: torch.Tensor, alpha: float = 0.25, 
     return loss.flatten(2).mean(-1)
 
 
+def weighted_bce(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Binary cross-entropy with the object pixels up-weighted to balance the background -> (B, K).
+
+    Each object pixel weighs (1 - f) / f, with f the object's share of the mask (at least 0.1 %), each
+    background pixel 1, so object and background contribute equally; the mean over pixels is halved.
+    Trained from scratch on nuclei (< 1 % of an image), the paper's focal loss drives every logit to
+    background before the model can tell a nucleus from its surroundings; this loss does not (see
+    ``benchmarks/exp_bce_loss.py`` and the model card).
+    """
+    target = target.expand_as(logits)
+    f = target.mean(dim=(-1, -2), keepdim=True).clamp(min=1e-3)
+    w = torch.where(target > 0.5, (1 - f) / f, torch.ones_like(target))
+    return (F.binary_cross_entropy_with_logits(logits, target, reduction="none") * w).flatten(2).mean(-1) / 2
+
+
 def dice_loss(logits: torch.Tensor, target: torch.Tensor, eps: float = 1.0) -> torch.Tensor:
     """1 - soft Dice coefficient of sigmoid(logits) vs target -> (B, K)."""
     p = torch.sigmoid(logits).flatten(2)
@@ -83,15 +98,22 @@ def roi_weight(target: torch.Tensor, margin_frac: float = 0.5, min_margin: int =
 
 def sam_loss(logits: torch.Tensor, target: torch.Tensor, iou_pred: torch.Tensor, focal_weight: float = 20.0,
              dice_weight: float = 1.0, iou_weight: float = 1.0,
-             weight: torch.Tensor | None = None, balanced: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-mask mask loss (B, K) = focal_weight * focal + dice_weight * dice, and per-mask IoU MSE (B, K).
+             weight: torch.Tensor | None = None, balanced: bool = False,
+             pixel_loss: str = "focal") -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-mask mask loss (B, K) and per-mask IoU MSE (B, K).
 
+    ``pixel_loss="focal"`` (the paper): focal_weight * focal + dice_weight * dice; ``"wbce"``:
+    :func:`weighted_bce` + dice_weight * dice (focal_weight, ``weight`` and ``balanced`` are not used).
     logits (B, K, H, W); target (B, 1 or K, H, W) float; iou_pred (B, K); ``weight`` (B, 1, H, W) optional
     focal weights (:func:`roi_weight`); dice is always over the whole mask.
     """
+    if pixel_loss not in ("focal", "wbce"):
+        raise ValueError(f"unknown pixel_loss {pixel_loss!r}; use 'focal' (the paper's) or 'wbce'")
     target = target.expand_as(logits)
     mask = dice_weight * dice_loss(logits, target)
-    if focal_weight > 0:
+    if pixel_loss == "wbce":
+        mask = mask + weighted_bce(logits, target)
+    elif focal_weight > 0:
         mask = mask + focal_weight * focal_loss(logits, target, weight=weight, balanced=balanced)
     iou_mse = iou_weight * (iou_pred - mask_iou(logits, target)) ** 2
     return mask, iou_mse

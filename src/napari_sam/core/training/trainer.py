@@ -7,7 +7,9 @@ corrective-click iterations and (with p=0.5) one iteration without a new click f
 low-res logits (detached) as mask input; only the first and the last iteration are back-propagated unless
 ``grad_all_iters``. This samples the paper's 11-iteration schedule at a CPU-affordable cost. Losses are
 computed at ``loss_res`` (default: the 128 px low-res logits themselves, against area-downsampled soft targets):
-dice + ``focal_ramp`` * 20 * focal + MSE(predicted IoU, actual IoU).
+dice + object-weighted BCE (``pixel_loss="wbce"``, the default) or dice + ``focal_ramp`` * 20 * focal (the
+paper's ``"focal"``, which collapses to all-background when training from scratch on small nuclei), plus
+MSE(predicted IoU, actual IoU).
 """
 
 from __future__ import annotations
@@ -52,6 +54,7 @@ class TrainConfig:
     click_prob: float = 0.5  # share of steps that continue with corrective clicks
     grad_all_iters: bool = False  # False: back-propagate the first and the last iteration only (CPU budget)
     point_prob: float = 0.5
+    pixel_loss: str = "wbce"  # "wbce" (object-weighted BCE + dice; learns from scratch) or "focal" (the paper's)
     focal_weight: float = 20.0
     focal_ramp_steps: int = 400
     focal_start_iou: float = 0.0  # >0: no focal term until the running mean IoU of first prompts reaches it
@@ -108,6 +111,8 @@ class Trainer:
     def __init__(self, model: Sam, samples: list[Sample], cfg: TrainConfig, val: list[Sample] | None = None,
                  out_dir: str | Path | None = None, progress: Callable[[dict], None] | None = None,
                  should_stop: Callable[[], bool] | None = None, meta: dict[str, Any] | None = None) -> None:
+        if cfg.pixel_loss not in ("wbce", "focal"):
+            raise TrainingError(f"unknown pixel loss {cfg.pixel_loss!r}; use wbce or focal")
         if cfg.mode not in ("scratch", "full", "decoder"):
             raise TrainingError(f"unknown mode {cfg.mode!r}; use scratch, full or decoder")
         if not samples:
@@ -257,7 +262,8 @@ class Trainer:
                 logits = F.interpolate(low, size=(r, r), mode="bilinear", align_corners=False) \
                     if low.shape[-1] != r else low
                 mloss, iloss = sam_loss(logits, target, iou_pred, focal_weight=cfg.focal_weight * ramp,
-                                        weight=wroi, balanced=cfg.focal_balanced)
+                                        weight=wroi, balanced=cfg.focal_balanced,
+                                        pixel_loss=cfg.pixel_loss)
                 best = mloss.argmin(1) if multi else torch.zeros(len(gt), dtype=torch.long, device=dev)
             if grad:
                 total = total + mloss[bidx, best].mean() + iloss.mean()
@@ -305,7 +311,7 @@ class Trainer:
             target = F.adaptive_avg_pool2d(gt[:, None].float(), r)
             m, iou_l = sam_loss(logits, target, iou_pred, focal_weight=self.cfg.focal_weight,
                                 weight=roi_weight(target) if self.cfg.roi_focal else None,
-                                balanced=self.cfg.focal_balanced)
+                                balanced=self.cfg.focal_balanced, pixel_loss=self.cfg.pixel_loss)
             losses.append(float((m + iou_l).mean()))
         return float(np.mean(losses))
 
