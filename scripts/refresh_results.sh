@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Re-run every published quality number of the built-in model (docs/results/*, README tables, model card).
+# Usage: bash scripts/refresh_results.sh [MODEL]   (default: the built-in model). Needs ../shared/data.
+# Run it on an idle machine: the timings inside the JSON files are wall-clock.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+MODEL="${1:-}"
+M=()
+[ -n "$MODEL" ] && M=(--model "$MODEL")
+D=../shared/data
+CLI=.venv/bin/napari-sam
+PY=.venv/bin/python
+R=docs/results
+mkdir -p "$R"
+
+# Interactive protocol (issue 3): point (top-ranked + oracle), box, 5 clicks.
+$CLI evaluate --images $D/dsb2018_full --split-csv $D/dsb2018_full/split.csv --split test --max-objects 16 \
+    --clicks 5 --name dsb2018_full/test --threads 2 "${M[@]}" --out $R/dsb2018_test.json
+$CLI evaluate --images $D/stardist_dsb2018_2d --max-objects 40 --clicks 5 --threads 2 "${M[@]}" --out $R/stardist.json
+$CLI evaluate --images $D/isbi2012_em_neurites_2d --max-objects 16 --clicks 5 --threads 2 "${M[@]}" --out $R/isbi2012.json
+$CLI evaluate --images $D/gonuclear_3d_nuclei --slices 10 --max-objects 8 --clicks 5 \
+    --name "gonuclear_3d_nuclei (every 10th z slice)" --threads 2 "${M[@]}" --out $R/gonuclear.json
+
+# Segment everything (issue 5): thresholds tuned on val, F1@0.5 on test, vs the reference's defaults.
+$PY benchmarks/eval_amg.py --tune-on val --tune-limit 16 --reference-limit 4 --threads 2 "${M[@]}" \
+    --json $R/amg_dsb2018_test.json | tee $R/amg_dsb2018_test.md
+
+# 3D propagation (issue 6): mean 3D IoU per strategy on GoNuclear.
+$PY benchmarks/eval_propagation.py --threads 2 "${M[@]}" --json $R/propagation_gonuclear.json \
+    --out $R/propagation_gonuclear.md
+
+# Fine-tuning on EM (issue 3, item 9).
+$PY benchmarks/finetune_isbi.py --threads 2 "${M[@]}" --out $R/isbi_finetune
