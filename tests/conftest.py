@@ -24,6 +24,12 @@ def data_dir(name: str = "") -> Path:
     return p
 
 
+@pytest.fixture(autouse=True)
+def _private_cache_dir(tmp_path_factory, monkeypatch):
+    """Every test gets a fresh napari-sam cache folder (embedding stores, checkpoints) instead of the user's."""
+    monkeypatch.setenv("NAPARI_SAM_CACHE_DIR", str(tmp_path_factory.mktemp("nsam-cache")))
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     return data_dir()

@@ -135,6 +135,43 @@ def test_stack_uses_current_plane_and_caches_per_plane(make_napari_viewer, qtbot
     assert len(get_state(viewer).embeddings) == 2  # plane 1 came from the cache
 
 
+def test_stack_planes_come_from_the_disk_cache_in_a_new_session(make_napari_viewer, qtbot, model, nuclei_sample):
+    """Planes of a stack are embedded through the on-disk cache: a new viewer on the same data runs no encoder,
+    gives the same masks; changed data is embedded again (never a stale cache)."""
+    from napari_sam._widgets._state import get_state
+    from napari_sam.core.embedding_store import embeddings_dir
+
+    img, _ = nuclei_sample
+    gray = img if img.ndim == 2 else img[..., 0]
+    vol = np.stack([gray, np.ascontiguousarray(gray[::-1]), np.ascontiguousarray(gray[:, ::-1])])
+    calls = []
+    hook = model.image_encoder.register_forward_hook(lambda *a: calls.append(1))
+
+    def session(data):
+        viewer = make_napari_viewer(show=True)
+        get_state(viewer).set_model(model)
+        viewer.add_image(data, name="stack")
+        _, w = viewer.window.add_plugin_dock_widget("napari-sam", "SAM annotator")
+        w.set_image_layer("stack")
+        viewer.dims.set_current_step(0, 2)
+        w.add_point((60, 100))
+        wait_idle(qtbot, w)
+        return w.result
+
+    try:
+        first = session(vol)
+        assert len(calls) == 1 and len(list(embeddings_dir().iterdir())) == 1
+        second = session(vol.copy())  # the same data reopened: loaded from disk
+        assert len(calls) == 1
+        np.testing.assert_array_equal(second.masks, first.masks)
+        changed = vol.copy()
+        changed[2, :20] = 0
+        session(changed)
+        assert len(calls) == 2 and len(list(embeddings_dir().iterdir())) == 2
+    finally:
+        hook.remove()
+
+
 def test_shortcuts_are_viewer_keybindings_without_clashes(annotator, qtbot):
     from napari.utils.key_bindings import coerce_keybinding
     from napari.utils.shortcuts import default_shortcuts

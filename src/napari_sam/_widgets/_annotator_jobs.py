@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import functools
 import time
+import warnings
 
 import numpy as np
 
 from ..core import annotation as ann
+from ..core.embedding_store import EmbeddingCacheWarning, StackEmbeddings
 from . import _layers as L
 from ._workers import CancelToken, run_in_thread
 
@@ -122,14 +124,28 @@ class AnnotatorJobs:
         token, report = self._embed_token, self._relay.report
         self._start_progress("embedding image" + (f" plane {index}" if index else ""))
 
+        stacks, stack_key = self.state.stacks, (id(image), id(image.data), index[:-1], model_key)
+
         def job():
             from ..core.predictor import SamPredictor
 
-            return ann.compute_embedding(SamPredictor(model), np.asarray(data[index]), report,
-                                         token.cancelled)
+            if not index:  # a 2D image: memory only
+                return ann.compute_embedding(SamPredictor(model), np.asarray(data), report, token.cancelled), []
+            # a plane of a stack: through the on-disk embedding cache, so reopening the data is instant
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always", EmbeddingCacheWarning)
+                stack = stacks.get(stack_key)
+                if stack is None:
+                    stack = StackEmbeddings(data[tuple(index[:-1])], model)  # (Z, Y, X[, C]) around the plane
+                    stacks.put(stack_key, stack)
+                emb = ann.stack_plane_embedding(stack, index[-1], report, token.cancelled)
+            return emb, [str(c.message) for c in caught if issubclass(c.category, EmbeddingCacheWarning)]
 
-        def done(w, emb):
+        def done(w, out):
+            emb, notes = out
             w._embed_ok = True
+            for note in notes:
+                w._message(note, "warning")
             if model_key == w.state.model_key:
                 w.state.embeddings.put(key, emb)
 

@@ -57,6 +57,7 @@ class ViewerState:
         self.model_name: str = ""
         self.model_key: int = 0  # bumps on every model change; part of embedding cache keys
         self.embeddings = EmbeddingLRU()
+        self.stacks = EmbeddingLRU(max_items=4)  # StackEmbeddings (disk cache) of the stacks being annotated
         self._callbacks: list[Callable[[Any], None]] = []
 
     def set_model(self, model, name: str = "") -> None:
@@ -64,6 +65,7 @@ class ViewerState:
         self.model_name = name or getattr(getattr(model, "config", None), "name", "")
         self.model_key += 1
         self.embeddings.clear()
+        self.stacks.clear()
         for cb in list(self._callbacks):
             cb(model)
 

@@ -6,12 +6,14 @@ boxes are (min_row, min_col, max_row, max_col); label images are integer (H, W) 
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
+from .embedding_store import StackEmbeddings
 from .predictor import ImageEmbedding, SamPredictor
 
 
@@ -29,6 +31,35 @@ def encoder_stages(model) -> list[torch.nn.Module]:
     return [enc]
 
 
+@contextlib.contextmanager
+def _encoder_progress(model, progress: Callable[[int, int], None] | None, cancelled: Callable[[], bool] | None):
+    """Report ``progress(done, total)`` after each encoder stage and raise :class:`EmbeddingCancelled` before
+    a stage once ``cancelled()`` is true, for the encoder calls made inside the ``with`` block."""
+    stages = encoder_stages(model)
+    total = len(stages) + 1
+    done = [0]
+
+    def pre(_mod, _inp):
+        if cancelled is not None and cancelled():
+            raise EmbeddingCancelled("embedding cancelled")
+
+    def post(_mod, _inp, _out):
+        done[0] += 1
+        if progress is not None:
+            progress(min(done[0], total - 1), total)
+
+    handles = [s.register_forward_pre_hook(pre) for s in stages] + [s.register_forward_hook(post) for s in stages]
+    try:
+        if cancelled is not None and cancelled():
+            raise EmbeddingCancelled("embedding cancelled")
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+    if progress is not None:
+        progress(total, total)
+
+
 def compute_embedding(
     predictor: SamPredictor,
     image: np.ndarray,
@@ -41,30 +72,23 @@ def compute_embedding(
     stage and aborts with :class:`EmbeddingCancelled`. Returns the :class:`ImageEmbedding`; no predictor
     state changes.
     """
-    stages = encoder_stages(predictor.model)
-    total = len(stages) + 1
-    done = [0]
+    with _encoder_progress(predictor.model, progress, cancelled):
+        return predictor.compute_embedding(image)
 
-    def pre(_mod, _inp):
-        if cancelled is not None and cancelled():
-            raise EmbeddingCancelled("embedding cancelled")
 
-    def post(_mod, _inp, _out):
-        done[0] += 1
-        if progress is not None:
-            progress(done[0], total)
-
-    handles = [s.register_forward_pre_hook(pre) for s in stages] + [s.register_forward_hook(post) for s in stages]
-    try:
-        if cancelled is not None and cancelled():
-            raise EmbeddingCancelled("embedding cancelled")
-        emb = predictor.compute_embedding(image)
-    finally:
-        for h in handles:
-            h.remove()
-    if progress is not None:
-        progress(total, total)
-    return emb
+def stack_plane_embedding(
+    stack: StackEmbeddings,
+    z: int,
+    progress: Callable[[int, int], None] | None = None,
+    cancelled: Callable[[], bool] | None = None,
+) -> ImageEmbedding:
+    """Embedding of slice ``z`` of a stack through its disk cache (:class:`StackEmbeddings`): loaded if an
+    earlier session stored it, else computed (with progress and cancellation as in :func:`compute_embedding`)
+    and stored. The slice is normalised with the whole stack's contrast, as propagation does."""
+    if stack.is_computed(z):
+        return stack[z]
+    with _encoder_progress(stack.model, progress, cancelled):
+        return stack[z]
 
 
 # ----------------------------------------------------------------------------------------------- prompts
