@@ -192,3 +192,35 @@ def test_interrupted_run_resumes_exactly(tmp_path):
     for (n, a), b in zip(straight.model.state_dict().items(), second.model.state_dict().values()):
         assert torch.equal(a, b), n
     assert [h["loss"] for h in straight.history] == [h["loss"] for h in second.history]
+
+
+# ------------------------------------------------------------------ the built-in architecture's normalisation
+def test_per_image_norm_is_what_training_saw_and_ignores_the_batch():
+    """nsam_t normalises its conv stages with each image's own statistics: in inference exactly what
+    one-image-per-step BatchNorm training computed, whatever else is in the batch. With running statistics
+    (MobileSAM's BatchNorm in eval), a dark fluorescence image and a bright brightfield one cannot both fit."""
+    from napari_sam.core.modeling.tiny_vit import Conv2d_BN
+    from tests.conftest import randomize_
+
+    assert get_config("nsam_t").tv_norm == "image" and get_config("vit_t").tv_norm == "batch"
+    d = data_dir("dsb2018_stage1_nuclei_2d")
+    files = [sorted(d.glob("*_fluo_*_image.png"))[0], sorted(d.glob("*_color_he_*_image.png"))[0]]
+    model = randomize_(build_sam(SMALL), seed=3, std=0.1)
+    x = torch.cat([model.preprocess(torch.from_numpy(s.image).permute(2, 0, 1)[None].float())
+                   for s in from_arrays([read_image(f) for f in files],
+                                        [np.ones(read_image(f).shape[:2], np.int32) for f in files], 128)])
+    assert x[0].mean() < x[1].mean() - 1  # a dark and a bright image
+    model.eval()
+    with torch.no_grad():
+        alone = torch.cat([model.image_encoder(x[i:i + 1]) for i in range(2)])
+        together = model.image_encoder(x)
+        torch.testing.assert_close(together, alone, rtol=0, atol=1e-5)
+        # what training computed: BatchNorm in train mode on one image at a time
+        for m in model.image_encoder.modules():
+            if isinstance(m, Conv2d_BN):
+                m.per_image_norm = False
+        model.image_encoder.train()
+        trained = torch.cat([model.image_encoder(x[i:i + 1]) for i in range(2)])
+        torch.testing.assert_close(alone, trained, rtol=0, atol=1e-4)
+        model.image_encoder.eval()  # running statistics (MobileSAM's BatchNorm): a different function
+        assert (model.image_encoder(x[:1]) - alone[:1]).abs().max() > 1e-2

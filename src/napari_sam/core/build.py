@@ -53,6 +53,7 @@ def build_sam(config: SamConfig | str) -> Sam:
             out_chans=cfg.prompt_embed_dim,
             merge_strides=cfg.tv_merge_strides,
             neck_kernel=cfg.tv_neck_kernel,
+            norm=cfg.tv_norm,
         )
     else:
         raise ValueError(f"unknown encoder {cfg.encoder!r}")

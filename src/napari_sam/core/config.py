@@ -34,6 +34,7 @@ class SamConfig:
     tv_mlp_ratio: float = 4.0
     tv_mbconv_expand_ratio: float = 4.0
     tv_neck_kernel: int = 3  # 3 in MobileSAM; 1 makes small encoders much cheaper
+    tv_norm: str = "batch"  # "batch" (MobileSAM) or "image": per-image statistics in the conv stages
     # prompt encoder and mask decoder
     prompt_embed_dim: int = 256
     mask_in_chans: int = 16
@@ -109,7 +110,7 @@ def get_config(name: str) -> SamConfig:
 NSAM_T = register_config(SamConfig(
     "nsam_t", "tiny_vit", img_size=512,
     tv_embed_dims=(32, 64, 128), tv_depths=(1, 2, 2), tv_num_heads=(1, 2, 4), tv_window_sizes=(7, 8, 8),
-    tv_merge_strides=(2, 2), tv_neck_kernel=3,
+    tv_merge_strides=(2, 2), tv_neck_kernel=3, tv_norm="image",
     prompt_embed_dim=128, decoder_mlp_dim=1024, decoder_num_heads=8, iou_head_hidden_dim=128,
     description="napari-sam built-in nuclei model (TinyViT-style, 512 px, 32x32 grid)",
 ))

@@ -17,7 +17,15 @@ from .common import LayerNorm2d
 
 
 class Conv2d_BN(nn.Sequential):
-    """Conv (no bias) + BatchNorm (keys c.*, bn.*)."""
+    """Conv (no bias) + BatchNorm (keys c.*, bn.*).
+
+    ``per_image_norm`` (set by :class:`TinyViT`): normalise with each image's own channel statistics in
+    training and inference alike (instance norm with the BatchNorm's affine parameters; the running statistics
+    are not used). A model trained from scratch on mixed modalities (dark fluorescence next to bright
+    brightfield) one image per step learns exactly this; averaged running statistics fit no modality.
+    """
+
+    per_image_norm = False
 
     def __init__(self, a: int, b: int, ks: int = 1, stride: int = 1, pad: int = 0, groups: int = 1,
                  bn_weight_init: float = 1.0) -> None:
@@ -36,6 +44,9 @@ class Conv2d_BN(nn.Sequential):
         return c.weight * scale[:, None, None, None], bn.bias - bn.running_mean * scale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.per_image_norm:
+            bn = self.bn
+            return F.instance_norm(self.c(x), weight=bn.weight, bias=bn.bias, eps=bn.eps)
         if self.training:
             return self.bn(self.c(x))
         c, bn = self.c, self.bn
@@ -257,8 +268,12 @@ class TinyViT(nn.Module):
         out_chans: int = 256,
         merge_strides: tuple[int, ...] | None = None,
         neck_kernel: int = 3,
+        norm: str = "batch",
     ) -> None:
+        """``norm``: "batch" (MobileSAM's BatchNorm) or "image" (per-image statistics, see :class:`Conv2d_BN`)."""
         super().__init__()
+        if norm not in ("batch", "image"):
+            raise ValueError(f"unknown TinyViT norm {norm!r}; use 'batch' or 'image'")
         self.img_size = img_size
         act = nn.GELU
         n = len(depths)
@@ -286,6 +301,10 @@ class TinyViT(nn.Module):
             nn.Conv2d(out_chans, out_chans, kernel_size=neck_kernel, padding=neck_kernel // 2, bias=False),
             LayerNorm2d(out_chans),
         )
+        if norm == "image":
+            for mod in self.modules():
+                if isinstance(mod, Conv2d_BN):
+                    mod.per_image_norm = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.patch_embed(x)
