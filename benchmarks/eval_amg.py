@@ -73,9 +73,9 @@ def tune(gen, images, min_area_choices=(0, 16, 48)) -> dict:
     """Grid over the live thresholds on kept model outputs (one model run per image): best F1 on ``images``."""
     from napari_sam.core.labels import records_to_labels
 
-    props = [(gen.propose(img, iou_floor=0.5, stability_floor=0.5), gt) for _, img, gt in images]
+    props = [(gen.propose(img, iou_floor=0.3, stability_floor=0.5), gt) for _, img, gt in images]
     best = None
-    for piou in (0.5, 0.6, 0.7, 0.8, 0.88):
+    for piou in (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.88):
         for stab in (0.5, 0.7, 0.85, 0.95):
             for nms in (0.5, 0.7):
                 for ma in min_area_choices:
@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     images = load_split(args.split, args.limit)
     ours_params = dict(min_object_area=16)
     if args.tune_on:
-        ours_params = tune(AutomaticMaskGenerator(model, pred_iou_thresh=0.5, stability_score_thresh=0.5),
+        ours_params = tune(AutomaticMaskGenerator(model, pred_iou_thresh=0.3, stability_score_thresh=0.5),
                            load_split(args.tune_on, args.tune_limit))
     min_area = ours_params.pop("min_object_area")
     ours_th = {**REF_DEFAULTS, **ours_params}

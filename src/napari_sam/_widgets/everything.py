@@ -24,7 +24,7 @@ from qtpy.QtWidgets import (
 )
 from superqt import QLabeledDoubleSlider, QLabeledSlider
 
-from ..core.amg import AutomaticMaskGenerator
+from ..core.amg import AutomaticMaskGenerator, recommended_thresholds
 from ..core.labels import records_to_labels
 from . import _layers as L
 from ._state import get_state
@@ -72,9 +72,20 @@ class SegmentEverythingWidget(QWidget):
         self._timer.setInterval(60)
         self._timer.timeout.connect(self.refilter)
         self._build_ui()
+        self._use_recommended(self.state.model)
+        self.state.on_model_changed(self._use_recommended)
         self.viewer.layers.events.inserted.connect(self._refresh)
         self.viewer.layers.events.removed.connect(self._refresh)
         self._refresh()
+
+    def _use_recommended(self, model) -> None:
+        """Set the threshold sliders to the model's recommended values (None: the built-in model's)."""
+        try:
+            rec = recommended_thresholds(model)
+        except Exception:  # an unreadable built-in file: keep the reference defaults
+            return
+        for k, v in rec.items():
+            self.sliders[k].setValue(v)
 
     # ----------------------------------------------------------------- UI
     def _build_ui(self) -> None:

@@ -30,10 +30,13 @@ def add_amg_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("segment-everything parameters (Meta's SamAutomaticMaskGenerator meaning)")
     g.add_argument("--points-per-side", type=int, default=32)
     g.add_argument("--points-per-batch", type=int, default=64)
-    g.add_argument("--pred-iou-thresh", type=float, default=0.88)
-    g.add_argument("--stability-score-thresh", type=float, default=0.95)
+    g.add_argument("--pred-iou-thresh", type=float, default=None,
+                   help="default: the model's recommended value (built-in model), else 0.88")
+    g.add_argument("--stability-score-thresh", type=float, default=None,
+                   help="default: the model's recommended value (built-in model), else 0.95")
     g.add_argument("--stability-score-offset", type=float, default=1.0)
-    g.add_argument("--box-nms-thresh", type=float, default=0.7)
+    g.add_argument("--box-nms-thresh", type=float, default=None,
+                   help="default: the model's recommended value (built-in model), else 0.7")
     g.add_argument("--crop-n-layers", type=int, default=0)
     g.add_argument("--crop-nms-thresh", type=float, default=0.7)
     g.add_argument("--crop-overlap-ratio", type=float, default=512 / 1500)
@@ -47,7 +50,7 @@ def amg_params(args: argparse.Namespace) -> dict:
     keys = ("points_per_side", "points_per_batch", "pred_iou_thresh", "stability_score_thresh",
             "stability_score_offset", "box_nms_thresh", "crop_n_layers", "crop_nms_thresh", "crop_overlap_ratio",
             "crop_n_points_downscale_factor", "min_mask_region_area")
-    return {k: getattr(args, k) for k in keys}
+    return {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
 
 
 def make_generator(args: argparse.Namespace):
@@ -56,7 +59,7 @@ def make_generator(args: argparse.Namespace):
     from napari_sam.core.build import load_model
 
     model = load_model(args.model, device=args.device)
-    return AutomaticMaskGenerator(model, **amg_params(args))
+    return AutomaticMaskGenerator.for_model(model, **amg_params(args))
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -37,6 +37,26 @@ THRESHOLDS = ("pred_iou_thresh", "stability_score_thresh", "box_nms_thresh", "cr
               "min_mask_region_area")
 
 
+REFERENCE_THRESHOLDS = {"pred_iou_thresh": 0.88, "stability_score_thresh": 0.95, "box_nms_thresh": 0.7}
+
+
+def recommended_thresholds(model: Sam | None = None) -> dict[str, float]:
+    """Segment-everything thresholds for ``model``: the reference defaults, overridden by the ``amg_thresholds``
+    a checkpoint stores in its metadata (tuned on its validation data; the built-in model has them).
+
+    ``model``: a loaded :class:`Sam`, or None for the built-in model (its file's metadata is read).
+    """
+    if model is None:
+        from .build import builtin_checkpoint_path, read_checkpoint
+
+        path = builtin_checkpoint_path()
+        meta = read_checkpoint(path)[2] if path.is_file() else {}
+    else:
+        meta = getattr(model, "checkpoint_meta", None) or {}
+    rec = meta.get("amg_thresholds") or {}
+    return {**REFERENCE_THRESHOLDS, **{k: float(v) for k, v in rec.items() if k in REFERENCE_THRESHOLDS}}
+
+
 class AutomaticMaskGenerator:
     """Masks for everything in an image from a grid of point prompts (the reference's parameters).
 
@@ -95,6 +115,17 @@ class AutomaticMaskGenerator:
         self.crop_overlap_ratio = crop_overlap_ratio
         self.crop_n_points_downscale_factor = crop_n_points_downscale_factor
         self.min_mask_region_area = min_mask_region_area
+
+    @classmethod
+    def for_model(cls, model: Sam | str | os.PathLike | None = None, **params) -> "AutomaticMaskGenerator":
+        """A generator with the reference's defaults, except the thresholds the model's checkpoint recommends
+        (:func:`recommended_thresholds`), except what ``params`` set. What ``segment_everything``, the CLI and
+        the widget use; the plain constructor keeps the reference's defaults exactly."""
+        gen = cls(model, **params)
+        for k, v in recommended_thresholds(gen.model).items():
+            if k not in params:
+                setattr(gen, k, v)
+        return gen
 
     @property
     def model(self) -> Sam:
@@ -265,7 +296,8 @@ def segment_everything(image: np.ndarray, model: Sam | str | os.PathLike | None 
     """One instance label image (H, W) int32 (0 background) for a 2D image, using the built-in model by default.
 
     model: a Sam, a model name / checkpoint path, None (built-in), or an :class:`AutomaticMaskGenerator`
-    (then ``params`` must be empty). ``params`` are :class:`AutomaticMaskGenerator` parameters. Overlaps go to
+    (then ``params`` must be empty). ``params`` are :class:`AutomaticMaskGenerator` parameters; thresholds not
+    given are the model's recommended ones (:func:`recommended_thresholds`). Overlaps go to
     the smaller mask (deterministic); islands and holes smaller than ``min_object_area`` (default:
     max(min_mask_region_area, 16) px) are cleaned. Images with a side over ``max_untiled`` px are segmented in
     ``tile_size`` tiles with a ``halo`` and stitched (objects cut by a tile border are merged).
@@ -279,7 +311,7 @@ def segment_everything(image: np.ndarray, model: Sam | str | os.PathLike | None 
             raise ValueError("pass parameters to the AutomaticMaskGenerator, not to segment_everything")
         gen = model
     else:
-        gen = AutomaticMaskGenerator(model, **params)
+        gen = AutomaticMaskGenerator.for_model(model, **params)
     rgb = to_rgb_uint8(image)
     min_area = max(gen.min_mask_region_area, 16) if min_object_area is None else int(min_object_area)
     if min_area < 0:
