@@ -131,3 +131,22 @@ def test_large_images_are_tiled(tiny_model, image):
     assert seen == [(1, 4), (2, 4), (3, 4), (4, 4)]  # 2 x 2 tiles of the 256 x 256 image
     with pytest.raises(ValueError, match="halo"):
         segment_everything(image, tiny_model, halo=0)
+
+
+def test_recommended_thresholds_come_from_the_checkpoint():
+    """The built-in checkpoint stores segment-everything thresholds tuned on its val data; for_model (used by
+    segment_everything, the CLI and the widget) starts from them, the plain constructor keeps the reference's."""
+    from napari_sam.core.amg import REFERENCE_THRESHOLDS, recommended_thresholds
+    from napari_sam.core.build import build_sam, builtin_checkpoint_path, load_model
+
+    if not builtin_checkpoint_path().is_file():
+        pytest.skip(f"the built-in model {builtin_checkpoint_path()} does not exist")
+    model = load_model()
+    rec = recommended_thresholds(model)
+    assert rec == recommended_thresholds(None) and rec != REFERENCE_THRESHOLDS
+    assert set(rec) == set(REFERENCE_THRESHOLDS)
+    assert AutomaticMaskGenerator(model).thresholds()["pred_iou_thresh"] == 0.88
+    gen = AutomaticMaskGenerator.for_model(model, stability_score_thresh=0.9)
+    assert gen.pred_iou_thresh == rec["pred_iou_thresh"] and gen.box_nms_thresh == rec["box_nms_thresh"]
+    assert gen.stability_score_thresh == 0.9  # what the caller sets wins
+    assert recommended_thresholds(build_sam("nsam_t")) == REFERENCE_THRESHOLDS  # no metadata: the reference's
