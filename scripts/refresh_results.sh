@@ -14,7 +14,7 @@ R=docs/results
 mkdir -p "$R"
 
 # Interactive protocol (issue 3): point (top-ranked + oracle), box, 5 clicks.
-$CLI evaluate --images $D/dsb2018_full --split-csv $D/dsb2018_full/split.csv --split test --max-objects 16 \
+$CLI evaluate --images $D/dsb2018_full --split-csv $D/dsb2018_full/split.csv --split test --max-objects 8 \
     --clicks 5 --name dsb2018_full/test --threads 2 "${M[@]}" --out $R/dsb2018_test.json
 $CLI evaluate --images $D/stardist_dsb2018_2d --max-objects 40 --clicks 5 --threads 2 "${M[@]}" --out $R/stardist.json
 $CLI evaluate --images $D/isbi2012_em_neurites_2d --max-objects 16 --clicks 5 --threads 2 "${M[@]}" --out $R/isbi2012.json
