@@ -8,7 +8,7 @@ Usage::
 
 Compares, with the SAME model:
   * ``ours``      — our generator + label image with clean-up (islands/holes < 16 px), thresholds tuned on
-                    the val split with --tune-on val, else the reference defaults (= segment_everything);
+                    the val split with --tune-on val, else the model's recommended ones (= segment_everything);
   * ``ours@ref``  — our AutomaticMaskGenerator at the reference's default parameters, records painted with
                     no clean-up (what the reference pipeline produces, at our speed);
   * ``meta@ref``  — Meta's SamAutomaticMaskGenerator itself at its defaults (on --reference-limit images;
@@ -113,7 +113,9 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     model = load_model(args.model)
     images = load_split(args.split, args.limit)
-    ours_params = dict(min_object_area=16)
+    from napari_sam.core.amg import recommended_thresholds
+
+    ours_params = dict(recommended_thresholds(model), min_object_area=16)  # what segment_everything uses
     if args.tune_on:
         ours_params = tune(AutomaticMaskGenerator(model, pred_iou_thresh=0.3, stability_score_thresh=0.5),
                            load_split(args.tune_on, args.tune_limit))
