@@ -88,3 +88,27 @@ def test_cancel_writes_nothing_and_bad_parameters(scene):
     assert "SAM everything" not in viewer.layers
     assert not w.run(points_per_side=0)
     assert "points_per_side" in w.status_label.text()
+
+
+def test_sliders_follow_the_models_recommended_thresholds_while_the_widget_lives(make_napari_viewer, qtbot,
+                                                                                  tiny_model):
+    from napari_sam._widgets._state import get_state
+    from napari_sam.core.amg import REFERENCE_THRESHOLDS
+
+    viewer = make_napari_viewer()
+    state = get_state(viewer)
+    n_before = len(state._callbacks)
+    _, widget = viewer.window.add_plugin_dock_widget("napari-sam", "Segment everything")
+    tiny_model.checkpoint_meta = {"amg_thresholds": {"pred_iou_thresh": 0.42}}
+    try:
+        state.set_model(tiny_model)
+        assert widget.sliders["pred_iou_thresh"].value() == pytest.approx(0.42)
+        assert widget.sliders["stability_score_thresh"].value() == pytest.approx(
+            REFERENCE_THRESHOLDS["stability_score_thresh"])
+        assert len(state._callbacks) == n_before + 1
+        viewer.window.remove_dock_widget("all")
+        widget.deleteLater()
+        qtbot.waitUntil(lambda: len(state._callbacks) == n_before, timeout=5000)  # disconnected when destroyed
+        state.set_model(tiny_model)  # no callback into the deleted widget
+    finally:
+        del tiny_model.checkpoint_meta

@@ -72,6 +72,20 @@ class ViewerState:
     def on_model_changed(self, callback: Callable[[Any], None]) -> None:
         self._callbacks.append(callback)
 
+    def on_model_changed_while_alive(self, widget, fn: Callable[[Any, Any], None]) -> Callable[[Any], None]:
+        """Call ``fn(widget, model)`` on model changes while the Qt ``widget`` exists: the widget is held weakly,
+        and the callback is disconnected when the widget is destroyed. Returns the registered callback."""
+        ref = weakref.ref(widget)
+
+        def callback(model) -> None:
+            w = ref()
+            if w is not None:
+                fn(w, model)
+
+        self.on_model_changed(callback)
+        widget.destroyed.connect(lambda *_: self.disconnect(callback))
+        return callback
+
     def disconnect(self, callback: Callable[[Any], None]) -> None:
         if callback in self._callbacks:
             self._callbacks.remove(callback)

@@ -73,7 +73,7 @@ class SegmentEverythingWidget(QWidget):
         self._timer.timeout.connect(self.refilter)
         self._build_ui()
         self._use_recommended(self.state.model)
-        self.state.on_model_changed(self._use_recommended)
+        self.state.on_model_changed_while_alive(self, type(self)._use_recommended)
         self.viewer.layers.events.inserted.connect(self._refresh)
         self.viewer.layers.events.removed.connect(self._refresh)
         self._refresh()
