@@ -106,16 +106,24 @@ def test_batch_mode_commits_every_box_and_positive_point(annotator, qtbot, model
         taken |= m
 
 
+def _open_stack(make_napari_viewer, model, data):
+    """(viewer, annotator widget) on the stack ``data`` (layer "stack"), with ``model`` injected."""
+    from napari_sam._widgets._state import get_state
+
+    viewer = make_napari_viewer(show=True)
+    get_state(viewer).set_model(model)
+    viewer.add_image(data, name="stack")
+    _, w = viewer.window.add_plugin_dock_widget("napari-sam", "SAM annotator")
+    w.set_image_layer("stack")
+    return viewer, w
+
+
 def test_stack_uses_current_plane_and_caches_per_plane(make_napari_viewer, qtbot, model, nuclei_sample):
     from napari_sam._widgets._state import get_state
 
     img, _ = nuclei_sample
     vol = np.stack([img, np.ascontiguousarray(img[:, ::-1])])
-    viewer = make_napari_viewer(show=True)
-    get_state(viewer).set_model(model)
-    viewer.add_image(vol, name="stack")
-    _, w = viewer.window.add_plugin_dock_widget("napari-sam", "SAM annotator")
-    w.set_image_layer("stack")
+    viewer, w = _open_stack(make_napari_viewer, model, vol)
     viewer.dims.set_current_step(0, 1)
     w.add_point((60, 100))
     wait_idle(qtbot, w)
@@ -138,7 +146,6 @@ def test_stack_uses_current_plane_and_caches_per_plane(make_napari_viewer, qtbot
 def test_stack_planes_come_from_the_disk_cache_in_a_new_session(make_napari_viewer, qtbot, model, nuclei_sample):
     """Planes of a stack are embedded through the on-disk cache: a new viewer on the same data runs no encoder,
     gives the same masks; changed data is embedded again (never a stale cache)."""
-    from napari_sam._widgets._state import get_state
     from napari_sam.core.embedding_store import embeddings_dir
 
     img, _ = nuclei_sample
@@ -148,11 +155,7 @@ def test_stack_planes_come_from_the_disk_cache_in_a_new_session(make_napari_view
     hook = model.image_encoder.register_forward_hook(lambda *a: calls.append(1))
 
     def session(data):
-        viewer = make_napari_viewer(show=True)
-        get_state(viewer).set_model(model)
-        viewer.add_image(data, name="stack")
-        _, w = viewer.window.add_plugin_dock_widget("napari-sam", "SAM annotator")
-        w.set_image_layer("stack")
+        viewer, w = _open_stack(make_napari_viewer, model, data)
         viewer.dims.set_current_step(0, 2)
         w.add_point((60, 100))
         wait_idle(qtbot, w)

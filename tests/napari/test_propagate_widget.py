@@ -15,8 +15,6 @@ NO_STOP = dict(iou_threshold=0.0, overlap_threshold=0.0, min_area=1)
 SEED, OTHER = 28, 33  # ground-truth nuclei: 28 annotated on slice 4 only, 33 already on every slice
 
 
-
-
 @pytest.fixture
 def scene(make_napari_viewer, qtbot, tiny_model, tmp_path, monkeypatch):
     monkeypatch.setenv("NAPARI_SAM_CACHE_DIR", str(tmp_path / "cache"))
