@@ -5,10 +5,13 @@ Usage::
     .venv/bin/python benchmarks/bench_engine.py                 # vit_t and vit_b, 3 repeats
     .venv/bin/python benchmarks/bench_engine.py --models vit_t --repeats 5 --threads 2
 
-Each model runs in a fresh subprocess holding both implementations with identically seeded weights; the same
+Each model runs in fresh subprocesses holding both implementations with identically seeded weights; the same
 real image (../shared/data) is fed to both, and calls alternate (ours, reference, ours, ...) so that load from
-other processes affects both alike. Peak memory is the largest RSS increase during one call. Times are
-medians over ``--repeats`` runs; ratios are reference / ours (> 1 means we are faster). Prints a markdown table.
+other processes affects both alike. Times are medians over ``--repeats`` runs, taken with the default allocator
+and no memory sampling; ratios are reference / ours (> 1 means we are faster). Peak memory is the largest RSS
+increase during one call, measured in a second subprocess with a fixed mmap threshold (freed large blocks go back
+to the OS, so RSS deltas measure each call alone; that setting slows every large allocation, so it is not used
+for timing). Prints a markdown table.
 The machine may be busy (other processes): ratios within one run are what to compare.
 """
 
@@ -98,9 +101,10 @@ def _models(name: str):
     return ours, ref, RefPredictor
 
 
-def worker(name: str, image_path: str, repeats: int, threads: int) -> dict:
+def worker(name: str, image_path: str, repeats: int, threads: int, measure: str = "time") -> dict:
     """Both implementations in one process, calls interleaved (ours, reference, ours, ...) so that load from
-    other processes hits both alike. Returns {"ours": {...}, "reference": {...}}."""
+    other processes hits both alike. measure: "time" (median seconds, keys ``*_s``) or "memory" (peak RSS
+    increase in MB, keys ``*_peak_mb``). Returns {"ours": {...}, "reference": {...}}."""
     import numpy as np
     import torch
 
@@ -140,20 +144,27 @@ def worker(name: str, image_path: str, repeats: int, threads: int) -> dict:
     out: dict = {"ours": {}, "reference": {}}
     for key, pair in fns.items():
         n = repeats if key in ("encoder", "boxes16") else 3 * repeats
+        if measure == "memory":
+            n = 1
         times: dict = {"ours": [], "reference": []}
         peaks: dict = {"ours": [], "reference": []}
         for i in range(n + 1):
             for impl, fn in zip(("ours", "reference"), pair):
-                with PeakRSS() as mem:
-                    t0 = time.perf_counter()
-                    fn()
-                    dt = time.perf_counter() - t0
-                peaks[impl].append(mem.delta_mb)
+                if measure == "memory":
+                    with PeakRSS() as mem:
+                        fn()
+                    peaks[impl].append(mem.delta_mb)
+                    continue
+                t0 = time.perf_counter()
+                fn()
+                dt = time.perf_counter() - t0
                 if i or key == "encoder":  # prompt calls: the first is a warm-up
                     times[impl].append(dt)
         for impl in out:
-            out[impl][key + "_s"] = statistics.median(times[impl])
-            out[impl][key + "_peak_mb"] = max(peaks[impl])
+            if measure == "memory":
+                out[impl][key + "_peak_mb"] = max(peaks[impl])
+            else:
+                out[impl][key + "_s"] = statistics.median(times[impl])
     return out
 
 
@@ -164,24 +175,30 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--worker", metavar="MODEL", help=argparse.SUPPRESS)
+    p.add_argument("--measure", choices=("time", "memory"), default="time", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.worker:
-        print(json.dumps(worker(a.worker, a.image, a.repeats, a.threads)))
+        print(json.dumps(worker(a.worker, a.image, a.repeats, a.threads, a.measure)))
         return 0
     if not Path(a.image).is_file():
         print(f"image {a.image} not found (needs ../shared/data next to the repo, or --image PATH)")
         return 1
     rows = []
-    # fixed mmap threshold: freed large blocks go back to the OS, so RSS deltas measure each call alone
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072")
+    # memory pass: fixed mmap threshold, so freed large blocks go back to the OS and RSS deltas measure each
+    # call alone; timing pass: the default allocator, as users run it
+    envs = {"time": dict(os.environ), "memory": dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072")}
     for name in a.models:
-        cmd = [sys.executable, __file__, "--worker", name, "--image", a.image,
-               "--repeats", str(a.repeats), "--threads", str(a.threads)]
-        r = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
-        if r.returncode:
-            print(r.stderr)
-            return r.returncode
-        res = json.loads(r.stdout.strip().splitlines()[-1])
+        res: dict = {"ours": {}, "reference": {}}
+        for measure, env in envs.items():
+            cmd = [sys.executable, __file__, "--worker", name, "--image", a.image, "--measure", measure,
+                   "--repeats", str(a.repeats), "--threads", str(a.threads)]
+            r = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
+            if r.returncode:
+                print(r.stderr)
+                return r.returncode
+            part = json.loads(r.stdout.strip().splitlines()[-1])
+            for impl in res:
+                res[impl].update(part[impl])
         print(f"{name}: {res}", file=sys.stderr)
         rows.append((name, res["ours"], res["reference"]))
     import torch

@@ -42,6 +42,26 @@ def parity_randomize_(model: nn.Module, seed: int) -> nn.Module:
     return model
 
 
+def calibrate_batchnorm_(model: nn.Module, image: np.ndarray) -> nn.Module:
+    """Set every BatchNorm's running statistics to those of ``image`` (H, W, 3) uint8, resized to the input.
+
+    With random running statistics, TinyViT's features do not depend on the input at all (every image gives
+    the same embedding to 1e-5), and encoder parity would compare constants.
+    """
+    size = model.image_encoder.img_size
+    x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].float()
+    x = model.preprocess(torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear"))
+    bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    for m in bns:
+        m.momentum = 1.0
+    model.image_encoder.train()
+    with torch.no_grad():
+        model.image_encoder(x)
+    for m in bns:
+        m.momentum = 0.1
+    return model.eval()
+
+
 def _reference_model(name: str, reference, mobile_reference, state_dict):
     registry = mobile_reference.sam_model_registry if name == "vit_t" else reference.sam_model_registry
     ref = registry[name](checkpoint=None)
@@ -61,6 +81,9 @@ def models(reference, mobile_reference):
     def get(name):
         if name not in cache:
             ours = parity_randomize_(build_sam(get_config(name)), seed=7).eval()
+            if name == "vit_t":
+                folder, img_file = IMAGES["rgba"][:2]
+                calibrate_batchnorm_(ours, to_rgb_uint8(read_image(data_dir(folder) / img_file)))
             cache[name] = (ours, _reference_model(name, reference, mobile_reference, ours.state_dict()))
         return cache[name]
 
@@ -140,6 +163,13 @@ def assert_same_prediction(ours, ref_masks, ref_iou, ref_low):
     assert agree >= MASK_AGREEMENT, f"only {agree:.5f} of mask pixels agree"
     fg = ref_masks.mean()
     assert 0.0 < fg < 1.0 or ref_masks.size < 10, "degenerate masks (all or nothing) would prove little"
+
+
+def test_random_vit_t_embedding_depends_on_the_image(embedded):
+    """Encoder parity would compare constants if the random-weight features ignored the input."""
+    a = embedded(("vit_t", "rgba"))[0].get_image_embedding()
+    b = embedded(("vit_t", "uint16"))[0].get_image_embedding()
+    assert float((a - b).abs().max()) > 0.1 * float(a.abs().max())
 
 
 @pytest.mark.parametrize("case", CASES, ids=[f"{m}-{i}" for m, i in CASES])

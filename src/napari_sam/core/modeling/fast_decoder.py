@@ -34,7 +34,7 @@ class DecoderContext(NamedTuple):
     key_pe: torch.Tensor  # (1, N, C)
     k0: torch.Tensor  # (1, heads, N, d) layer-0 token->image keys
     v0: torch.Tensor  # (1, heads, N, d) layer-0 token->image values
-    q0: torch.Tensor  # (1, heads, N, d) layer-0 image->token queries, pre-scaled
+    q0t: torch.Tensor  # (1, heads, d, N) layer-0 image->token queries, pre-scaled, transposed
     grid: tuple[int, int]
 
 
@@ -56,7 +56,8 @@ def prepare_context(features: torch.Tensor, prompt_encoder: PromptEncoder, decod
     v0 = _heads(t2i.v_proj(keys0), t2i.num_heads)
     q0 = _heads(i2t.q_proj(kp), i2t.num_heads) * (i2t.internal_dim // i2t.num_heads) ** -0.5
     feats = features.flatten(2).transpose(1, 2).contiguous()
-    return DecoderContext(feats, keys0.contiguous(), key_pe.contiguous(), k0, v0, q0, (h, w))
+    return DecoderContext(feats, keys0.contiguous(), key_pe.contiguous(), k0, v0,
+                          q0.transpose(-1, -2).contiguous(), (h, w))
 
 
 def _tokens_to_image(attn: Attention, q_in: torch.Tensor, kp: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
@@ -75,29 +76,34 @@ def _tokens_to_image(attn: Attention, q_in: torch.Tensor, kp: torch.Tensor, keys
     return attn.out_proj(out.transpose(1, 2).reshape(b, t, nh * d))
 
 
-def _image_to_tokens(attn: Attention, kp: torch.Tensor | None, q_heads: torch.Tensor | None, k_in: torch.Tensor,
-                     v_in: torch.Tensor) -> torch.Tensor:
-    """attn(kp, k_in, v_in): many image queries (B, N, C) or pre-projected ``q_heads``, few tokens (B, T, C)."""
+def _image_to_tokens_residual(attn: Attention, keys: torch.Tensor, kp: torch.Tensor | None,
+                              q0t: torch.Tensor | None, k_in: torch.Tensor, v_in: torch.Tensor) -> torch.Tensor:
+    """``keys + attn(kp, k_in, v_in)``: many image queries (B or 1, N, C), or their pre-projected transposed
+    heads ``q0t`` (1, h, d, N); few tokens k_in, v_in (B, T, C). Returns (B, N, C).
+
+    Scores are laid out (B, h, T, N) so that the softmax over the T tokens runs along a long contiguous axis,
+    and the output projection, its bias (attention weights of each head sum to one, so bias/h is added to
+    each head's values) and the residual are one batched matrix product.
+    """
     nh = attn.num_heads
     d = attn.internal_dim // nh
     b, t, c = k_in.shape
     k = _heads(attn.k_proj(k_in), nh)  # (B, h, T, d)
     v = _heads(attn.v_proj(v_in), nh)  # (B, h, T, d)
-    if q_heads is not None:
-        scores = q_heads @ k.transpose(-1, -2)  # (B, h, N, T)
-        n = q_heads.shape[2]
-        scores = scores.transpose(1, 2)  # (B, N, h, T)
+    if q0t is not None:
+        scores = k @ q0t  # (B, h, T, N); q0t carries the 1/sqrt(d) scale
+        n = q0t.shape[-1]
     else:
+        k = k * d**-0.5
         wq = attn.q_proj.weight.reshape(nh, d, c)
-        a = (k * d**-0.5) @ wq  # (B, h, T, C): scores = kp @ a^T + q-bias term
-        bias = (k * d**-0.5) @ attn.q_proj.bias.reshape(nh, d, 1)  # (B, h, T, 1)
+        a = (k @ wq).reshape(b, nh * t, c)  # scores = a kp^T + (k . q-bias)
+        bias = (k @ attn.q_proj.bias.reshape(nh, d, 1)).reshape(b, nh * t, 1)
         n = kp.shape[1]
-        scores = kp @ a.reshape(b, nh * t, c).transpose(1, 2) + bias.reshape(b, 1, nh * t)  # (B, N, h*T)
-        scores = scores.reshape(b, n, nh, t)
-    p = scores.softmax(-1).reshape(b, n, nh * t)
+        scores = torch.baddbmm(bias, a, kp.transpose(1, 2).expand(b, -1, -1)).reshape(b, nh, t, n)
+    p = scores.softmax(2).reshape(b, nh * t, n)
     wo = attn.out_proj.weight.reshape(c, nh, d).transpose(0, 1)  # (h, C, d)
-    vo = v @ wo.transpose(1, 2)  # (B, h, T, C)
-    return p @ vo.reshape(b, nh * t, c) + attn.out_proj.bias
+    vo = v @ wo.transpose(1, 2) + attn.out_proj.bias / nh  # (B, h, T, C)
+    return torch.baddbmm(keys.expand(b, -1, -1), p.transpose(1, 2), vo.reshape(b, nh * t, c))
 
 
 def _block(layer: TwoWayAttentionBlock, queries, tokens, keys, key_pe, ctx: DecoderContext | None):
@@ -124,11 +130,8 @@ def _block(layer: TwoWayAttentionBlock, queries, tokens, keys, key_pe, ctx: Deco
     queries = layer.norm2(queries + attn_out)
     queries = layer.norm3(queries + layer.mlp(queries))
     q = queries + tokens
-    if ctx is not None:
-        out = _image_to_tokens(layer.cross_attn_image_to_token, None, ctx.q0, q, queries)
-    else:
-        out = _image_to_tokens(layer.cross_attn_image_to_token, kp, None, q, queries)
-    keys = layer.norm4(keys + out)
+    keys = layer.norm4(_image_to_tokens_residual(layer.cross_attn_image_to_token, keys, kp,
+                                                 None if ctx is None else ctx.q0t, q, queries))
     return queries, keys
 
 
@@ -136,7 +139,7 @@ def _conv_t2x2(x: torch.Tensor, conv: torch.nn.ConvTranspose2d) -> torch.Tensor:
     """ConvTranspose2d(k=2, s=2) on channels-last x (B, H, W, Cin) -> (B, H, W, 2, 2, Cout) (dy, dx, c)."""
     cin, cout = conv.weight.shape[:2]
     w = conv.weight.permute(0, 2, 3, 1).reshape(cin, 4 * cout)  # (Cin, dy*dx*Cout)
-    y = x @ w + conv.bias.repeat(4)
+    y = torch.addmm(conv.bias.repeat(4), x.reshape(-1, cin), w)
     return y.reshape(*x.shape[:3], 2, 2, cout)
 
 

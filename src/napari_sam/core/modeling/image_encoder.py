@@ -114,8 +114,11 @@ class Block(nn.Module):
             x = window_unpartition(x, self.window_size, padded, (h, w))
         else:
             x = self.attn(x)
-        x = shortcut + x
-        return x + self.mlp(self.norm2(x))
+        if torch.is_grad_enabled():
+            x = shortcut + x
+            return x + self.mlp(self.norm2(x))
+        x = x.add_(shortcut)  # inference: residuals in place (x is a temporary of this block)
+        return x.add_(self.mlp(self.norm2(x)))
 
 
 class Attention(nn.Module):
@@ -153,12 +156,17 @@ class Attention(nn.Module):
             # Build and use it a few heads at a time (same result) to bound peak memory.
             step = max(1, MAX_BIAS_ELEMENTS // (b * n * n))
             outs = []
+            buf = None  # one bias buffer for all chunks: a fresh 128 MB tensor per chunk costs page faults
             for i in range(0, self.num_heads, step):
                 sl = slice(i, i + step)
-                bias = rel_pos_bias(q[:, sl], self.rel_pos_h, self.rel_pos_w, (h, w))  # (B, step, N, N)
-                outs.append(F.scaled_dot_product_attention(q[:, sl], k[:, sl], v[:, sl], attn_mask=bias,
+                qs = q[:, sl]
+                if buf is None or buf.shape[1] != qs.shape[1] or torch.is_grad_enabled():
+                    buf = torch.empty((b, qs.shape[1], n, n), dtype=q.dtype, device=q.device)
+                bias = rel_pos_bias(qs, self.rel_pos_h, self.rel_pos_w, (h, w), out=buf)  # (B, step, N, N)
+                outs.append(F.scaled_dot_product_attention(qs, k[:, sl], v[:, sl], attn_mask=bias,
                                                            scale=self.scale))
                 del bias
+            del buf
             out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
         out = out.permute(0, 2, 1, 3).reshape(b, h, w, -1)  # (B, H, W, C)
         return self.proj(out)
@@ -204,11 +212,13 @@ def get_rel_pos(q_size: int, k_size: int, rel_pos: torch.Tensor) -> torch.Tensor
 
 
 def rel_pos_bias(
-    q: torch.Tensor, rel_pos_h: torch.Tensor, rel_pos_w: torch.Tensor, size: tuple[int, int]
+    q: torch.Tensor, rel_pos_h: torch.Tensor, rel_pos_w: torch.Tensor, size: tuple[int, int],
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Decomposed relative position bias (MViTv2), as an additive attention mask.
 
-    q: (B, heads, H*W, C) unscaled queries. Returns (B, heads, H*W, H*W).
+    q: (B, heads, H*W, C) unscaled queries. Returns (B, heads, H*W, H*W), written into ``out`` (contiguous,
+    that shape) when given.
     """
     h, w = size
     rh = get_rel_pos(h, h, rel_pos_h)  # (H, H, C)
@@ -217,5 +227,12 @@ def rel_pos_bias(
     r_q = q.reshape(b, nh, h, w, c)
     rel_h = torch.einsum("bnhwc,hkc->bnhwk", r_q, rh)  # (B, heads, H, W, H)
     rel_w = torch.einsum("bnhwc,wkc->bnhwk", r_q, rw)  # (B, heads, H, W, W)
-    bias = rel_h[..., :, None] + rel_w[..., None, :]  # (B, heads, H, W, H, W)
-    return bias.reshape(b, nh, h * w, h * w)
+    # einsum may return permuted strides, which make the broadcast sum several times slower and non-contiguous:
+    # add contiguous terms into a contiguous (B, heads, H, W, H, W) bias, so that the reshape below is a view
+    rel_h, rel_w = rel_h.contiguous().unsqueeze(-1), rel_w.contiguous().unsqueeze(-2)
+    if torch.is_grad_enabled():  # out= does not take part in autograd
+        return (rel_h + rel_w).reshape(b, nh, h * w, h * w)
+    if out is None:
+        out = torch.empty((b, nh, h * w, h * w), dtype=rel_h.dtype, device=rel_h.device)
+    torch.add(rel_h, rel_w, out=out.view(b, nh, h, w, h, w))
+    return out

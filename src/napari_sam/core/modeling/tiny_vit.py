@@ -16,6 +16,26 @@ from torch import nn
 from .common import LayerNorm2d
 
 
+def _act(mod: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``mod(x)``; exact GELU runs in place on ``x`` (a temporary of the caller) when autograd does not need it.
+
+    Inference on the CPU is memory bound in the conv stages: a fresh output tensor costs more than the GELU.
+    """
+    if isinstance(mod, nn.GELU) and mod.approximate == "none" and not (torch.is_grad_enabled() and x.requires_grad):
+        return torch.ops.aten.gelu_(x)
+    return mod(x)
+
+
+def _tokens(x: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) in any memory format -> tokens (B, H*W, C); a view when x is channels-last."""
+    return x.permute(0, 2, 3, 1).reshape(x.shape[0], -1, x.shape[1])
+
+
+def _grid(x: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """Tokens (B, H*W, C) -> (B, C, H, W), a channels-last view when x is contiguous."""
+    return x.view(x.shape[0], h, w, x.shape[-1]).permute(0, 3, 1, 2)
+
+
 class Conv2d_BN(nn.Sequential):
     """Conv (no bias) + BatchNorm (keys c.*, bn.*).
 
@@ -35,33 +55,39 @@ class Conv2d_BN(nn.Sequential):
         nn.init.constant_(bn.weight, bn_weight_init)
         nn.init.constant_(bn.bias, 0)
         self.add_module("bn", bn)
-        self._fused: tuple | None = None
+        self._bn_affine: tuple | None = None
 
-    def fused_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Conv weight and bias with the (eval-mode) BatchNorm folded in."""
-        c, bn = self.c, self.bn
-        scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
-        return c.weight * scale[:, None, None, None], bn.bias - bn.running_mean * scale
+    def _affine(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-channel (alpha, beta) of the eval-mode BatchNorm, ``bn(y) = y * alpha + beta``, shaped (C, 1, 1);
+        cached until any of the tensors changes (version counters)."""
+        bn = self.bn
+        deps = (bn.weight, bn.bias, bn.running_mean, bn.running_var)
+        try:
+            key = tuple((t.data_ptr(), t._version) for t in deps)
+        except RuntimeError:  # inference tensors have no version counter: do not cache
+            key = None
+        if key is None or self._bn_affine is None or self._bn_affine[0] != key:
+            alpha = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
+            beta = bn.bias - bn.running_mean * alpha
+            self._bn_affine = (key, alpha[:, None, None], beta[:, None, None])
+        return self._bn_affine[1], self._bn_affine[2]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.per_image_norm:
             bn = self.bn
-            return F.instance_norm(self.c(x), weight=bn.weight, bias=bn.bias, eps=bn.eps)
-        if self.training:
+            y = self.c(x)
+            if torch.is_grad_enabled() or y.is_contiguous():
+                return F.instance_norm(y, weight=bn.weight, bias=bn.bias, eps=bn.eps)
+            # inference on channels-last data: the same per-image statistics, applied in place (no layout copy)
+            var, mean = torch.var_mean(y, dim=(2, 3), keepdim=True, correction=0)
+            scale = bn.weight[:, None, None] * torch.rsqrt(var + bn.eps)
+            return y.mul_(scale).add_(bn.bias[:, None, None] - mean * scale)
+        if self.training or torch.is_grad_enabled():
             return self.bn(self.c(x))
-        c, bn = self.c, self.bn
-        if torch.is_grad_enabled():
-            w, b = self.fused_weights()
-        else:  # inference: fold once, refold if any of the tensors changed (version counters)
-            deps = (c.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var)
-            try:
-                key = tuple((t.data_ptr(), t._version) for t in deps)
-            except RuntimeError:  # inference tensors have no version counter: do not cache
-                key = None
-            if key is None or self._fused is None or self._fused[0] != key:
-                self._fused = (key, *self.fused_weights())
-            w, b = self._fused[1], self._fused[2]
-        return F.conv2d(x, w, b, c.stride, c.padding, c.dilation, c.groups)
+        # inference: the BatchNorm is applied in place on the conv output (no second tensor). It is not folded
+        # into the conv weights: that rounds differently, and deep random-weight networks amplify it past 1e-4
+        alpha, beta = self._affine()
+        return self.c(x).mul_(alpha).add_(beta)
 
 
 class PatchEmbed(nn.Module):
@@ -74,7 +100,8 @@ class PatchEmbed(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.seq(x)
+        conv1, act, conv2 = self.seq
+        return conv2(_act(act, conv1(x)))
 
 
 class MBConv(nn.Module):
@@ -89,8 +116,10 @@ class MBConv(nn.Module):
         self.act3 = activation()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, H, W)
-        y = self.act2(self.conv2(self.act1(self.conv1(x))))
-        return self.act3(self.conv3(y) + x)
+        y = _act(self.act2, self.conv2(_act(self.act1, self.conv1(x))))
+        y = self.conv3(y)
+        y = y + x if torch.is_grad_enabled() else y.add_(x)
+        return _act(self.act3, y)
 
 
 class PatchMerging(nn.Module):
@@ -107,10 +136,9 @@ class PatchMerging(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.ndim == 3:
-            h, w = self.input_resolution
-            x = x.view(x.shape[0], h, w, -1).permute(0, 3, 1, 2)
-        x = self.conv3(self.act(self.conv2(self.act(self.conv1(x)))))
-        return x.flatten(2).transpose(1, 2)
+            x = _grid(x, *self.input_resolution)
+        x = self.conv3(_act(self.act, self.conv2(_act(self.act, self.conv1(x)))))
+        return _tokens(x)
 
 
 class ConvLayer(nn.Module):
@@ -135,7 +163,7 @@ class Mlp(nn.Module):
         self.act = activation()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.act(self.fc1(self.norm(x))))
+        return self.fc2(_act(self.act, self.fc1(self.norm(x))))
 
 
 class Attention(nn.Module):
@@ -179,11 +207,11 @@ class Attention(nn.Module):
             if key is None or self._bias is None or self._bias[0] != key:
                 self._bias = (key, self.attention_biases[:, self.attention_bias_idxs])
             bias = self._bias[1]
-        # windows are small (N = 49 for vit_t): plain attention beats SDPA with a float mask on the CPU
-        attn = torch.baddbmm(bias.to(q.dtype).expand(b, -1, -1, -1).reshape(-1, n, n),
-                             (q * self.scale).reshape(-1, n, self.key_dim),
-                             k.reshape(-1, n, self.key_dim).transpose(1, 2))
-        out = (attn.softmax(-1) @ v.reshape(-1, n, self.d)).reshape(b, self.num_heads, n, self.d)
+        # windows are small (N = 49 or 196 for vit_t): plain attention on the strided heads, with the bias added
+        # in place (broadcast over windows), beats SDPA with a float mask and batched copies on the CPU
+        attn = (q * self.scale) @ k.transpose(-1, -2)  # (B, heads, N, N)
+        attn = attn.add_(bias.to(q.dtype))
+        out = attn.softmax(-1) @ v  # (B, heads, N, d)
         return self.proj(out.transpose(1, 2).reshape(b, n, self.dh))
 
 
@@ -220,9 +248,13 @@ class TinyViTBlock(nn.Module):
                 x = x[:, :h, :w].contiguous()
             x = x.view(b, n, c)
         x = res + x
-        x = x.transpose(1, 2).reshape(b, c, h, w)
-        x = self.local_conv(x).view(b, c, n).transpose(1, 2)
-        return x + self.mlp(x)
+        if torch.is_grad_enabled():
+            x = x.transpose(1, 2).reshape(b, c, h, w)
+            x = self.local_conv(x).view(b, c, n).transpose(1, 2)
+            return x + self.mlp(x)
+        # inference: the depthwise conv runs on a channels-last view of the tokens (no layout copies)
+        x = _tokens(self.local_conv(_grid(x, h, w)))
+        return x.add_(self.mlp(x))
 
 
 class BasicLayer(nn.Module):
@@ -307,9 +339,10 @@ class TinyViT(nn.Module):
                     mod.per_image_norm = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.is_grad_enabled():  # inference: convolutions are faster on channels-last data on the CPU
+            x = x.contiguous(memory_format=torch.channels_last)
         x = self.patch_embed(x)
         for layer in self.layers:
             x = layer(x)
-        b, _, c = x.shape
-        x = x.view(b, self.out_res, self.out_res, c).permute(0, 3, 1, 2)
-        return self.neck(x)
+        x = _grid(x, self.out_res, self.out_res)
+        return self.neck(x).contiguous()
