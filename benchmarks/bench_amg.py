@@ -9,9 +9,10 @@ Usage::
 Each (model, implementation) runs in a fresh subprocess (peak RSS does not mix), torch limited to --threads.
 ``vit_t``: random weights (seeded), MobileSAM's own model object for the reference with the same state dict.
 ``builtin``: the trained nsam_t; the reference generator is given our model object (our modules are drop-in
-compatible; Meta's predictor then runs our plain MaskDecoder, not the fast one). Two parameter sets: the
-reference defaults, and thresholds at 0 (every candidate is upsampled: our worst case). Also times the live
-re-filter (new thresholds on kept outputs + label image). One run each; the machine may be busy.
+compatible; Meta's predictor then runs our plain MaskDecoder, not the fast one). Three parameter sets: the
+reference defaults, thresholds at 0 (every candidate is upsampled: our worst case), and "recommended" (the
+model's own thresholds from its checkpoint, e.g. the built-in model's; else the reference's defaults). Also
+times the live re-filter (new thresholds on kept outputs + label image). One run each.
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 DEFAULT_IMAGE = (ROOT.parent / "shared" / "data" / "dsb2018_full" / "images" /
                  "1b518cd2ea84a389c267662840f3d902d0129fab27696215db2488de6d4316c5.png")
-PARAMS = {"default": {}, "thresholds0": {"pred_iou_thresh": 0.0, "stability_score_thresh": 0.0}}
+PARAMS = {"default": {}, "thresholds0": {"pred_iou_thresh": 0.0, "stability_score_thresh": 0.0},
+          "recommended": None}  # None: the model's recommended thresholds (napari_sam.core.amg), for both sides
 
 
 def _models(name: str, checkpoint: str | None):
@@ -62,6 +64,10 @@ def worker(name: str, impl: str, pset: str, image_path: str, threads: int, check
     rgb = to_rgb_uint8(read_image(Path(image_path)))
     ours, ref = _models(name, checkpoint)
     params = PARAMS[pset]
+    if params is None:
+        from napari_sam.core.amg import recommended_thresholds
+
+        params = recommended_thresholds(ours)
     out: dict = {}
     if impl == "ours":
         from napari_sam.core.amg import AutomaticMaskGenerator

@@ -92,6 +92,24 @@ def test_fast_decoder_equals_the_module(predictor, sample):
         predictor.fast_decoder = True
 
 
+def test_masks_only_above_the_iou_floor_equal_all_masks(predictor, sample):
+    """Segment everything skips the mask upscaling of points whose candidates all fail the IoU floor: the masks
+    it computes equal the full decoder's, the skipped ones are -inf placeholders, the IoUs are unchanged."""
+    rows, cols = np.meshgrid(np.linspace(20, 500, 6), np.linspace(20, 680, 6), indexing="ij")
+    pts = np.stack([cols.ravel(), rows.ravel()], 1)  # (x, y) model frame of the 520 x 696 image
+    coords = torch.as_tensor(predictor.transform.apply_coords(pts, predictor.original_size)[:, None],
+                             dtype=torch.float32)
+    labels = torch.ones(len(pts), 1, dtype=torch.int64)
+    low, iou = predictor.predict_torch(coords, labels)
+    floor = float(np.median(iou.max(1).values.numpy()))  # about half the points have a candidate above it
+    low2, iou2 = predictor.predict_torch_above(coords, labels, floor)
+    torch.testing.assert_close(iou2, iou, rtol=0, atol=0)
+    above = (iou > floor).any(1)
+    assert 0 < int(above.sum()) < len(pts)
+    torch.testing.assert_close(low2[above], low[above], rtol=0, atol=1e-5)
+    assert torch.isneginf(low2[~above]).all()
+
+
 def test_decoder_cache_follows_weight_changes(tiny_model, sample):
     import copy
 

@@ -196,7 +196,7 @@ class AutomaticMaskGenerator:
         for s in range(0, n, self.points_per_batch):
             _check_cancel(cancel)
             e = min(n, s + self.points_per_batch)
-            low, iou = self._decode(coords[s:e, None, :])
+            low, iou = self._decode(coords[s:e, None, :], iou_floor)
             k = low.shape[1]
             low, iou = low.flatten(0, 1).float().cpu(), iou.flatten(0, 1).float().cpu()
             pts = np.repeat(pts_rc[s:e], k, axis=0) + np.array([r0, c0])
@@ -220,9 +220,11 @@ class AutomaticMaskGenerator:
         crop.finish()
         return crop
 
-    def _decode(self, pc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _decode(self, pc: torch.Tensor, iou_floor: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
         """Decode (B, 1, 2) points; split into sub-batches whose per-point image-sized decoder tensors stay
-        under DECODER_BYTES (the decoder is independent per point, so results are identical)."""
+        under DECODER_BYTES (the decoder is independent per point, so results are identical). With
+        ``iou_floor`` > 0, points none of whose candidates has predicted IoU above it skip the mask upscaling
+        (their logits are -inf placeholders: the caller drops those candidates by the same floor)."""
         c = self.model.prompt_encoder.embed_dim
         g = self.model.prompt_encoder.image_embedding_size
         step = max(1, min(len(pc), DECODER_BYTES // (4 * c * g[0] * g[1])))
@@ -231,7 +233,10 @@ class AutomaticMaskGenerator:
             for s in range(0, len(pc), step):
                 sub = pc[s : s + step]
                 labels = torch.ones(sub.shape[:2], dtype=torch.int64, device=sub.device)
-                low, iou = self.predictor.predict_torch(sub, labels, multimask_output=True)
+                if iou_floor > 0:
+                    low, iou = self.predictor.predict_torch_above(sub, labels, iou_floor, multimask_output=True)
+                else:
+                    low, iou = self.predictor.predict_torch(sub, labels, multimask_output=True)
                 lows.append(low)
                 ious.append(iou)
         return torch.cat(lows), torch.cat(ious)

@@ -14,7 +14,7 @@ import torch
 from .build import load_model
 from .device import resolve_device
 from .image import to_rgb_uint8
-from .modeling.fast_decoder import DecoderContext, decode, prepare_context
+from .modeling.fast_decoder import DecoderContext, decode, decode_masks, decode_tokens, prepare_context
 from .modeling.sam import Sam
 from .prompts import boxes_rc_to_xy, rc_to_xy, validate_boxes, validate_points
 from .transforms import ResizeLongestSide, upsample_logits, upsample_masks
@@ -219,6 +219,35 @@ class SamPredictor:
             dense_prompt_embeddings=dense,
             multimask_output=multimask_output,
         )
+
+    @torch.inference_mode()
+    def predict_torch_above(
+        self,
+        point_coords: torch.Tensor | None,
+        point_labels: torch.Tensor | None,
+        iou_floor: float,
+        boxes: torch.Tensor | None = None,
+        multimask_output: bool = True,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`predict_torch` for callers that discard every mask whose predicted IoU is <= ``iou_floor``
+        (segment everything): the mask upscaling runs only for prompts with at least one candidate above it.
+
+        Returns low-res logits (B, K, L, L) and IoU (B, K); the logits of prompts with no candidate above the
+        floor are -inf placeholders, never a prediction. Without the fast decoder, all masks are computed.
+        """
+        if not self.fast_decoder:
+            return self.predict_torch(point_coords, point_labels, boxes, None, multimask_output)
+        points = (point_coords, point_labels) if point_coords is not None else None
+        sparse, _ = self.model.prompt_encoder(points=points, boxes=boxes, masks=None)
+        ctx = self._decoder_context()
+        out = decode_tokens(self.model.mask_decoder, ctx, sparse, None, multimask_output)
+        rows = torch.nonzero((out.iou > iou_floor).any(1)).flatten()
+        b, k = out.iou.shape
+        h, w = ctx.grid
+        low = torch.full((b, k, 4 * h, 4 * w), float("-inf"), dtype=out.iou.dtype, device=out.iou.device)
+        if len(rows):
+            low[rows] = decode_masks(self.model.mask_decoder, ctx, out, rows)
+        return low, out.iou
 
     def _decoder_context(self) -> DecoderContext:
         """Prompt-independent decoder tensors of the current image, rebuilt if the image or the weights

@@ -150,22 +150,30 @@ def _conv_t2x2(x: torch.Tensor, conv: torch.nn.ConvTranspose2d) -> torch.Tensor:
     return y.reshape(*x.shape[:3], 2, 2, cout)
 
 
-def decode(
+class DecodedTokens(NamedTuple):
+    """The two-way transformer's outputs for B prompts, before the mask upscaling (see :func:`decode_tokens`)."""
+
+    queries: torch.Tensor  # (B, T, C) output tokens
+    keys: torch.Tensor  # (B, N, C) image side
+    iou: torch.Tensor  # (B, K) predicted IoU of the requested masks
+    multimask: bool
+
+
+def decode_tokens(
     decoder: MaskDecoder,
     ctx: DecoderContext,
     sparse: torch.Tensor,
     dense: torch.Tensor | None,
     multimask_output: bool,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """sparse (B, T, C) prompt tokens; dense (B or 1, C, H, W) mask-prompt embedding or None (no mask prompt).
+) -> DecodedTokens:
+    """The transformer and the IoU head: predicted IoUs without the (costlier) mask upscaling.
 
-    Returns masks (B, K, 4H, 4W) logits and IoU (B, K) like ``MaskDecoder.forward``.
+    sparse (B, T, C) prompt tokens; dense (B or 1, C, H, W) mask-prompt embedding or None (no mask prompt).
     """
     b = sparse.shape[0]
     out_tokens = torch.cat([decoder.iou_token.weight, decoder.mask_tokens.weight], dim=0)
     tokens = torch.cat([out_tokens.unsqueeze(0).expand(b, -1, -1), sparse], dim=1)
     tf = decoder.transformer
-    h, w = ctx.grid
     if dense is None:
         keys = ctx.keys0
         layer_ctx = ctx
@@ -180,7 +188,19 @@ def decode(
     kp = keys + ctx.key_pe
     queries = tf.norm_final_attn(queries + _tokens_to_image(tf.final_attn_token_to_image, queries + tokens, kp, keys))
     iou = decoder.iou_prediction_head(queries[:, 0, :])
-    sel = range(1, decoder.num_mask_tokens) if multimask_output else range(0, 1)
+    iou = iou[:, 1:] if multimask_output else iou[:, :1]
+    return DecodedTokens(queries, keys, iou, multimask_output)
+
+
+def decode_masks(decoder: MaskDecoder, ctx: DecoderContext, out: DecodedTokens,
+                 rows: torch.Tensor | None = None) -> torch.Tensor:
+    """Mask logits (B', K, 4H, 4W) of the prompts ``rows`` (indices into the batch; None: all) of ``out``."""
+    queries, keys = out.queries, out.keys
+    if rows is not None:
+        queries, keys = queries[rows], keys[rows]
+    b = queries.shape[0]
+    h, w = ctx.grid
+    sel = range(1, decoder.num_mask_tokens) if out.multimask else range(0, 1)
     hyper = torch.stack([decoder.output_hypernetworks_mlps[i](queries[:, 1 + i, :]) for i in sel], dim=1)  # (B,K,c)
 
     conv1, ln, act1, conv2, act2 = decoder.output_upscaling
@@ -193,7 +213,19 @@ def decode(
     c2 = z.shape[-1]
     m = z.reshape(b, -1, c2) @ hyper.transpose(1, 2)  # (B, 2H*2W*4, K)
     k = hyper.shape[1]
-    m = m.reshape(b, 2 * h, 2 * w, 2, 2, k).permute(0, 5, 1, 3, 2, 4).reshape(b, k, 4 * h, 4 * w)
-    iou = iou[:, 1:] if multimask_output else iou[:, :1]
-    return m, iou
+    return m.reshape(b, 2 * h, 2 * w, 2, 2, k).permute(0, 5, 1, 3, 2, 4).reshape(b, k, 4 * h, 4 * w)
 
+
+def decode(
+    decoder: MaskDecoder,
+    ctx: DecoderContext,
+    sparse: torch.Tensor,
+    dense: torch.Tensor | None,
+    multimask_output: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """sparse (B, T, C) prompt tokens; dense (B or 1, C, H, W) mask-prompt embedding or None (no mask prompt).
+
+    Returns masks (B, K, 4H, 4W) logits and IoU (B, K) like ``MaskDecoder.forward``.
+    """
+    out = decode_tokens(decoder, ctx, sparse, dense, multimask_output)
+    return decode_masks(decoder, ctx, out), out.iou
