@@ -69,12 +69,11 @@ class AnnotatorWidget(AnnotatorJobs, QWidget):
         self.viewer.layers.events.inserted.connect(self._refresh_combos)
         self.viewer.layers.events.removed.connect(self._on_layer_removed)
         self.viewer.dims.events.current_step.connect(self._changed)
-        model_cb = self._weak(lambda w, model: w._on_model_changed(model))
-        self.state.on_model_changed(model_cb)
+        self.state.on_model_changed_while_alive(self, lambda w, model: w._on_model_changed(model))
         handlers = {key: self._key_handler(action) for key, (action, _) in SHORTCUTS.items()}
         for key, handler in handlers.items():
             self.viewer.bind_key(key, handler, overwrite=True)
-        self.destroyed.connect(self._teardown_callback(handlers, model_cb))
+        self.destroyed.connect(self._teardown_callback(handlers))
         self._refresh_combos()
         self._show_polarity()
         self._show_model()
@@ -393,11 +392,11 @@ class AnnotatorWidget(AnnotatorJobs, QWidget):
         self.viewer.status = text
         _notify(text, level)
 
-    def _teardown_callback(self, handlers, model_cb):
+    def _teardown_callback(self, handlers):
         """A closure holding no reference to the widget (it runs once the widget is gone) that removes
-        the viewer shortcuts and the shared-state callback. napari's layer/viewer events hold only weak
-        references to the widget's methods, so they need no clean-up."""
-        viewer, state = self.viewer, self.state
+        the viewer shortcuts. The shared-state model callback disconnects itself (``on_model_changed_while_alive``);
+        napari's layer/viewer events hold only weak references to the widget's methods: no clean-up either."""
+        viewer = self.viewer
 
         def teardown(*_):
             from napari.utils.key_bindings import coerce_keybinding
@@ -405,6 +404,5 @@ class AnnotatorWidget(AnnotatorJobs, QWidget):
             for key, handler in handlers.items():
                 if viewer.keymap.get(coerce_keybinding(key)) is handler:
                     viewer.bind_key(key, None)
-            state.disconnect(model_cb)
 
         return teardown
