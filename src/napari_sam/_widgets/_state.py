@@ -74,12 +74,16 @@ class ViewerState:
 
     def on_model_changed_while_alive(self, widget, fn: Callable[[Any, Any], None]) -> Callable[[Any], None]:
         """Call ``fn(widget, model)`` on model changes while the Qt ``widget`` exists: the widget is held weakly,
-        and the callback is disconnected when the widget is destroyed. Returns the registered callback."""
+        and the callback is disconnected when the widget is destroyed, or at the latest on the first model
+        change after the widget is gone (Qt does not always deliver ``destroyed`` to Python once the wrapper is
+        collected). Returns the registered callback."""
         ref = weakref.ref(widget)
 
         def callback(model) -> None:
             w = ref()
-            if w is not None:
+            if w is None:
+                self.disconnect(callback)
+            else:
                 fn(w, model)
 
         self.on_model_changed(callback)
