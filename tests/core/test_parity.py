@@ -180,24 +180,7 @@ def test_embedding_parity(embedded, case):
     ours, theirs = p.get_image_embedding(), r.get_image_embedding()
     assert ours.shape == theirs.shape == (1, 256, 64, 64)
     assert float(theirs.abs().max()) > 0.5
-    diff = float((ours - theirs).abs().max())
-    if diff <= TOL:
-        return
-    # Deep random-weight encoders amplify float32 rounding: their embeddings reach |x| ~ 5, and two correct float32
-    # implementations (the reference's NCHW convolutions vs our channels-last ones) can then differ by about 1e-4.
-    # Past 1e-4, the arbiter is the exact result: the reference model in float64 on the reference's own input.
-    # Ours must be as close to it as the reference's own float32 result, up to a factor 1.5 (float32 noise of
-    # another summation order), and within twice that noise of the reference.
-    import copy
-
-    ref64 = copy.deepcopy(r.model).double()
-    x = torch.as_tensor(r.transform.apply_image(to_rgb_uint8(image))).permute(2, 0, 1)[None]
-    with torch.no_grad():
-        exact = ref64.image_encoder(ref64.preprocess(x.double()))
-    err_ref = float((theirs.double() - exact).abs().max())
-    err_ours = float((ours.double() - exact).abs().max())
-    assert err_ours <= 1.5 * err_ref, f"ours {err_ours:.2e} vs reference {err_ref:.2e} from float64"
-    assert diff <= 2 * err_ref, f"ours and the reference differ by {diff:.2e}; float32 noise {err_ref:.2e}"
+    assert float((ours - theirs).abs().max()) <= TOL
 
 
 @pytest.mark.parametrize("case", CASES, ids=[f"{m}-{i}" for m, i in CASES])
