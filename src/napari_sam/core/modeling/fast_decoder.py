@@ -21,6 +21,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from .common import act_
 from .mask_decoder import MaskDecoder
 from .prompt_encoder import PromptEncoder
 from .transformer import Attention, TwoWayAttentionBlock
@@ -135,13 +136,6 @@ def _block(layer: TwoWayAttentionBlock, queries, tokens, keys, key_pe, ctx: Deco
     return queries, keys
 
 
-def _act_(act: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """act(x), in place on the temporary x for exact GELU outside autograd (no second full-size tensor)."""
-    if isinstance(act, torch.nn.GELU) and act.approximate == "none" and not torch.is_grad_enabled():
-        return torch.ops.aten.gelu_(x)
-    return act(x)
-
-
 def _conv_t2x2(x: torch.Tensor, conv: torch.nn.ConvTranspose2d) -> torch.Tensor:
     """ConvTranspose2d(k=2, s=2) on channels-last x (B, H, W, Cin) -> (B, H, W, 2, 2, Cout) (dy, dx, c)."""
     cin, cout = conv.weight.shape[:2]
@@ -208,8 +202,8 @@ def decode_masks(decoder: MaskDecoder, ctx: DecoderContext, out: DecodedTokens,
     y = _conv_t2x2(x, conv1)  # (B, H, W, 2, 2, C1)
     c1 = y.shape[-1]
     y = y.permute(0, 1, 3, 2, 4, 5).reshape(b, 2 * h, 2 * w, c1)  # channels-last (B, 2H, 2W, C1)
-    y = _act_(act1, F.layer_norm(y, (c1,), ln.weight, ln.bias, ln.eps))
-    z = _act_(act2, _conv_t2x2(y, conv2))  # (B, 2H, 2W, 2, 2, C2)
+    y = act_(act1, F.layer_norm(y, (c1,), ln.weight, ln.bias, ln.eps))
+    z = act_(act2, _conv_t2x2(y, conv2))  # (B, 2H, 2W, 2, 2, C2)
     c2 = z.shape[-1]
     m = z.reshape(b, -1, c2) @ hyper.transpose(1, 2)  # (B, 2H*2W*4, K)
     k = hyper.shape[1]

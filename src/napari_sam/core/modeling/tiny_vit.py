@@ -13,17 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .common import LayerNorm2d
-
-
-def _act(mod: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """``mod(x)``; exact GELU runs in place on ``x`` (a temporary of the caller) when autograd does not need it.
-
-    Inference on the CPU is memory bound in the conv stages: a fresh output tensor costs more than the GELU.
-    """
-    if isinstance(mod, nn.GELU) and mod.approximate == "none" and not (torch.is_grad_enabled() and x.requires_grad):
-        return torch.ops.aten.gelu_(x)
-    return mod(x)
+from .common import LayerNorm2d, act_
 
 
 def _tokens(x: torch.Tensor) -> torch.Tensor:
@@ -106,7 +96,7 @@ class PatchEmbed(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         conv1, act, conv2 = self.seq
-        return conv2(_act(act, conv1(x)))
+        return conv2(act_(act, conv1(x)))
 
 
 class MBConv(nn.Module):
@@ -121,10 +111,10 @@ class MBConv(nn.Module):
         self.act3 = activation()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, H, W)
-        y = _act(self.act2, self.conv2(_act(self.act1, self.conv1(x))))
+        y = act_(self.act2, self.conv2(act_(self.act1, self.conv1(x))))
         y = self.conv3(y)
         y = y + x if torch.is_grad_enabled() else y.add_(x)
-        return _act(self.act3, y)
+        return act_(self.act3, y)
 
 
 class PatchMerging(nn.Module):
@@ -142,7 +132,7 @@ class PatchMerging(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.ndim == 3:
             x = _grid(x, *self.input_resolution)
-        x = self.conv3(_act(self.act, self.conv2(_act(self.act, self.conv1(x)))))
+        x = self.conv3(act_(self.act, self.conv2(act_(self.act, self.conv1(x)))))
         return _tokens(x)
 
 
@@ -168,7 +158,7 @@ class Mlp(nn.Module):
         self.act = activation()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(_act(self.act, self.fc1(self.norm(x))))
+        return self.fc2(act_(self.act, self.fc1(self.norm(x))))
 
 
 class Attention(nn.Module):
