@@ -102,7 +102,7 @@ def test_masks_only_above_the_iou_floor_equal_all_masks(predictor, sample):
     labels = torch.ones(len(pts), 1, dtype=torch.int64)
     low, iou = predictor.predict_torch(coords, labels)
     floor = float(np.median(iou.max(1).values.numpy()))  # about half the points have a candidate above it
-    low2, iou2 = predictor.predict_torch_above(coords, labels, floor)
+    low2, iou2 = predictor.predict_torch(coords, labels, iou_floor=floor)
     torch.testing.assert_close(iou2, iou, rtol=0, atol=0)
     above = (iou > floor).any(1)
     assert 0 < int(above.sum()) < len(pts)

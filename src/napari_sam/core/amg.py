@@ -233,10 +233,8 @@ class AutomaticMaskGenerator:
             for s in range(0, len(pc), step):
                 sub = pc[s : s + step]
                 labels = torch.ones(sub.shape[:2], dtype=torch.int64, device=sub.device)
-                if iou_floor > 0:
-                    low, iou = self.predictor.predict_torch_above(sub, labels, iou_floor, multimask_output=True)
-                else:
-                    low, iou = self.predictor.predict_torch(sub, labels, multimask_output=True)
+                low, iou = self.predictor.predict_torch(sub, labels, multimask_output=True,
+                                                        iou_floor=iou_floor if iou_floor > 0 else None)
                 lows.append(low)
                 ious.append(iou)
         return torch.cat(lows), torch.cat(ious)

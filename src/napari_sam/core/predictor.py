@@ -14,7 +14,7 @@ import torch
 from .build import load_model
 from .device import resolve_device
 from .image import to_rgb_uint8
-from .modeling.fast_decoder import DecoderContext, decode, decode_masks, decode_tokens, prepare_context
+from .modeling.fast_decoder import DecoderContext, decode_masks, decode_tokens, prepare_context
 from .modeling.sam import Sam
 from .prompts import boxes_rc_to_xy, rc_to_xy, validate_boxes, validate_points
 from .transforms import ResizeLongestSide, upsample_logits, upsample_masks
@@ -203,15 +203,30 @@ class SamPredictor:
         boxes: torch.Tensor | None = None,
         mask_input: torch.Tensor | None = None,
         multimask_output: bool = True,
+        iou_floor: float | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Model-frame API: coords (B, N, 2) (x, y) in resized-input pixels, labels (B, N), boxes (B, 4)
-        (x0, y0, x1, y1), mask_input (B, 1, L, L). Returns low-res logits (B, K, L, L) and IoU (B, K)."""
+        (x0, y0, x1, y1), mask_input (B, 1, L, L). Returns low-res logits (B, K, L, L) and IoU (B, K).
+
+        ``iou_floor``: for callers that discard every mask whose predicted IoU is <= it (segment everything).
+        The mask upscaling then runs only for prompts with a candidate above it; the logits of the others are
+        -inf placeholders, never a prediction. Without the fast decoder all masks are computed.
+        """
         emb = self._require()
         points = (point_coords, point_labels) if point_coords is not None else None
         sparse, dense = self.model.prompt_encoder(points=points, boxes=boxes, masks=mask_input)
         if self.fast_decoder:
-            return decode(self.model.mask_decoder, self._decoder_context(), sparse,
-                          None if mask_input is None else dense, multimask_output)
+            dec, ctx = self.model.mask_decoder, self._decoder_context()
+            out = decode_tokens(dec, ctx, sparse, None if mask_input is None else dense, multimask_output)
+            if iou_floor is None:
+                return decode_masks(dec, ctx, out), out.iou
+            rows = torch.nonzero((out.iou > iou_floor).any(1)).flatten()
+            b, k = out.iou.shape
+            h, w = ctx.grid
+            low = torch.full((b, k, 4 * h, 4 * w), float("-inf"), dtype=out.iou.dtype, device=out.iou.device)
+            if len(rows):
+                low[rows] = decode_masks(dec, ctx, out, rows)
+            return low, out.iou
         return self.model.mask_decoder(
             image_embeddings=emb.features,
             image_pe=self.model.prompt_encoder.get_dense_pe(),
@@ -219,35 +234,6 @@ class SamPredictor:
             dense_prompt_embeddings=dense,
             multimask_output=multimask_output,
         )
-
-    @torch.inference_mode()
-    def predict_torch_above(
-        self,
-        point_coords: torch.Tensor | None,
-        point_labels: torch.Tensor | None,
-        iou_floor: float,
-        boxes: torch.Tensor | None = None,
-        multimask_output: bool = True,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """:meth:`predict_torch` for callers that discard every mask whose predicted IoU is <= ``iou_floor``
-        (segment everything): the mask upscaling runs only for prompts with at least one candidate above it.
-
-        Returns low-res logits (B, K, L, L) and IoU (B, K); the logits of prompts with no candidate above the
-        floor are -inf placeholders, never a prediction. Without the fast decoder, all masks are computed.
-        """
-        if not self.fast_decoder:
-            return self.predict_torch(point_coords, point_labels, boxes, None, multimask_output)
-        points = (point_coords, point_labels) if point_coords is not None else None
-        sparse, _ = self.model.prompt_encoder(points=points, boxes=boxes, masks=None)
-        ctx = self._decoder_context()
-        out = decode_tokens(self.model.mask_decoder, ctx, sparse, None, multimask_output)
-        rows = torch.nonzero((out.iou > iou_floor).any(1)).flatten()
-        b, k = out.iou.shape
-        h, w = ctx.grid
-        low = torch.full((b, k, 4 * h, 4 * w), float("-inf"), dtype=out.iou.dtype, device=out.iou.device)
-        if len(rows):
-            low[rows] = decode_masks(self.model.mask_decoder, ctx, out, rows)
-        return low, out.iou
 
     def _decoder_context(self) -> DecoderContext:
         """Prompt-independent decoder tensors of the current image, rebuilt if the image or the weights

@@ -209,17 +209,3 @@ def decode_masks(decoder: MaskDecoder, ctx: DecoderContext, out: DecodedTokens,
     k = hyper.shape[1]
     return m.reshape(b, 2 * h, 2 * w, 2, 2, k).permute(0, 5, 1, 3, 2, 4).reshape(b, k, 4 * h, 4 * w)
 
-
-def decode(
-    decoder: MaskDecoder,
-    ctx: DecoderContext,
-    sparse: torch.Tensor,
-    dense: torch.Tensor | None,
-    multimask_output: bool,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """sparse (B, T, C) prompt tokens; dense (B or 1, C, H, W) mask-prompt embedding or None (no mask prompt).
-
-    Returns masks (B, K, 4H, 4W) logits and IoU (B, K) like ``MaskDecoder.forward``.
-    """
-    out = decode_tokens(decoder, ctx, sparse, dense, multimask_output)
-    return decode_masks(decoder, ctx, out), out.iou

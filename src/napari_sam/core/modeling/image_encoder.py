@@ -156,11 +156,12 @@ class Attention(nn.Module):
             # Build and use it a few heads at a time (same result) to bound peak memory.
             step = max(1, MAX_BIAS_ELEMENTS // (b * n * n))
             outs = []
-            buf = None  # one bias buffer for all chunks: a fresh 128 MB tensor per chunk costs page faults
+            buf = None  # inference: one bias buffer for all chunks (a fresh 128 MB tensor per chunk costs page
+            # faults); with autograd rel_pos_bias builds a new tensor anyway
             for i in range(0, self.num_heads, step):
                 sl = slice(i, i + step)
                 qs = q[:, sl]
-                if buf is None or buf.shape[1] != qs.shape[1] or torch.is_grad_enabled():
+                if not torch.is_grad_enabled() and (buf is None or buf.shape[1] != qs.shape[1]):
                     buf = torch.empty((b, qs.shape[1], n, n), dtype=q.dtype, device=q.device)
                 bias = rel_pos_bias(qs, self.rel_pos_h, self.rel_pos_w, (h, w), out=buf)  # (B, step, N, N)
                 outs.append(F.scaled_dot_product_attention(qs, k[:, sl], v[:, sl], attn_mask=bias,
