@@ -14,7 +14,8 @@ from napari_sam.core.config import get_config
 from napari_sam.core.training import DataError, TrainConfig, Trainer, TrainingError, from_arrays
 from napari_sam.core.training.data import load_folder, pairs_from_folder
 from napari_sam.core.training.losses import dice_loss, focal_loss, mask_iou, sam_loss, weighted_bce
-from napari_sam.core.training.simulate import corrective_clicks, mask_boxes, noisy_boxes, sample_points
+from napari_sam.core.training.simulate import (corrective_clicks, far_points, mask_boxes, nearest_neighbours,
+                                               noisy_boxes, sample_points, split_toward)
 from tests.conftest import data_dir, read_image
 
 # nsam_t's architecture at 128 px (8x8 grid): cheap enough for a full from-scratch step in a test.
@@ -73,6 +74,69 @@ def test_corrective_clicks_fall_in_error_regions_with_the_right_label(nuclei_sam
     # a perfect mask gets a positive click inside the object
     pts, lab = corrective_clicks(gt, gt, gen)
     assert lab.eq(1).all() and gt[torch.arange(10), pts[:, 0, 1].long(), pts[:, 0, 0].long()].all()
+
+
+def test_nearest_neighbours_match_a_brute_force_search_on_real_labels(nuclei_sample):
+    from scipy import ndimage
+
+    _, labels = nuclei_sample
+    ids = np.unique(labels)[1:]
+    area = ndimage.sum_labels(np.ones_like(labels), labels, ids)
+    cen = np.array(ndimage.center_of_mass(np.ones_like(labels), labels, ids))
+    rad = np.sqrt(area / np.pi)
+    got = nearest_neighbours(labels, ids, min_px=16, reach=3.0)
+    for k, a in enumerate(ids):
+        d = np.hypot(*(cen - cen[k]).T)
+        d[k] = np.inf
+        d[area < 16] = np.inf
+        j = int(np.argmin(d))
+        want = ids[j] if d[j] <= 3.0 * (rad[k] + rad[j]) else 0
+        assert got[k] == want, (a, got[k], want)
+    assert (got > 0).sum() >= len(ids) // 2  # nuclei here mostly have a near neighbour
+    # a lone object has none
+    lone = np.zeros((64, 64), np.int32)
+    lone[10:20, 10:20] = 1
+    lone[50:52, 50:52] = 2  # too small to count
+    assert nearest_neighbours(lone, np.array([1])).tolist() == [0]
+
+
+def test_carving_clicks_split_an_object_between_the_two_clicks(nuclei_sample):
+    _, labels = nuclei_sample
+    gt = _nuclei_masks(labels, 10)
+    gen = torch.Generator().manual_seed(3)
+    p = sample_points(gt, gen)[:, 0]
+    q = far_points(gt, p, gen, min_frac=0.6)
+    b = torch.arange(len(gt))
+    assert gt[b, q[:, 1].long(), q[:, 0].long()].all()
+    for k in range(len(gt)):
+        yy, xx = np.nonzero(gt[k].numpy())
+        d = np.hypot(xx - float(p[k, 0]), yy - float(p[k, 1]))
+        assert np.hypot(*(q[k] - p[k]).tolist()) >= 0.6 * d.max() - 1e-4
+    keep = split_toward(gt, p, q)
+    assert keep[b, p[:, 1].long(), p[:, 0].long()].all() and not keep[b, q[:, 1].long(), q[:, 0].long()].any()
+    assert (keep <= gt).all() and (keep.flatten(1).sum(1) < gt.flatten(1).sum(1)).all()
+    # exact: a pixel is kept iff it is in the object and strictly nearer the positive click
+    yy, xx = np.mgrid[: gt.shape[1], : gt.shape[2]]
+    k = 0
+    want = gt[k].numpy() & ((xx - float(p[k, 0])) ** 2 + (yy - float(p[k, 1])) ** 2
+                            < (xx - float(q[k, 0])) ** 2 + (yy - float(q[k, 1])) ** 2)
+    assert np.array_equal(keep[k].numpy(), want)
+
+
+def test_negative_click_lessons_train_with_a_slower_encoder():
+    samples = _real_samples(128, 2)
+    cfg = TrainConfig(mode="scratch", steps=4, lr=1e-3, warmup_steps=1, objects_per_image=4, edit_prob=1.0,
+                      encoder_lr_mult=0.25, log_every=1, eval_every_s=0, ckpt_every_s=1e9)
+    torch.manual_seed(0)
+    tr = Trainer(build_sam(SMALL), samples, cfg)
+    lrs = sorted({g["lr_mult"] for g in tr.opt.param_groups})
+    assert lrs == [0.25, 1.0]
+    tr.fit()
+    assert len(tr.history) == 4 and all(h["edit"] == 1.0 and h["n_iter"] in (2, 3) for h in tr.history)
+    assert all(np.isfinite(h["loss"]) for h in tr.history)
+    enc = [g for g in tr.opt.param_groups if g["lr_mult"] == 0.25][0]
+    dec = [g for g in tr.opt.param_groups if g["lr_mult"] == 1.0][0]
+    assert enc["lr"] == pytest.approx(0.25 * dec["lr"]) and dec["lr"] > 0
 
 
 # ------------------------------------------------------------------ losses on exact references

@@ -36,6 +36,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--click-iters", type=int, default=3, help="max corrective-click iterations per step")
     p.add_argument("--grad-all-iters", action="store_true",
                    help="back-propagate every click iteration (default: the first and the last only)")
+    p.add_argument("--edit-prob", type=float, default=0.0,
+                   help="share of steps that are negative-click lessons: a neighbour taken in and removed by a "
+                        "negative click, or a negative click inside the object carving it")
+    p.add_argument("--encoder-lr-mult", type=float, default=1.0,
+                   help="the image encoder's learning rate as a multiple of --lr (fine-tuning: keep it low)")
     p.add_argument("--pixel-loss", default="wbce", choices=("wbce", "focal"),
                    help="wbce: object-weighted BCE + dice (default; learns from scratch); focal: the paper's "
                         "20*focal + dice")
@@ -75,6 +80,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = TrainConfig(mode=args.mode, steps=args.steps, max_minutes=args.max_minutes, lr=args.lr,
                       warmup_steps=args.warmup, images_per_step=args.images_per_step, objects_per_image=args.objects,
                       max_click_iters=args.click_iters, grad_all_iters=args.grad_all_iters,
+                      edit_prob=args.edit_prob, encoder_lr_mult=args.encoder_lr_mult,
                       point_prob=args.point_prob, click_prob=args.click_prob, focal_ramp_steps=args.focal_ramp,
                       focal_start_iou=args.focal_start_iou, focal_balanced=args.focal_balanced,
                       pixel_loss=args.pixel_loss, seed=args.seed, eval_every_s=60 * args.eval_every_min,

@@ -6,6 +6,7 @@ tensors. Randomness comes from an explicit ``torch.Generator`` so a resumed run 
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 
@@ -80,3 +81,65 @@ def corrective_clicks(pred: torch.Tensor, gt: torch.Tensor, gen: torch.Generator
     label = torch.where(valid, label, torch.ones_like(label))
     xy = (xy + 0.5) * scale - 0.5
     return xy[:, None, :], label[:, None]
+
+
+# ------------------------------------------------------------------ negative-click lessons
+# The paper's corrective clicks put a negative point only on the false-positive pixels of one object, so a model
+# trained on them never sees the two situations a user meets most: the mask has taken in a neighbouring object,
+# or the user wants less of the object than the model gave. These helpers build both lessons.
+
+
+def nearest_neighbours(labels: np.ndarray, ids: np.ndarray, min_px: int = 16, reach: float = 3.0) -> np.ndarray:
+    """For each id in ``ids``, the id of the nearest other object of ``labels`` (H, W) int, or 0 if none is near.
+
+    "Near": centroid distance at most ``reach`` x (r_a + r_b), with r the radius of a disc of the object's
+    area. Objects under ``min_px`` pixels are not candidates. Returns (len(ids),) int64.
+    """
+    n = int(labels.max()) + 1
+    flat = labels.ravel()
+    area = np.bincount(flat, minlength=n).astype(np.float64)
+    rr, cc = np.divmod(np.arange(flat.size), labels.shape[1])
+    with np.errstate(invalid="ignore", divide="ignore"):
+        cy = np.bincount(flat, weights=rr, minlength=n) / area
+        cx = np.bincount(flat, weights=cc, minlength=n) / area
+    cand = np.nonzero(area >= min_px)[0]
+    cand = cand[cand != 0]
+    out = np.zeros(len(ids), dtype=np.int64)
+    if cand.size < 2:
+        return out
+    rad = np.sqrt(area / np.pi)
+    for k, a in enumerate(np.asarray(ids)):
+        d = np.hypot(cy[cand] - cy[a], cx[cand] - cx[a])
+        d[cand == a] = np.inf
+        j = int(np.argmin(d))
+        if d[j] <= reach * (rad[a] + rad[cand[j]]):
+            out[k] = cand[j]
+    return out
+
+
+def far_points(masks: torch.Tensor, from_xy: torch.Tensor, gen: torch.Generator,
+               min_frac: float = 0.6) -> torch.Tensor:
+    """A random pixel of each mask (B, H, W) whose distance to ``from_xy`` (B, 2) (x, y) is at least ``min_frac``
+    of the mask's largest such distance -> (B, 2) (x, y). Empty masks give ``from_xy``."""
+    b, h, w = masks.shape
+    ys = torch.arange(h, device=masks.device, dtype=torch.float32)[:, None]
+    xs = torch.arange(w, device=masks.device, dtype=torch.float32)[None, :]
+    d2 = (xs[None] - from_xy[:, 0, None, None]) ** 2 + (ys[None] - from_xy[:, 1, None, None]) ** 2
+    d2 = torch.where(masks, d2, torch.full_like(d2, -1.0))
+    dmax = d2.flatten(1).max(1).values
+    region = masks & (d2 >= (min_frac ** 2) * dmax[:, None, None])
+    xy, valid = _sample_pixels(region, gen)
+    return torch.where(valid[:, None], xy, from_xy)
+
+
+def split_toward(masks: torch.Tensor, keep_xy: torch.Tensor, drop_xy: torch.Tensor) -> torch.Tensor:
+    """The part of each mask (B, H, W) bool nearer to ``keep_xy`` than to ``drop_xy`` (B, 2) (x, y): what a
+    positive click at ``keep_xy`` and a negative one at ``drop_xy`` inside the same object ask for."""
+    b, h, w = masks.shape
+    ys = torch.arange(h, device=masks.device, dtype=torch.float32)[:, None]
+    xs = torch.arange(w, device=masks.device, dtype=torch.float32)[None, :]
+
+    def d2(p: torch.Tensor) -> torch.Tensor:
+        return (xs[None] - p[:, 0, None, None]) ** 2 + (ys[None] - p[:, 1, None, None]) ** 2
+
+    return masks & (d2(keep_xy) < d2(drop_xy))

@@ -30,7 +30,8 @@ from ..build import build_sam, load_model, save_checkpoint
 from ..modeling.sam import Sam
 from .data import Sample
 from .losses import mask_iou, roi_weight, sam_loss
-from .simulate import corrective_clicks, mask_boxes, noisy_boxes, sample_points
+from .simulate import (corrective_clicks, far_points, mask_boxes, nearest_neighbours, noisy_boxes, sample_points,
+                       split_toward)
 from .validate import quick_eval
 
 
@@ -53,6 +54,8 @@ class TrainConfig:
     max_click_iters: int = 3
     click_prob: float = 0.5  # share of steps that continue with corrective clicks
     grad_all_iters: bool = False  # False: back-propagate the first and the last iteration only (CPU budget)
+    edit_prob: float = 0.0  # share of steps that are negative-click lessons (neighbour removal, carving)
+    encoder_lr_mult: float = 1.0  # the image encoder's learning rate relative to ``lr``
     point_prob: float = 0.5
     pixel_loss: str = "wbce"  # "wbce" (object-weighted BCE + dice; learns from scratch) or "focal" (the paper's)
     focal_weight: float = 20.0
@@ -90,7 +93,7 @@ def augment_pair(image: np.ndarray, labels: np.ndarray, rng: np.random.Generator
 
 
 def _to_input(model: Sam, image: np.ndarray) -> torch.Tensor:
-    x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].float().to(model.device)
+    x = torch.from_numpy(np.require(image, requirements=["C", "W"])).permute(2, 0, 1)[None].float().to(model.device)
     return model.preprocess(x)
 
 
@@ -129,7 +132,12 @@ class Trainer:
             for p in model.image_encoder.parameters():
                 p.requires_grad_(False)
             train_params = [p for n, p in model.named_parameters() if not n.startswith("image_encoder.")]
-        self.opt = torch.optim.AdamW(list(train_params), lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=True)
+        train_params = list(train_params)
+        enc = {id(p) for p in model.image_encoder.parameters()}
+        groups = [{"params": [p for p in train_params if id(p) not in enc], "lr_mult": 1.0}]
+        if any(id(p) in enc for p in train_params):
+            groups.append({"params": [p for p in train_params if id(p) in enc], "lr_mult": cfg.encoder_lr_mult})
+        self.opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=True)
         self.step, self.elapsed, self.best = 0, 0.0, -1.0
         self.iou_ema, self.focal_start = 0.0, (0 if cfg.focal_start_iou <= 0 else None)
         self.history: list[dict] = []
@@ -209,19 +217,26 @@ class Trainer:
         cfg, model = self.cfg, self.model
         dev = model.device
         idx = self._pick_images()
-        imgs, gts, owner = [], [], []
+        imgs, gts, owner, pairs = [], [], [], []
         for j, i in enumerate(idx):
             s = self.samples[i]
             image, labels = s.image, s.labels
             if cfg.augment and cfg.mode != "decoder":
                 image, labels = augment_pair(image, labels, self.rng)
             ids = self._objects(labels, s.ids)
+            pairs.append((labels, ids))
             lab = torch.from_numpy(_pad_labels(labels, self.img_size)).to(dev)
             gts.append(lab[None] == torch.as_tensor(ids, device=dev)[:, None, None])
             owner += [j] * len(ids)
             imgs.append(image)
         gt = torch.cat(gts)  # (B, S, S) bool at input size
         owner_t = torch.as_tensor(owner, device=dev)
+        edit = cfg.edit_prob > 0 and self.rng.random() < cfg.edit_prob
+        if edit:  # the neighbour of each object (0: none near), from the same augmented labels
+            nb = torch.cat([torch.as_tensor(nearest_neighbours(lab_np, ids_j, cfg.min_object_px))
+                            for lab_np, ids_j in pairs]).to(dev)
+            labs = torch.stack([torch.from_numpy(_pad_labels(lab_np, self.img_size)) for lab_np, _ in pairs]).to(dev)
+            nb_mask = (labs[owner_t] == nb[:, None, None]) & (nb[:, None, None] > 0)
         if cfg.mode == "decoder":
             emb = torch.cat([self._embeddings[i] for i in idx]).to(dev)
         else:
@@ -229,6 +244,8 @@ class Trainer:
             emb = model.image_encoder(x)
         emb = emb[owner_t]
         pe = model.prompt_encoder.get_dense_pe()
+        if edit:
+            return self._edit_step(emb, pe, gt, nb_mask)
         r = cfg.loss_res
         target = F.adaptive_avg_pool2d(gt[:, None].float(), r) if r != self.img_size else gt[:, None].float()
         gt_r = target[:, 0] > 0.5
@@ -276,20 +293,76 @@ class Trainer:
                 pts = p.to(dev) if pts is None else torch.cat([pts, p.to(dev)], 1)
                 plab = lab.to(dev) if plab is None else torch.cat([plab, lab.to(dev)], 1)
         loss = total / n_grad
+        self._check_finite(loss)
+        self.iou_ema = 0.95 * self.iou_ema + 0.05 * ious[0]
+        if self.focal_start is None and self.iou_ema >= cfg.focal_start_iou:
+            self.focal_start = self.step
+        self._apply(loss)
+        return {"loss": float(loss.detach()), "iou_first": ious[0], "iou_last": ious[-1], "n_iter": n_iter,
+                "objects": len(gt), "focal_ramp": ramp}
+
+    def _edit_step(self, emb: torch.Tensor, pe: torch.Tensor, gt: torch.Tensor, nb_mask: torch.Tensor
+                   ) -> dict[str, float]:
+        """A negative-click lesson for every object A of the step (see ``TrainConfig.edit_prob``).
+
+        Where A has a neighbour B: positive clicks in A and B ask for A u B; then the click in B turns into a
+        negative one at another pixel of B, with the mask fed back, and the target is A alone. Otherwise
+        (carving): a positive click in A asks for A; then a negative click at a far pixel q of A asks for the
+        part of A nearer the positive click than q. With p = 0.5 one more iteration without a new click follows.
+        Every iteration is back-propagated.
+        """
+        cfg, model, dev = self.cfg, self.model, gt.device
+        r, n = cfg.loss_res, len(gt)
+        has_nb = nb_mask.flatten(1).any(1)
+        p_a = sample_points(gt, self.gen).to(dev)[:, 0]
+        p_b = sample_points(nb_mask, self.gen).to(dev)[:, 0]
+        q_b = sample_points(nb_mask, self.gen).to(dev)[:, 0]
+        q_a = far_points(gt, p_a, self.gen)
+        pad = torch.zeros_like(p_a)
+        # iteration 0: (A, B) positive or (A, padding); iteration 1: (A positive, B or far-A negative)
+        pts0 = torch.stack([p_a, torch.where(has_nb[:, None], p_b, pad)], 1)
+        lab0 = torch.stack([torch.ones(n, dtype=torch.long, device=dev),
+                            torch.where(has_nb, 1, -1)], 1)
+        pts1 = torch.stack([p_a, torch.where(has_nb[:, None], q_b, q_a)], 1)
+        lab1 = torch.stack([torch.ones(n, dtype=torch.long, device=dev), torch.zeros(n, dtype=torch.long,
+                                                                                      device=dev)], 1)
+        first = gt | nb_mask
+        second = torch.where(has_nb[:, None, None], gt, split_toward(gt, p_a, q_a))
+        n_iter = 2 + int(self.rng.random() < 0.5)
+        mask_in, total, ious = None, 0.0, []
+        for it in range(n_iter):
+            tgt_full = first if it == 0 else second
+            target = F.adaptive_avg_pool2d(tgt_full[:, None].float(), r) if r != self.img_size \
+                else tgt_full[:, None].float()
+            pts, plab = (pts0, lab0) if it == 0 else (pts1, lab1)
+            sparse, dense = model.prompt_encoder(points=(pts, plab), boxes=None, masks=mask_in)
+            low, iou_pred = model.mask_decoder(emb, pe, sparse, dense, False)
+            logits = F.interpolate(low, size=(r, r), mode="bilinear", align_corners=False) \
+                if low.shape[-1] != r else low
+            mloss, iloss = sam_loss(logits, target, iou_pred, focal_weight=cfg.focal_weight,
+                                    weight=roi_weight(target) if cfg.roi_focal else None,
+                                    balanced=cfg.focal_balanced, pixel_loss=cfg.pixel_loss)
+            total = total + mloss[:, 0].mean() + iloss.mean()
+            ious.append(float(mask_iou(logits[:, :1].detach(), target).mean()))
+            mask_in = low[:, :1].detach()
+        loss = total / n_iter
+        self._check_finite(loss)
+        self._apply(loss)
+        return {"loss": float(loss.detach()), "iou_first": ious[0], "iou_last": ious[-1], "n_iter": n_iter,
+                "objects": n, "focal_ramp": 1.0, "edit": 1.0, "iou_edit": ious[-1]}
+
+    def _check_finite(self, loss: torch.Tensor) -> None:
         if not torch.isfinite(loss):
             raise TrainingError(
                 f"non-finite loss ({float(loss)}) at step {self.step}; lower the learning rate (--lr) or check "
                 "the images for NaN/inf values"
             )
-        self.iou_ema = 0.95 * self.iou_ema + 0.05 * ious[0]
-        if self.focal_start is None and self.iou_ema >= cfg.focal_start_iou:
-            self.focal_start = self.step
+
+    def _apply(self, loss: torch.Tensor) -> None:
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_([p for g in self.opt.param_groups for p in g["params"]], 1.0)
         self.opt.step()
-        return {"loss": float(loss.detach()), "iou_first": ious[0], "iou_last": ious[-1], "n_iter": n_iter,
-                "objects": len(gt), "focal_ramp": ramp}
 
     @torch.no_grad()
     def eval_loss(self, max_objects: int | None = None) -> float:
@@ -322,7 +395,7 @@ class Trainer:
             frac = max(frac, self.elapsed / (60 * self.cfg.max_minutes))
         lr = self.cfg.lr * _lr_factor(frac, self.step, self.cfg)
         for g in self.opt.param_groups:
-            g["lr"] = lr
+            g["lr"] = lr * g.get("lr_mult", 1.0)
         return lr
 
     def _log(self, rec: dict) -> None:

@@ -1,0 +1,135 @@
+"""Do negative clicks do what a user means? Two protocols on the dsb2018_full ``test`` split, as in the annotator.
+
+The annotator predicts one object from all points of a plane and feeds the previous logits back
+(``napari_sam.core.annotation.predict``). Per image, the ``--per-image`` largest nuclei are used.
+
+* **carve**: a positive click at the nucleus centre (distance-transform maximum) gives a mask; a negative click
+  at the masked nucleus pixel farthest from it follows. Success: the negative pixel leaves the mask, the positive
+  one stays, the mask shrinks (what ``tests/napari/test_annotator_quality.py`` asks of one nucleus).
+* **neighbour**: positive clicks at the centres of nucleus A and a touching neighbour B give a mask holding both;
+  the click on B then turns negative (the natural correction of a mask that took in a neighbour). Success: B's
+  centre leaves the mask and A's stays; also the IoU of the result with A.
+
+Both are reported with the previous logits fed back (the annotator's behaviour) and without.
+
+    python benchmarks/eval_negative_clicks.py --model src/napari_sam/models/builtin_nuclei.pt [--model OTHER.pt]
+        [--json docs/results/negative_clicks.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from scipy import ndimage
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data" / "dsb2018_full"
+
+
+def _centre(mask: np.ndarray) -> tuple[int, int]:
+    dist = ndimage.distance_transform_edt(np.pad(mask, 1))[1:-1, 1:-1]
+    return tuple(int(v) for v in np.unravel_index(int(np.argmax(dist)), dist.shape))
+
+
+def _iou(a: np.ndarray, b: np.ndarray) -> float:
+    return float((a & b).sum() / max((a | b).sum(), 1))
+
+
+def evaluate(model_path: str, split: str = "test", per_image: int = 5, limit: int | None = None) -> dict:
+    import imageio.v3 as iio
+    import tifffile
+
+    from napari_sam.core import SamPredictor, load_model
+    from napari_sam.core.annotation import Prompts, predict
+
+    model = load_model(model_path, device="cpu")
+    pred = SamPredictor(model)
+    rows = [r for r in csv.DictReader(open(DATA / "split.csv")) if r["split"] == split][:limit]
+    carve = {"logits": [], "plain": []}
+    nb = {"logits": [], "plain": [], "iou_logits": [], "iou_plain": [], "iou_before": []}
+    for r in rows:
+        image = iio.imread(DATA / "images" / f"{r['id']}.png")
+        gt = tifffile.imread(DATA / "labels" / f"{r['id']}.tif")
+        pred.set_image(image)
+        ids, counts = np.unique(gt[gt > 0], return_counts=True)
+        for i in ids[np.argsort(-counts, kind="stable")][:per_image]:
+            a = gt == i
+            ca = _centre(a)
+            first = predict(pred, Prompts([ca], [1]))
+            before = first.mask
+            if before[ca]:
+                rr, cc = np.nonzero(a & before)
+                k = int(np.argmax((rr - ca[0]) ** 2 + (cc - ca[1]) ** 2))
+                q = (int(rr[k]), int(cc[k]))
+                for key, mi in (("logits", first.logits[first.choice]), ("plain", None)):
+                    after = predict(pred, Prompts([ca, q], [1, 0]), mask_input=mi).mask
+                    carve[key].append(bool(not after[q] and after[ca] and after.sum() < before.sum()))
+            ring = ndimage.binary_dilation(a, iterations=3) & ~a
+            touching = np.unique(gt[ring])
+            touching = touching[(touching > 0) & (touching != i)]
+            if not len(touching):
+                continue
+            b = gt == touching[0]
+            cb = _centre(b)
+            both = predict(pred, Prompts([ca, cb], [1, 1]))
+            if not (both.mask[ca] and both.mask[cb]):
+                continue
+            nb["iou_before"].append(_iou(both.mask, a))
+            for key, mi in (("logits", both.logits[both.choice]), ("plain", None)):
+                after = predict(pred, Prompts([ca, cb], [1, 0]), mask_input=mi).mask
+                nb[key].append(bool(after[ca] and not after[cb]))
+                nb["iou_" + key].append(_iou(after, a))
+    return {
+        "model": model_path, "split": split, "images": len(rows), "per_image": per_image,
+        "carve": {"cases": len(carve["logits"]), "success_with_logits": float(np.mean(carve["logits"])),
+                  "success_without_logits": float(np.mean(carve["plain"]))},
+        "neighbour": {"cases": len(nb["logits"]), "success_with_logits": float(np.mean(nb["logits"])),
+                      "success_without_logits": float(np.mean(nb["plain"])),
+                      "iou_a_before": float(np.mean(nb["iou_before"])),
+                      "iou_a_with_logits": float(np.mean(nb["iou_logits"])),
+                      "iou_a_without_logits": float(np.mean(nb["iou_plain"]))},
+    }
+
+
+def table(results: list[dict]) -> str:
+    lines = ["| model | carve cases | carve ok (logits / none) | neighbour cases | neighbour removed (logits / none) "
+             "| IoU with A: both clicks positive -> after (logits / none) |",
+             "|---|---|---|---|---|---|"]
+    for r in results:
+        c, n = r["carve"], r["neighbour"]
+        lines.append(f"| {Path(r['model']).name} | {c['cases']} | {c['success_with_logits']:.2f} / "
+                     f"{c['success_without_logits']:.2f} | {n['cases']} | {n['success_with_logits']:.2f} / "
+                     f"{n['success_without_logits']:.2f} | {n['iou_a_before']:.2f} -> {n['iou_a_with_logits']:.2f} / "
+                     f"{n['iou_a_without_logits']:.2f} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", action="append", required=True, help="checkpoint or model name (repeatable)")
+    ap.add_argument("--split", default="test")
+    ap.add_argument("--per-image", type=int, default=5)
+    ap.add_argument("--limit", type=int, default=None, help="first N images of the split")
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args(argv)
+    if not DATA.is_dir():
+        print(f"data folder {DATA} is absent", file=sys.stderr)
+        return 2
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    results = [evaluate(m, args.split, args.per_image, args.limit) for m in args.model]
+    print(table(results))
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
