@@ -10,7 +10,9 @@ The annotator predicts one object from all points of a plane and feeds the previ
   the click on B then turns negative (the natural correction of a mask that took in a neighbour). Success: B's
   centre leaves the mask and A's stays; also the IoU of the result with A.
 
-Both are reported with the previous logits fed back (the annotator's behaviour) and without.
+Both are reported with the previous logits fed back (the annotator's behaviour) and without, for the model alone
+(``enforce_negatives=False``) and as the annotator serves it (negative points as hard constraints,
+``napari_sam.core.annotation.enforce_negative_points``).
 
     python benchmarks/eval_negative_clicks.py --model src/napari_sam/models/builtin_nuclei.pt [--model OTHER.pt]
         [--json docs/results/negative_clicks.json]
@@ -41,7 +43,8 @@ def _iou(a: np.ndarray, b: np.ndarray) -> float:
     return float((a & b).sum() / max((a | b).sum(), 1))
 
 
-def evaluate(model_path: str, split: str = "test", per_image: int = 5, limit: int | None = None) -> dict:
+def evaluate(model_path: str, split: str = "test", per_image: int = 5, limit: int | None = None,
+             enforce: bool = True) -> dict:
     import imageio.v3 as iio
     import tifffile
 
@@ -68,7 +71,7 @@ def evaluate(model_path: str, split: str = "test", per_image: int = 5, limit: in
                 k = int(np.argmax((rr - ca[0]) ** 2 + (cc - ca[1]) ** 2))
                 q = (int(rr[k]), int(cc[k]))
                 for key, mi in (("logits", first.logits[first.choice]), ("plain", None)):
-                    after = predict(pred, Prompts([ca, q], [1, 0]), mask_input=mi).mask
+                    after = predict(pred, Prompts([ca, q], [1, 0]), mask_input=mi, enforce_negatives=enforce).mask
                     carve[key].append(bool(not after[q] and after[ca] and after.sum() < before.sum()))
             ring = ndimage.binary_dilation(a, iterations=3) & ~a
             touching = np.unique(gt[ring])
@@ -82,11 +85,11 @@ def evaluate(model_path: str, split: str = "test", per_image: int = 5, limit: in
                 continue
             nb["iou_before"].append(_iou(both.mask, a))
             for key, mi in (("logits", both.logits[both.choice]), ("plain", None)):
-                after = predict(pred, Prompts([ca, cb], [1, 0]), mask_input=mi).mask
+                after = predict(pred, Prompts([ca, cb], [1, 0]), mask_input=mi, enforce_negatives=enforce).mask
                 nb[key].append(bool(after[ca] and not after[cb]))
                 nb["iou_" + key].append(_iou(after, a))
     return {
-        "model": model_path, "split": split, "images": len(rows), "per_image": per_image,
+        "model": model_path, "enforce_negatives": enforce, "split": split, "images": len(rows), "per_image": per_image,
         "carve": {"cases": len(carve["logits"]), "success_with_logits": float(np.mean(carve["logits"])),
                   "success_without_logits": float(np.mean(carve["plain"]))},
         "neighbour": {"cases": len(nb["logits"]), "success_with_logits": float(np.mean(nb["logits"])),
@@ -98,12 +101,13 @@ def evaluate(model_path: str, split: str = "test", per_image: int = 5, limit: in
 
 
 def table(results: list[dict]) -> str:
-    lines = ["| model | carve cases | carve ok (logits / none) | neighbour cases | neighbour removed (logits / none) "
+    lines = ["| model | negative points | carve cases | carve ok (logits / none) | neighbour cases | neighbour removed (logits / none) "
              "| IoU with A: both clicks positive -> after (logits / none) |",
-             "|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|"]
     for r in results:
         c, n = r["carve"], r["neighbour"]
-        lines.append(f"| {Path(r['model']).name} | {c['cases']} | {c['success_with_logits']:.2f} / "
+        how = "hard constraints (annotator)" if r["enforce_negatives"] else "model only"
+        lines.append(f"| {Path(r['model']).name} | {how} | {c['cases']} | {c['success_with_logits']:.2f} / "
                      f"{c['success_without_logits']:.2f} | {n['cases']} | {n['success_with_logits']:.2f} / "
                      f"{n['success_without_logits']:.2f} | {n['iou_a_before']:.2f} -> {n['iou_a_with_logits']:.2f} / "
                      f"{n['iou_a_without_logits']:.2f} |")
@@ -124,7 +128,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.threads:
         torch.set_num_threads(args.threads)
-    results = [evaluate(m, args.split, args.per_image, args.limit) for m in args.model]
+    results = [evaluate(m, args.split, args.per_image, args.limit, enforce) for m in args.model
+               for enforce in (False, True)]
     print(table(results))
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))

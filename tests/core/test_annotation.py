@@ -12,6 +12,7 @@ from napari_sam.core.annotation import (
     Prompts,
     compute_embedding,
     dtype_for,
+    enforce_negative_points,
     next_free_id,
     plan_commit,
     predict,
@@ -129,3 +130,70 @@ def test_predict_single_batch_and_refine(tiny_model, nuclei_sample):
         predict(pred, Prompts(boxes=[[0, 0, 9, 9], [10, 10, 20, 20]]))
     with pytest.raises(ValueError, match="no prompts"):
         predict(pred, Prompts())
+
+
+# ------------------------------------------------------------------ negative points as hard constraints
+def test_a_negative_point_removes_a_separate_piece_and_nothing_else():
+    a, b = _disk((80, 80), (20, 20), 8), _disk((80, 80), (55, 55), 8)
+    mask = a | b
+    out = enforce_negative_points(mask, np.array([[20.0, 20.0], [55.0, 55.0]]), np.array([1, 0]))
+    assert np.array_equal(out, a)
+    # a negative point outside the mask, or no negative point: the mask comes back unchanged
+    same = enforce_negative_points(mask, np.array([[20.0, 20.0], [70.0, 5.0]]), np.array([1, 0]))
+    assert np.array_equal(same, mask)
+    assert enforce_negative_points(mask, np.array([[20.0, 20.0]]), np.array([1])) is mask
+    # a piece with no click at all is left alone; points outside the image are ignored
+    out = enforce_negative_points(mask, np.array([[55.0, 55.0], [-5.0, 300.0]]), np.array([0, 0]))
+    assert np.array_equal(out, a)
+
+
+def test_a_negative_point_splits_touching_objects_between_the_clicks():
+    # two discs of radius 10 joined by a neck: a positive click in the left one, a negative in the right one
+    a, b = _disk((40, 80), (20, 20), 10), _disk((40, 80), (20, 52), 10)
+    mask = a | b
+    mask[18:23, 20:53] = True
+    out = enforce_negative_points(mask, np.array([[20.0, 20.0], [20.0, 52.0]]), np.array([1, 0]))
+    assert a.sum() <= out.sum() < mask.sum() and np.array_equal(out & a, a) and not (out & b).any()
+    # exact reference: a pixel stays iff its 4-connected path distance inside the mask to the positive click
+    # is smaller than to the negative one (ties go to the first flood, either side: excluded from the check)
+    def geodesic(seed):
+        from collections import deque
+        d = np.full(mask.shape, np.inf)
+        d[seed] = 0
+        q = deque([seed])
+        while q:
+            r, c = q.popleft()
+            for rr, cc in ((r + 1, c), (r - 1, c), (r, c + 1), (r, c - 1)):
+                if 0 <= rr < mask.shape[0] and 0 <= cc < mask.shape[1] and mask[rr, cc] and d[rr, cc] == np.inf:
+                    d[rr, cc] = d[r, c] + 1
+                    q.append((rr, cc))
+        return d
+    dp, dn = geodesic((20, 20)), geodesic((20, 52))
+    clear = mask & (dp != dn)
+    assert np.array_equal(out[clear], (dp < dn)[clear])
+
+
+def test_a_negative_point_inside_one_object_carves_the_side_near_it():
+    mask = _disk((60, 60), (30, 30), 20)
+    out = enforce_negative_points(mask, np.array([[30.0, 30.0], [30.0, 48.0]]), np.array([1, 0]))
+    assert out[30, 30] and not out[30, 48] and out.sum() < mask.sum() and not (out & ~mask).any()
+    removed = mask & ~out
+    cols = np.nonzero(removed)[1]
+    assert cols.min() > 30  # only the negative click's side goes
+    # a negative point on the positive one's pixel wins: the whole piece goes
+    gone = enforce_negative_points(mask, np.array([[30.0, 30.0], [30.0, 30.0]]), np.array([1, 0]))
+    assert not gone.any()
+
+
+def test_predict_enforces_negative_points_unless_told_not_to(tiny_model, nuclei_sample):
+    img, _ = nuclei_sample
+    pred = SamPredictor(tiny_model)
+    pred.set_image(img)
+    prompts = Prompts([[60, 60], [70, 75]], [1, 0])
+    raw = predict(pred, prompts, enforce_negatives=False)
+    ref = pred.predict(points=prompts.points, point_labels=prompts.labels, multimask=False)
+    assert np.array_equal(raw.masks, ref.masks)  # off: exactly the model's masks
+    cut = predict(pred, prompts)
+    want = np.stack([enforce_negative_points(m, prompts.points, prompts.labels) for m in raw.masks])
+    assert np.array_equal(cut.masks, want) and np.array_equal(cut.logits, raw.logits)
+    assert not cut.mask[70, 75]

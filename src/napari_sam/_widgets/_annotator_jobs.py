@@ -97,13 +97,14 @@ class AnnotatorJobs:
                 and r.prompts is not None and prompts.extends(r.prompts)):
             mask_input = r.logits[r.choice]
         version, batch, model = self._version, self.ui.batch_check.isChecked(), self.state.model
+        enforce = self.ui.enforce_check.isChecked()
 
         def job():
             from ..core.predictor import SamPredictor
 
             p = SamPredictor(model)
             p.set_embedding(emb)
-            res = ann.predict(p, prompts, mask_input, batch)
+            res = ann.predict(p, prompts, mask_input, batch, enforce_negatives=enforce)
             return res, res.preview()
 
         self._predict_worker = run_in_thread(

@@ -79,7 +79,11 @@ class AnnotatorUI:
         self.batch_check = QCheckBox("batch: each box / positive point is an object")
         self.refine_check = QCheckBox("refine with the previous mask")
         self.refine_check.setChecked(True)
-        for w in (self.overwrite_check, self.batch_check, self.refine_check):
+        self.enforce_check = QCheckBox("negative points always cut the mask")
+        self.enforce_check.setToolTip("Where the model ignores a negative point inside the mask, take out the part "
+                                      "of the mask nearer to it than to any positive point")
+        self.enforce_check.setChecked(True)
+        for w in (self.overwrite_check, self.batch_check, self.refine_check, self.enforce_check):
             f2.addRow(w)
         self.polarity_label = QLabel()
         self.candidate_label = QLabel("candidate: –")

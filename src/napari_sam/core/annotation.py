@@ -156,12 +156,54 @@ class Result:
         return out
 
 
+def enforce_negative_points(mask: np.ndarray, points: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Take out of ``mask`` what negative points inside it mark; a model may have ignored them.
+
+    mask: bool (H, W); points: float (N, 2) (row, col) in pixels; labels: int (N,) 1 positive / 0 negative.
+    Each connected part of the mask that holds a negative point is shared out among the clicks inside it: every
+    pixel goes to the click nearest to it along paths inside the part (a geodesic Voronoi split, by a marker
+    watershed on a flat surface), and the pixels that go to a negative click are removed. So a negative click on
+    a neighbour the mask took in removes the neighbour, and one inside the object carves away the side nearer to
+    it. A part with negative points only goes entirely; a negative point on a positive one's pixel wins. Parts
+    without a negative point, and masks no negative point falls in, are returned unchanged. Returns a new bool
+    (H, W) array (or ``mask`` itself when nothing changes).
+    """
+    from scipy import ndimage
+    from skimage.segmentation import watershed
+
+    mask = np.asarray(mask, dtype=bool)
+    h, w = mask.shape
+    rc = np.rint(np.asarray(points, dtype=np.float64).reshape(-1, 2)).astype(np.int64)
+    labels = np.asarray(labels).reshape(-1)
+    inside = (rc[:, 0] >= 0) & (rc[:, 0] < h) & (rc[:, 1] >= 0) & (rc[:, 1] < w)
+    rc, labels = rc[inside], labels[inside]
+    neg = rc[labels == 0]
+    neg = neg[mask[neg[:, 0], neg[:, 1]]] if len(neg) else neg
+    if not len(neg):
+        return mask
+    comp, _ = ndimage.label(mask)
+    region = np.isin(comp, np.unique(comp[neg[:, 0], neg[:, 1]]))
+    rows, cols = np.nonzero(region.any(1))[0], np.nonzero(region.any(0))[0]
+    r0, r1, c0, c1 = rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
+    sub = region[r0:r1, c0:c1]
+    markers = np.zeros(sub.shape, dtype=np.int32)
+    for (r, c), lab in sorted(zip(rc.tolist(), labels.tolist()), key=lambda t: -t[1]):  # negatives last: they win
+        if r0 <= r < r1 and c0 <= c < c1 and sub[r - r0, c - c0]:
+            markers[r - r0, c - c0] = 1 if lab == 1 else 2
+    parts = watershed(np.zeros(sub.shape, dtype=np.uint8), markers, mask=sub)
+    out = mask.copy()
+    out[r0:r1, c0:c1][parts == 2] = False
+    return out
+
+
 def predict(predictor: SamPredictor, prompts: Prompts, mask_input: np.ndarray | None = None,
-            batch: bool = False) -> Result:
+            batch: bool = False, enforce_negatives: bool = True) -> Result:
     """Run the decoder for ``prompts`` on the predictor's current embedding.
 
     Single mode: all points (positive and negative) and at most one box describe ONE object; a lone
-    point gives 3 candidates (ambiguity), otherwise 1; ``mask_input`` (L, L) logits refine it.
+    point gives 3 candidates (ambiguity), otherwise 1; ``mask_input`` (L, L) logits refine it. With
+    ``enforce_negatives`` (default) a negative point is a hard constraint: what it marks inside a candidate
+    mask is taken out (:func:`enforce_negative_points`); ``logits`` and ``iou`` stay the model's.
     Batch mode: every box and every positive point is its own object (negative points are ignored).
     """
     if prompts.empty:
@@ -192,7 +234,10 @@ def predict(predictor: SamPredictor, prompts: Prompts, mask_input: np.ndarray | 
         mask_input=mask_input,
         multimask=multimask,
     )
-    return Result(r.masks, r.iou, r.low_res_logits, False, prompts, int(np.argmax(r.iou)))
+    masks = r.masks
+    if enforce_negatives and (prompts.labels == 0).any():
+        masks = np.stack([enforce_negative_points(m, prompts.points, prompts.labels) for m in masks])
+    return Result(masks, r.iou, r.low_res_logits, False, prompts, int(np.argmax(r.iou)))
 
 
 # ------------------------------------------------------------------------------------------------ labels
