@@ -122,6 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--limit", type=int, default=None, help="first N images of the split")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--md", default=None, help="write the table, with a title and the protocol, here")
     args = ap.parse_args(argv)
     if not DATA.is_dir():
         print(f"data folder {DATA} is absent", file=sys.stderr)
@@ -133,6 +134,15 @@ def main(argv: list[str] | None = None) -> int:
     print(table(results))
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
+    if args.md:
+        n = results[0]["images"]
+        Path(args.md).write_text(
+            f"# Negative clicks, dsb2018_full {args.split} ({n} images, {args.per_image} largest nuclei each)\n\n"
+            "`python benchmarks/eval_negative_clicks.py " + " ".join(sys.argv[1:] if argv is None else argv) + "`. "
+            "carve: a positive click at the centre, then a negative click at the farthest masked pixel; ok = that "
+            "pixel leaves, the positive stays, the mask shrinks. neighbour: positive clicks at the centres of a "
+            "nucleus A and a touching B, then B's click turned negative; removed = B's centre leaves and A's stays. "
+            "logits: the previous logits fed back (the annotator); none: not.\n\n" + table(results) + "\n")
     return 0
 
 

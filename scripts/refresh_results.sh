@@ -21,6 +21,10 @@ $CLI evaluate --images $D/isbi2012_em_neurites_2d --max-objects 16 --clicks 5 --
 $CLI evaluate --images $D/gonuclear_3d_nuclei --slices 10 --max-objects 8 --clicks 5 \
     --name "gonuclear_3d_nuclei (every 10th z slice)" --threads 2 "${M[@]}" --out $R/gonuclear.json
 
+# Negative clicks (issue 4): the model alone and the annotator (negative points as hard constraints).
+$PY benchmarks/eval_negative_clicks.py --model "${MODEL:-src/napari_sam/models/builtin_nuclei.pt}" --split test \
+    --threads 2 --json $R/negative_clicks.json --md $R/negative_clicks.md
+
 # Segment everything (issue 5): thresholds tuned on val, F1@0.5 on test, vs the reference's defaults.
 $PY benchmarks/eval_amg.py --tune-on val --tune-limit 16 --reference-limit 4 --threads 2 "${M[@]}" \
     --json $R/amg_dsb2018_test.json | tee $R/amg_dsb2018_test.md

@@ -271,7 +271,7 @@ def test_per_image_norm_is_what_training_saw_and_ignores_the_batch():
     d = data_dir("dsb2018_stage1_nuclei_2d")
     files = [sorted(d.glob("*_fluo_*_image.png"))[0], sorted(d.glob("*_color_he_*_image.png"))[0]]
     model = randomize_(build_sam(SMALL), seed=3, std=0.1)
-    x = torch.cat([model.preprocess(torch.from_numpy(s.image).permute(2, 0, 1)[None].float())
+    x = torch.cat([model.preprocess(torch.from_numpy(s.image.copy()).permute(2, 0, 1)[None].float())
                    for s in from_arrays([read_image(f) for f in files],
                                         [np.ones(read_image(f).shape[:2], np.int32) for f in files], 128)])
     assert x[0].mean() < x[1].mean() - 1  # a dark and a bright image
