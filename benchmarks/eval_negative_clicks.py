@@ -30,17 +30,10 @@ import numpy as np
 import torch
 from scipy import ndimage
 
+from napari_sam.core.evaluation import center_point, iou
+
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "dsb2018_full"
-
-
-def _centre(mask: np.ndarray) -> tuple[int, int]:
-    dist = ndimage.distance_transform_edt(np.pad(mask, 1))[1:-1, 1:-1]
-    return tuple(int(v) for v in np.unravel_index(int(np.argmax(dist)), dist.shape))
-
-
-def _iou(a: np.ndarray, b: np.ndarray) -> float:
-    return float((a & b).sum() / max((a | b).sum(), 1))
 
 
 def evaluate(model_path: str, split: str = "test", per_image: int = 5, limit: int | None = None,
@@ -63,7 +56,7 @@ def evaluate(model_path: str, split: str = "test", per_image: int = 5, limit: in
         ids, counts = np.unique(gt[gt > 0], return_counts=True)
         for i in ids[np.argsort(-counts, kind="stable")][:per_image]:
             a = gt == i
-            ca = _centre(a)
+            ca = center_point(a)
             first = predict(pred, Prompts([ca], [1]))
             before = first.mask
             if before[ca]:
@@ -79,15 +72,15 @@ def evaluate(model_path: str, split: str = "test", per_image: int = 5, limit: in
             if not len(touching):
                 continue
             b = gt == touching[0]
-            cb = _centre(b)
+            cb = center_point(b)
             both = predict(pred, Prompts([ca, cb], [1, 1]))
             if not (both.mask[ca] and both.mask[cb]):
                 continue
-            nb["iou_before"].append(_iou(both.mask, a))
+            nb["iou_before"].append(iou(both.mask, a))
             for key, mi in (("logits", both.logits[both.choice]), ("plain", None)):
                 after = predict(pred, Prompts([ca, cb], [1, 0]), mask_input=mi, enforce_negatives=enforce).mask
                 nb[key].append(bool(after[ca] and not after[cb]))
-                nb["iou_" + key].append(_iou(after, a))
+                nb["iou_" + key].append(iou(after, a))
     return {
         "model": model_path, "enforce_negatives": enforce, "split": split, "images": len(rows), "per_image": per_image,
         "carve": {"cases": len(carve["logits"]), "success_with_logits": float(np.mean(carve["logits"])),
@@ -101,8 +94,8 @@ def evaluate(model_path: str, split: str = "test", per_image: int = 5, limit: in
 
 
 def table(results: list[dict]) -> str:
-    lines = ["| model | negative points | carve cases | carve ok (logits / none) | neighbour cases | neighbour removed (logits / none) "
-             "| IoU with A: both clicks positive -> after (logits / none) |",
+    lines = ["| model | negative points | carve cases | carve ok (logits / none) | neighbour cases "
+             "| neighbour removed (logits / none) | IoU with A: both clicks positive -> after (logits / none) |",
              "|---|---|---|---|---|---|---|"]
     for r in results:
         c, n = r["carve"], r["neighbour"]

@@ -117,14 +117,19 @@ def nearest_neighbours(labels: np.ndarray, ids: np.ndarray, min_px: int = 16, re
     return out
 
 
+def _dist2(masks: torch.Tensor, xy: torch.Tensor) -> torch.Tensor:
+    """Squared distance (B, H, W) of every pixel of the grid of ``masks`` (B, H, W) to ``xy`` (B, 2) (x, y)."""
+    h, w = masks.shape[1:]
+    ys = torch.arange(h, device=masks.device, dtype=torch.float32)[:, None]
+    xs = torch.arange(w, device=masks.device, dtype=torch.float32)[None, :]
+    return (xs[None] - xy[:, 0, None, None]) ** 2 + (ys[None] - xy[:, 1, None, None]) ** 2
+
+
 def far_points(masks: torch.Tensor, from_xy: torch.Tensor, gen: torch.Generator,
                min_frac: float = 0.6) -> torch.Tensor:
     """A random pixel of each mask (B, H, W) whose distance to ``from_xy`` (B, 2) (x, y) is at least ``min_frac``
     of the mask's largest such distance -> (B, 2) (x, y). Empty masks give ``from_xy``."""
-    b, h, w = masks.shape
-    ys = torch.arange(h, device=masks.device, dtype=torch.float32)[:, None]
-    xs = torch.arange(w, device=masks.device, dtype=torch.float32)[None, :]
-    d2 = (xs[None] - from_xy[:, 0, None, None]) ** 2 + (ys[None] - from_xy[:, 1, None, None]) ** 2
+    d2 = _dist2(masks, from_xy)
     d2 = torch.where(masks, d2, torch.full_like(d2, -1.0))
     dmax = d2.flatten(1).max(1).values
     region = masks & (d2 >= (min_frac ** 2) * dmax[:, None, None])
@@ -135,11 +140,4 @@ def far_points(masks: torch.Tensor, from_xy: torch.Tensor, gen: torch.Generator,
 def split_toward(masks: torch.Tensor, keep_xy: torch.Tensor, drop_xy: torch.Tensor) -> torch.Tensor:
     """The part of each mask (B, H, W) bool nearer to ``keep_xy`` than to ``drop_xy`` (B, 2) (x, y): what a
     positive click at ``keep_xy`` and a negative one at ``drop_xy`` inside the same object ask for."""
-    b, h, w = masks.shape
-    ys = torch.arange(h, device=masks.device, dtype=torch.float32)[:, None]
-    xs = torch.arange(w, device=masks.device, dtype=torch.float32)[None, :]
-
-    def d2(p: torch.Tensor) -> torch.Tensor:
-        return (xs[None] - p[:, 0, None, None]) ** 2 + (ys[None] - p[:, 1, None, None]) ** 2
-
-    return masks & (d2(keep_xy) < d2(drop_xy))
+    return masks & (_dist2(masks, keep_xy) < _dist2(masks, drop_xy))

@@ -92,6 +92,17 @@ def augment_pair(image: np.ndarray, labels: np.ndarray, rng: np.random.Generator
     return np.ascontiguousarray(image), np.ascontiguousarray(labels)
 
 
+def _target_at(masks: torch.Tensor, r: int) -> torch.Tensor:
+    """Bool masks (B, S, S) at input size -> float (B, 1, r, r) targets: the share of each cell inside the object."""
+    t = masks[:, None].float()
+    return t if t.shape[-1] == r else F.adaptive_avg_pool2d(t, r)
+
+
+def _logits_at(low: torch.Tensor, r: int) -> torch.Tensor:
+    """Decoder logits (B, K, L, L) -> (B, K, r, r), bilinear, where the loss is taken."""
+    return low if low.shape[-1] == r else F.interpolate(low, size=(r, r), mode="bilinear", align_corners=False)
+
+
 def _to_input(model: Sam, image: np.ndarray) -> torch.Tensor:
     x = torch.from_numpy(np.require(image, requirements=["C", "W"])).permute(2, 0, 1)[None].float().to(model.device)
     return model.preprocess(x)
@@ -217,7 +228,7 @@ class Trainer:
         cfg, model = self.cfg, self.model
         dev = model.device
         idx = self._pick_images()
-        imgs, gts, owner, pairs = [], [], [], []
+        imgs, gts, owner, pairs, pads = [], [], [], [], []
         for j, i in enumerate(idx):
             s = self.samples[i]
             image, labels = s.image, s.labels
@@ -226,6 +237,7 @@ class Trainer:
             ids = self._objects(labels, s.ids)
             pairs.append((labels, ids))
             lab = torch.from_numpy(_pad_labels(labels, self.img_size)).to(dev)
+            pads.append(lab)
             gts.append(lab[None] == torch.as_tensor(ids, device=dev)[:, None, None])
             owner += [j] * len(ids)
             imgs.append(image)
@@ -235,8 +247,7 @@ class Trainer:
         if edit:  # the neighbour of each object (0: none near), from the same augmented labels
             nb = torch.cat([torch.as_tensor(nearest_neighbours(lab_np, ids_j, cfg.min_object_px))
                             for lab_np, ids_j in pairs]).to(dev)
-            labs = torch.stack([torch.from_numpy(_pad_labels(lab_np, self.img_size)) for lab_np, _ in pairs]).to(dev)
-            nb_mask = (labs[owner_t] == nb[:, None, None]) & (nb[:, None, None] > 0)
+            nb_mask = (torch.stack(pads)[owner_t] == nb[:, None, None]) & (nb[:, None, None] > 0)
         if cfg.mode == "decoder":
             emb = torch.cat([self._embeddings[i] for i in idx]).to(dev)
         else:
@@ -247,7 +258,7 @@ class Trainer:
         if edit:
             return self._edit_step(emb, pe, gt, nb_mask)
         r = cfg.loss_res
-        target = F.adaptive_avg_pool2d(gt[:, None].float(), r) if r != self.img_size else gt[:, None].float()
+        target = _target_at(gt, r)
         gt_r = target[:, 0] > 0.5
         wroi = roi_weight(target) if cfg.roi_focal else None
         scale = self.img_size / r
@@ -276,8 +287,7 @@ class Trainer:
                 sparse, dense = model.prompt_encoder(points=(pts, plab) if pts is not None else None, boxes=boxes,
                                                      masks=mask_in)
                 low, iou_pred = model.mask_decoder(emb if grad else emb.detach(), pe, sparse, dense, multi)
-                logits = F.interpolate(low, size=(r, r), mode="bilinear", align_corners=False) \
-                    if low.shape[-1] != r else low
+                logits = _logits_at(low, r)
                 mloss, iloss = sam_loss(logits, target, iou_pred, focal_weight=cfg.focal_weight * ramp,
                                         weight=wroi, balanced=cfg.focal_balanced,
                                         pixel_loss=cfg.pixel_loss)
@@ -332,13 +342,11 @@ class Trainer:
         mask_in, total, ious = None, 0.0, []
         for it in range(n_iter):
             tgt_full = first if it == 0 else second
-            target = F.adaptive_avg_pool2d(tgt_full[:, None].float(), r) if r != self.img_size \
-                else tgt_full[:, None].float()
+            target = _target_at(tgt_full, r)
             pts, plab = (pts0, lab0) if it == 0 else (pts1, lab1)
             sparse, dense = model.prompt_encoder(points=(pts, plab), boxes=None, masks=mask_in)
             low, iou_pred = model.mask_decoder(emb, pe, sparse, dense, False)
-            logits = F.interpolate(low, size=(r, r), mode="bilinear", align_corners=False) \
-                if low.shape[-1] != r else low
+            logits = _logits_at(low, r)
             mloss, iloss = sam_loss(logits, target, iou_pred, focal_weight=cfg.focal_weight,
                                     weight=roi_weight(target) if cfg.roi_focal else None,
                                     balanced=cfg.focal_balanced, pixel_loss=cfg.pixel_loss)
@@ -354,8 +362,8 @@ class Trainer:
     def _check_finite(self, loss: torch.Tensor) -> None:
         if not torch.isfinite(loss):
             raise TrainingError(
-                f"non-finite loss ({float(loss)}) at step {self.step}; lower the learning rate (--lr) or check "
-                "the images for NaN/inf values"
+                f"non-finite loss ({float(loss.detach())}) at step {self.step}; lower the learning rate (--lr) or "
+                "check the images for NaN/inf values"
             )
 
     def _apply(self, loss: torch.Tensor) -> None:
@@ -379,9 +387,8 @@ class Trainer:
                 model.image_encoder(_to_input(model, s.image))
             sparse, dense = model.prompt_encoder(points=None, boxes=mask_boxes(gt), masks=None)
             low, iou_pred = model.mask_decoder(emb, pe, sparse, dense, False)
-            logits = F.interpolate(low, size=(r, r), mode="bilinear", align_corners=False) \
-                if low.shape[-1] != r else low
-            target = F.adaptive_avg_pool2d(gt[:, None].float(), r)
+            logits = _logits_at(low, r)
+            target = _target_at(gt, r)
             m, iou_l = sam_loss(logits, target, iou_pred, focal_weight=self.cfg.focal_weight,
                                 weight=roi_weight(target) if self.cfg.roi_focal else None,
                                 balanced=self.cfg.focal_balanced, pixel_loss=self.cfg.pixel_loss)
