@@ -66,7 +66,7 @@ def iou3d(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def evaluate(model, strategies, min_voxels: int, cache, log=print, limit: int | None = None,
-             on_strategy=None) -> dict:
+             on_strategy=None, volumes=VOLUMES) -> dict:
     """Embed both volumes, prompt every nucleus once, then run each strategy over all nuclei."""
     from tifffile import imread
 
@@ -76,7 +76,7 @@ def evaluate(model, strategies, min_voxels: int, cache, log=print, limit: int | 
 
     out = {"results": {}, "slices": {}, "times": {}, "seed_iou": []}
     volumes = []
-    for vid in VOLUMES:
+    for vid in volumes:
         vol, gt = imread(DATA / f"{vid}_crop_image.tif"), imread(DATA / f"{vid}_crop_label.tif")
         t0 = time.perf_counter()
         emb = StackEmbeddings(vol, model, cache=cache).compute_all()
@@ -135,20 +135,25 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--no-cache", action="store_true", help="keep embeddings in memory (no disk cache)")
     ap.add_argument("--limit", type=int, default=None, help="at most this many nuclei per volume (smoke runs)")
+    ap.add_argument("--denoise", type=float, default=None,
+                    help="Gaussian sigma (pixels) smoothing each slice before the encoder (default: the model's)")
+    ap.add_argument("--volumes", default=",".join(VOLUMES), help="comma-separated crops to use")
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--out", type=Path, default=None, help="also write the table here, updated after each strategy")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     from napari_sam.core.build import load_model
 
-    model = load_model(args.model, device="cpu")
+    model = load_model(args.model, device="cpu", denoise=args.denoise)
+    volumes = tuple(args.volumes.split(","))
     runs = RUNS if args.strategies is None else [r for r in RUNS if r[1] in args.strategies.split(",")]
     model_name = args.model or "builtin"
 
     def report(out, final=False):
         n = len(next(iter(out["results"].values())))
-        text = (f"GoNuclear 3D ({', '.join(VOLUMES)}), {n} nuclei >= {args.min_voxels} voxels, model {model_name}; "
-                f"prompted-slice 2D IoU {np.mean(out['seed_iou']):.3f}\n\n{table(out)}\n")
+        text = (f"GoNuclear 3D ({', '.join(volumes)}), {n} nuclei >= {args.min_voxels} voxels, model {model_name}, "
+                f"denoise {model.denoise:g} px; prompted-slice 2D IoU {np.mean(out['seed_iou']):.3f}\n\n"
+                f"{table(out)}\n")
         best = max(out["results"], key=lambda k: np.mean(out["results"][k]))
         text += f"\nbest: {best} ({np.mean(out['results'][best]):.3f})\n"
         if args.out:
@@ -162,7 +167,7 @@ def main(argv=None) -> int:
             print(text)
 
     out = evaluate(model, runs, args.min_voxels, cache=not args.no_cache, log=lambda s: print(s, file=sys.stderr),
-                   limit=args.limit, on_strategy=report)
+                   limit=args.limit, on_strategy=report, volumes=volumes)
     report(out, final=True)
     return 0
 

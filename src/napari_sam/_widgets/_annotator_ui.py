@@ -5,6 +5,7 @@ from __future__ import annotations
 from qtpy.QtWidgets import (
     QCheckBox,
     QComboBox,
+    QDoubleSpinBox,
     QFormLayout,
     QGroupBox,
     QHBoxLayout,
@@ -32,6 +33,35 @@ def shortcuts_text() -> str:
     return "\n".join(f"{k:<8} {d}" for k, (_, d) in SHORTCUTS.items())
 
 
+def denoise_spin_box() -> QDoubleSpinBox:
+    """The "denoise σ" control: Gaussian sigma in image pixels applied before the encoder (0 = off)."""
+    from ..core.image import MAX_DENOISE
+
+    box = QDoubleSpinBox()
+    box.setRange(0.0, MAX_DENOISE)
+    box.setSingleStep(0.5)
+    box.setDecimals(1)
+    box.setSuffix(" px")
+    box.setSpecialValueText("off")
+    box.setToolTip("Smooth each image (or slice) with a Gaussian of this sigma before the model sees it. For noisy "
+                   "data such as confocal stacks try 1-3 px. Shared by all napari-sam widgets of this viewer.")
+    return box
+
+
+def bind_denoise(widget, box: QDoubleSpinBox, state) -> None:
+    """Keep ``box`` and the viewer's denoising sigma (``state``: its ViewerState) in step, both ways."""
+
+    def show(w, sigma: float) -> None:
+        if box.value() != sigma:
+            box.blockSignals(True)
+            box.setValue(sigma)
+            box.blockSignals(False)
+
+    show(widget, state.denoise)
+    box.valueChanged.connect(state.set_denoise)
+    state.on_model_changed_while_alive(widget, show, denoise=True)
+
+
 class AnnotatorUI:
     """All sub-widgets as attributes, so tests and scripts can set them directly."""
 
@@ -53,6 +83,8 @@ class AnnotatorUI:
         form.addRow("file", row)
         self.device_combo = QComboBox()
         form.addRow("device", self.device_combo)
+        self.denoise_spin = denoise_spin_box()
+        form.addRow("denoise σ", self.denoise_spin)
         self.load_button = QPushButton("Load model")
         self.model_label = QLabel("model: none loaded")
         self.model_label.setWordWrap(True)

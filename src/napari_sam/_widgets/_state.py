@@ -56,11 +56,24 @@ class ViewerState:
         self.model = None  # napari_sam.core.modeling.sam.Sam
         self.model_name: str = ""
         self.model_key: int = 0  # bumps on every model change; part of embedding cache keys
+        self.denoise: float = 0.0  # Gaussian sigma (image pixels) the model smooths images with; see set_denoise
         self.embeddings = EmbeddingLRU()
         self.stacks = EmbeddingLRU(max_items=4)  # StackEmbeddings (disk cache) of the stacks being annotated
         self._callbacks: list[Callable[[Any], None]] = []
+        self._denoise_callbacks: list[Callable[[Any], None]] = []
 
     def set_model(self, model, name: str = "") -> None:
+        """Share ``model``. A model that carries its own denoising sigma (a checkpoint saved with one) sets the
+        viewer's; otherwise the viewer's sigma is applied to it, so the choice survives a model switch."""
+        from ..core.build import set_denoise
+        from ..core.image import denoise_of
+
+        old = self.denoise
+        if model is not None:
+            if denoise_of(model):
+                self.denoise = denoise_of(model)
+            elif self.denoise:
+                set_denoise(model, self.denoise)
         self.model = model
         self.model_name = name or getattr(getattr(model, "config", None), "name", "")
         self.model_key += 1
@@ -68,31 +81,52 @@ class ViewerState:
         self.stacks.clear()
         for cb in list(self._callbacks):
             cb(model)
+        if self.denoise != old:
+            for cb in list(self._denoise_callbacks):
+                cb(self.denoise)
+
+    def set_denoise(self, sigma: float) -> None:
+        """Smooth every image with a Gaussian of ``sigma`` image pixels before the encoder (0 = off). Embeddings
+        computed with another sigma are dropped, and the widgets are told as for a model change."""
+        from ..core.image import check_denoise
+
+        sigma = check_denoise(sigma)
+        if sigma == self.denoise:
+            return
+        self.denoise = sigma
+        if self.model is not None:
+            self.model.denoise = 0.0  # set_model applies the viewer's sigma
+            self.set_model(self.model, self.model_name)
+        for cb in list(self._denoise_callbacks):
+            cb(sigma)
 
     def on_model_changed(self, callback: Callable[[Any], None]) -> None:
         self._callbacks.append(callback)
 
-    def on_model_changed_while_alive(self, widget, fn: Callable[[Any, Any], None]) -> Callable[[Any], None]:
-        """Call ``fn(widget, model)`` on model changes while the Qt ``widget`` exists: the widget is held weakly,
+    def on_model_changed_while_alive(self, widget, fn: Callable[[Any, Any], None],
+                                     denoise: bool = False) -> Callable[[Any], None]:
+        """Call ``fn(widget, model)`` on model changes (``denoise``: ``fn(widget, sigma)`` on changes of the
+        viewer's denoising sigma) while the Qt ``widget`` exists: the widget is held weakly,
         and the callback is disconnected when the widget is destroyed, or at the latest on the first model
         change after the widget is gone (Qt does not always deliver ``destroyed`` to Python once the wrapper is
         collected). Returns the registered callback."""
         ref = weakref.ref(widget)
 
-        def callback(model) -> None:
+        def callback(value) -> None:
             w = ref()
             if w is None:
                 self.disconnect(callback)
             else:
-                fn(w, model)
+                fn(w, value)
 
-        self.on_model_changed(callback)
+        (self._denoise_callbacks if denoise else self._callbacks).append(callback)
         widget.destroyed.connect(lambda *_: self.disconnect(callback))
         return callback
 
     def disconnect(self, callback: Callable[[Any], None]) -> None:
-        if callback in self._callbacks:
-            self._callbacks.remove(callback)
+        for lst in (self._callbacks, self._denoise_callbacks):
+            if callback in lst:
+                lst.remove(callback)
 
 
 def get_state(viewer) -> ViewerState:

@@ -22,7 +22,7 @@ from ..core import annotation as ann
 from ..core.device import available_devices
 from . import _layers as L
 from ._annotator_jobs import AnnotatorJobs, _main_thread
-from ._annotator_ui import MODEL_CHOICES, NEW_LAYER, SHORTCUTS, AnnotatorUI
+from ._annotator_ui import MODEL_CHOICES, NEW_LAYER, SHORTCUTS, AnnotatorUI, bind_denoise
 from ._state import get_state
 from ._workers import CancelToken, ProgressRelay, process_events_until
 
@@ -70,6 +70,7 @@ class AnnotatorWidget(AnnotatorJobs, QWidget):
         self.viewer.layers.events.removed.connect(self._on_layer_removed)
         self.viewer.dims.events.current_step.connect(self._changed)
         self.state.on_model_changed_while_alive(self, lambda w, model: w._on_model_changed(model))
+        bind_denoise(self, self.ui.denoise_spin, self.state)
         handlers = {key: self._key_handler(action) for key, (action, _) in SHORTCUTS.items()}
         for key, handler in handlers.items():
             self.viewer.bind_key(key, handler, overwrite=True)
@@ -95,6 +96,11 @@ class AnnotatorWidget(AnnotatorJobs, QWidget):
             self.ui.checkpoint_edit.setText(str(model))
         self.ui.device_combo.setCurrentText(device)
         return self.load_model()
+
+    def set_denoise(self, sigma: float) -> None:
+        """Smooth images with a Gaussian of ``sigma`` image pixels before the encoder (0 = off), for noisy data.
+        Shared by every napari-sam widget of this viewer; the current plane is embedded again."""
+        self.state.set_denoise(sigma)
 
     @_main_thread
     def add_point(self, rc, positive: bool | None = None) -> None:

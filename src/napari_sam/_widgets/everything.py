@@ -27,6 +27,7 @@ from superqt import QLabeledDoubleSlider, QLabeledSlider
 from ..core.amg import AutomaticMaskGenerator, recommended_thresholds
 from ..core.labels import records_to_labels
 from . import _layers as L
+from ._annotator_ui import bind_denoise, denoise_spin_box
 from ._state import get_state
 from ._workers import CancelToken, ProgressRelay, process_events_until, run_in_thread
 
@@ -39,12 +40,13 @@ FLOOR = 0.5  # candidates are kept down to this IoU / stability (or lower thresh
 LIVE = ("pred_iou_thresh", "stability_score_thresh", "box_nms_thresh", "min_object_area")
 
 
-def run_generation(model, image: np.ndarray, params: dict, cancel, report) -> dict:
-    """Thread job: load the built-in model if needed, run the model once, keep the candidates."""
+def run_generation(model, image: np.ndarray, params: dict, cancel, report, denoise: float = 0.0) -> dict:
+    """Thread job: load the built-in model if needed (with the viewer's ``denoise`` sigma), run the model once,
+    keep the candidates."""
     if model is None:
         from ..core.build import load_model
 
-        model = load_model()
+        model = load_model(denoise=denoise)
     gen = AutomaticMaskGenerator(model, **params)
     proposals = gen.propose(image, progress=report, cancel=cancel, iou_floor=min(FLOOR, gen.pred_iou_thresh),
                             stability_floor=min(FLOOR, gen.stability_score_thresh))
@@ -111,6 +113,8 @@ class SegmentEverythingWidget(QWidget):
         area.setValue(16)
         area.valueChanged.connect(self._schedule)
         self.sliders["min_object_area"] = area
+        self.denoise_spin = denoise_spin_box()
+        bind_denoise(self, self.denoise_spin, self.state)
         self.overwrite_check = QCheckBox("overwrite existing labels")
         self.run_button, self.cancel_button = QPushButton("Segment everything"), QPushButton("Cancel")
         self.cancel_button.setEnabled(False)
@@ -125,7 +129,8 @@ class SegmentEverythingWidget(QWidget):
                         ("pred IoU ≥", self.sliders["pred_iou_thresh"]),
                         ("stability ≥", self.sliders["stability_score_thresh"]),
                         ("box NMS IoU", self.sliders["box_nms_thresh"]),
-                        ("min object area (px)", self.sliders["min_object_area"])):
+                        ("min object area (px)", self.sliders["min_object_area"]),
+                        ("denoise σ", self.denoise_spin)):
             form.addRow(name, w)
         buttons = QHBoxLayout()
         buttons.addWidget(self.run_button)
@@ -235,7 +240,8 @@ class SegmentEverythingWidget(QWidget):
         self._message("running the model" + ("" if self.state.model is not None else
                                               " (loading the built-in model first)"))
         self.worker = run_in_thread(run_generation, self.state.model, plane, p, self._token.cancelled,
-                                    self._relay.report, on_return=self._done, on_error=self._failed,
+                                    self._relay.report, denoise=self.state.denoise, on_return=self._done,
+                                    on_error=self._failed,
                                     on_finish=self._finished)
         return True
 

@@ -28,6 +28,7 @@ from qtpy.QtWidgets import (
 from ..core.embedding_store import EmbeddingCacheWarning, StackEmbeddings, select_volume
 from ..core.propagation import STRATEGIES, PropagationParams, iter_propagate_masks, make_params, repropagate
 from ..core.propagation_labels import confidence_text, plan_write, seeds_from_labels
+from ._annotator_ui import bind_denoise, denoise_spin_box
 from ._state import get_state
 from ._workers import CancelToken, ProgressRelay, process_events_until, run_in_thread
 
@@ -38,17 +39,17 @@ DIRECTIONS = {"through the volume": "both", "up (+z)": "up", "down (−z)": "dow
 SCOPES = {"current object": "current", "all objects on this slice": "all"}
 
 
-def run_propagation(volume, labels3d, z, ids, model, params, cancel, report) -> dict[str, Any]:
+def run_propagation(volume, labels3d, z, ids, model, params, cancel, report, denoise: float = 0.0) -> dict[str, Any]:
     """Thread job: load the model if needed, open the stack's cached embeddings, propagate the objects ``ids``
     of slice z with ``params`` (PropagationParams fields). One object drawn on several slices with gaps between
     them: the gaps are filled from both ends. One object already spanning a run of slices: only the range
     its correction on slice z affects is redone. Returns {"model", "ids", "results": {i: {z: mask}},
-    "scores": (B, Z), "notes", "cancelled", "range"}."""
+    "scores": (B, Z), "notes", "cancelled", "range"}. ``denoise``: the viewer's sigma for a model loaded here."""
     notes = []
     if model is None:
         from ..core.build import load_model
 
-        model = load_model()  # the built-in model; CheckpointError says what to do when it is missing
+        model = load_model(denoise=denoise)  # the built-in model; CheckpointError says what to do when it is missing
     ids, seeds = seeds_from_labels(labels3d, z, ids)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", EmbeddingCacheWarning)
@@ -83,12 +84,12 @@ def run_propagation(volume, labels3d, z, ids, model, params, cancel, report) -> 
             "cancelled": cancel(), "range": None}
 
 
-def run_embedding(volume, model, cancel, report) -> dict[str, Any]:
+def run_embedding(volume, model, cancel, report, denoise: float = 0.0) -> dict[str, Any]:
     """Thread job: embed every slice of ``volume`` into the disk cache (progress, cancel)."""
     if model is None:
         from ..core.build import load_model
 
-        model = load_model()
+        model = load_model(denoise=denoise)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", EmbeddingCacheWarning)
         emb = StackEmbeddings(volume, model)
@@ -136,8 +137,11 @@ class PropagateWidget(QWidget):
         self.status_label.setWordWrap(True)
         self.confidence_label.setStyleSheet("font-family: monospace")
         form = QFormLayout()
+        self.denoise_spin = denoise_spin_box()
+        bind_denoise(self, self.denoise_spin, self.state)
         for name, w in (("image", self.image_combo), ("labels", self.labels_combo), ("direction",
-                        self.direction_combo), ("objects", self.scope_combo), ("strategy", self.strategy_combo)):
+                        self.direction_combo), ("objects", self.scope_combo), ("strategy", self.strategy_combo),
+                        ("denoise σ", self.denoise_spin)):
             form.addRow(name, w)
         buttons = QHBoxLayout()
         buttons.addWidget(self.propagate_button)
@@ -220,7 +224,7 @@ class PropagateWidget(QWidget):
         self._message(f"propagating from slice {z}" + ("" if self.state.model is not None else
                                                         " (loading the built-in model first)"))
         self.worker = run_in_thread(run_propagation, volume, labels3d, z, ids, self.state.model, params,
-                                    self._token.cancelled, self._relay.report,
+                                    self._token.cancelled, self._relay.report, denoise=self.state.denoise,
                                     on_return=self._done, on_error=self._failed, on_finish=self._finished)
         return True
 
@@ -239,7 +243,8 @@ class PropagateWidget(QWidget):
         volume = np.asarray(select_volume(image.data, idx))
         self._start("embedding %p%")
         self.worker = run_in_thread(run_embedding, volume, self.state.model, self._token.cancelled,
-                                    self._relay.report, on_return=self._embedded, on_error=self._failed,
+                                    self._relay.report, denoise=self.state.denoise,
+                                    on_return=self._embedded, on_error=self._failed,
                                     on_finish=self._finished)
         return True
 

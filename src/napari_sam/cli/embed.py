@@ -17,6 +17,8 @@ def register(subparsers) -> None:
                               description=__doc__.splitlines()[0])
     p.add_argument("stack", type=Path, help="a TIFF (or any imageio-readable) stack, (Z, Y, X) or (T, Z, Y, X)")
     p.add_argument("--model", default=None, help="builtin (default), vit_b, vit_t, ... or a checkpoint path")
+    p.add_argument("--denoise", type=float, default=None,
+                   help="Gaussian sigma in image pixels that smooths each image or slice before the encoder (noisy data, e.g. confocal stacks: 1-3); default: the checkpoint's (0 = off)")
     p.add_argument("--t", type=int, default=None, help="time point of a (T, Z, Y, X) array")
     p.add_argument("--cache-dir", type=Path, default=None,
                    help="folder for the stores (default: the user cache dir, or $NAPARI_SAM_CACHE_DIR)")
@@ -52,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"--t {args.t} is outside 0 .. {data.shape[0] - 1}")
         data = data[args.t]
     data = np.ascontiguousarray(data)
-    model = load_model(args.model, device=args.device)
+    model = load_model(args.model, device=args.device, denoise=args.denoise)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", EmbeddingCacheWarning)
         emb = StackEmbeddings(data, model, cache=args.cache_dir or True)

@@ -17,6 +17,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--split-csv", default=None, help="CSV id,split,modality (dsb2018_full); groups by modality")
     p.add_argument("--split", default="test", help="split to evaluate with --split-csv")
     p.add_argument("--model", default=None, help="model name or checkpoint path (default: the built-in model)")
+    p.add_argument("--denoise", type=float, default=None,
+                   help="Gaussian sigma in image pixels that smooths each image or slice before the encoder (noisy data, e.g. confocal stacks: 1-3); default: the checkpoint's (0 = off)")
     p.add_argument("--prompt", nargs="+", default=["point", "box", "clicks"], choices=("point", "box", "clicks"))
     p.add_argument("--clicks", type=int, default=5, help="number of interactive clicks (1..10)")
     p.add_argument("--max-objects", type=int, default=None, help="evaluate a fixed random sample per image")
@@ -65,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     if not 1 <= args.clicks <= 10:
         raise ValueError(f"--clicks must be between 1 and 10, got {args.clicks}")
-    model = load_model(args.model, device="cpu")
+    model = load_model(args.model, device="cpu", denoise=args.denoise)
     name = args.name or Path(args.images).resolve().name
     t0 = time.time()
     res = evaluate_dataset(model, iter_items(args), name, args.prompt, args.clicks, args.max_objects,

@@ -26,6 +26,8 @@ SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg")
 def add_amg_args(p: argparse.ArgumentParser) -> None:
     """The AutomaticMaskGenerator parameters as command-line options (the reference defaults)."""
     p.add_argument("--model", default=None, help="model name or checkpoint path (default: the built-in model)")
+    p.add_argument("--denoise", type=float, default=None,
+                   help="Gaussian sigma in image pixels that smooths each image or slice before the encoder (noisy data, e.g. confocal stacks: 1-3); default: the checkpoint's (0 = off)")
     p.add_argument("--device", default=None, help="cpu, cuda, mps (default: best available)")
     g = p.add_argument_group("segment-everything parameters (Meta's SamAutomaticMaskGenerator meaning)")
     g.add_argument("--points-per-side", type=int, default=32)
@@ -58,7 +60,7 @@ def make_generator(args: argparse.Namespace):
     from napari_sam.core.amg import AutomaticMaskGenerator
     from napari_sam.core.build import load_model
 
-    model = load_model(args.model, device=args.device)
+    model = load_model(args.model, device=args.device, denoise=args.denoise)
     return AutomaticMaskGenerator.for_model(model, **amg_params(args))
 
 

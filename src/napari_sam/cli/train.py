@@ -52,6 +52,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--eval-every-min", type=float, default=10.0)
     p.add_argument("--log-every", type=int, default=20)
     p.add_argument("--ckpt-every-min", type=float, default=5.0)
+    p.add_argument("--denoise", type=float, default=None,
+                   help="Gaussian sigma (image pixels) smoothing every image before the encoder, for noisy data; "
+                        "saved in the checkpoint (default: the fine-tuned checkpoint's, 0 from scratch)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--no-resume", action="store_true", help="start over even if OUT/last.pt exists")
@@ -61,21 +64,25 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
+    from napari_sam.core.build import set_denoise
+    from napari_sam.core.image import denoise_of
     from napari_sam.core.training import TrainConfig, Trainer, make_model
     from napari_sam.core.training.data import load_folder, load_split_folder
 
     if args.threads:
         torch.set_num_threads(args.threads)
     model = make_model(args.model, args.mode)
-    size = model.img_size
+    if args.denoise is not None:
+        set_denoise(model, args.denoise)
+    size, dn = model.img_size, denoise_of(model)
     t0 = time.time()
     if args.split_csv:
-        train = load_split_folder(args.images, args.split, size, csv_path=args.split_csv)
+        train = load_split_folder(args.images, args.split, size, csv_path=args.split_csv, denoise=dn)
         val = load_split_folder(args.images, args.val_split, size, limit=args.val_limit,
-                                csv_path=args.split_csv) if args.val_split else []
+                                csv_path=args.split_csv, denoise=dn) if args.val_split else []
     else:
-        train = load_folder(args.images, args.labels, size)
-        val = load_folder(args.val_images, args.val_labels, size)[: args.val_limit] if args.val_images else []
+        train = load_folder(args.images, args.labels, size, denoise=dn)
+        val = load_folder(args.val_images, args.val_labels, size, denoise=dn)[: args.val_limit] if args.val_images else []
     print(f"loaded {len(train)} training and {len(val)} validation images in {time.time() - t0:.1f} s", flush=True)
     cfg = TrainConfig(mode=args.mode, steps=args.steps, max_minutes=args.max_minutes, lr=args.lr,
                       warmup_steps=args.warmup, images_per_step=args.images_per_step, objects_per_image=args.objects,

@@ -14,6 +14,7 @@ from torch import nn
 from .checkpoints import CHECKPOINTS, CheckpointError, get_checkpoint
 from .config import MODEL_CONFIGS, SamConfig, get_config
 from .device import resolve_device
+from .image import check_denoise
 from .modeling.image_encoder import ImageEncoderViT
 from .modeling.mask_decoder import MaskDecoder
 from .modeling.prompt_encoder import PromptEncoder
@@ -161,13 +162,15 @@ def load_model(
     checkpoint: str | os.PathLike | None = None,
     device: str | torch.device | None = None,
     progress: Callable[[int, int], None] | None = None,
+    denoise: float | None = None,
 ) -> Sam:
     """Load a ready-to-use model in eval mode.
 
     model: None or "builtin" (our small microscopy model shipped in the package), a registered name
     ("vit_b", "vit_l", "vit_h", "vit_t": the official checkpoint is downloaded once and verified), or the
     path of a checkpoint file (type inferred from its keys). checkpoint: an explicit file for ``model``.
-    device: "cuda", "mps", "cpu" or None for the best available.
+    device: "cuda", "mps", "cpu" or None for the best available. denoise: Gaussian sigma in image pixels that
+    smooths every image before the encoder (:func:`set_denoise`); None keeps the checkpoint's (0 if it has none).
     """
     dev = resolve_device(device)
     if model is None and checkpoint is None:
@@ -198,7 +201,17 @@ def load_model(
     load_state_dict_strict(sam, sd, source=str(checkpoint))
     sam.checkpoint_meta = meta
     sam.checkpoint_path = str(checkpoint)
+    set_denoise(sam, meta.get("denoise", 0.0) if denoise is None else denoise)
     return sam.to(dev).eval()
+
+
+def set_denoise(model: Sam, sigma: float) -> Sam:
+    """Make ``model`` smooth every image (or stack slice) with a Gaussian of ``sigma`` image pixels before its
+    encoder; 0 turns it off. For noisy data (confocal stacks, low light) that the model was not trained on:
+    on GoNuclear's noisy confocal slices sigma 2 doubles the built-in model's one-click mIoU. Embeddings computed
+    before the change are stale (embedding caches key on it). Returns ``model``."""
+    model.denoise = check_denoise(sigma)
+    return model
 
 
 def save_checkpoint(model: Sam, path: str | os.PathLike, half: bool = False, **meta: Any) -> Path:
@@ -211,6 +224,8 @@ def save_checkpoint(model: Sam, path: str | os.PathLike, half: bool = False, **m
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
+    if getattr(model, "denoise", 0.0) and "denoise" not in meta:
+        meta["denoise"] = float(model.denoise)  # preprocessing travels with the weights
     torch.save({"config": model.config.to_dict(), "model": sd, **meta}, tmp)
     os.replace(tmp, path)
     return path

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from .checkpoints import cache_dir
+from .image import check_denoise, denoise_of, denoise_plane
 from .predictor import ImageEmbedding
 from .transforms import ResizeLongestSide, preprocess_shape
 
@@ -111,16 +112,20 @@ def model_fingerprint(model: torch.nn.Module) -> str:
 
 
 def stack_key(volume: np.ndarray, model: torch.nn.Module) -> str:
-    """Cache key of (data, model, napari-sam version, store format)."""
+    """Cache key of (data, model, its denoising, napari-sam version, store format)."""
     from napari_sam import __version__
 
     text = f"{volume_hash(volume)}-{model_fingerprint(model)}-{__version__}-{STORE_FORMAT}"
+    if denoise_of(model):
+        text += f"-denoise{denoise_of(model)!r}"
     return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
 
 
-def volume_to_uint8(volume: np.ndarray) -> Callable[[int], np.ndarray]:
+def volume_to_uint8(volume: np.ndarray, denoise: float = 0.0) -> Callable[[int], np.ndarray]:
     """A function z -> (Y, X, 3) uint8 slice. uint8 data is kept; other dtypes are normalised with percentiles
-    of the whole stack (0.5, 99.5; from at most 16 slices), so all slices share one contrast."""
+    of the whole stack (0.5, 99.5; from at most 16 slices), so all slices share one contrast. ``denoise`` > 0
+    smooths each slice in 2D first (:func:`napari_sam.core.image.denoise_plane`, sigma in pixels)."""
+    denoise = check_denoise(denoise)
     vol = volume
     if vol.dtype == np.uint8 or vol.dtype == bool:
         lo = hi = None
@@ -141,7 +146,8 @@ def volume_to_uint8(volume: np.ndarray) -> Callable[[int], np.ndarray]:
             plane = plane[..., :3]
         if plane.dtype == bool:
             plane = plane.astype(np.uint8) * 255
-        elif lo is not None:
+        plane = denoise_plane(plane, denoise)
+        if lo is not None:
             if hi <= lo:
                 plane = np.zeros(plane.shape, np.uint8)
             else:
@@ -197,6 +203,7 @@ class StackEmbeddings:
     volume: (Z, Y, X) or (Z, Y, X, C) array (any dtype); model: a Sam. cache: True (disk store in
     :func:`embeddings_dir`, falling back to memory with a warning if it cannot be used), False (memory only),
     or a folder to hold the stores. max_bytes: size limit of that folder (default :func:`max_cache_bytes`).
+    The model's ``denoise`` sigma (taken when the object is made) smooths each slice first; it is part of the key.
     """
 
     def __init__(self, volume: np.ndarray, model: torch.nn.Module, cache: bool | str | os.PathLike = True,
@@ -209,7 +216,8 @@ class StackEmbeddings:
         g = model.prompt_encoder.image_embedding_size
         self.feature_shape = (int(model.prompt_encoder.embed_dim), int(g[0]), int(g[1]))
         self.key = stack_key(self.volume, model)
-        self._slice = volume_to_uint8(self.volume)
+        self.denoise = denoise_of(model)
+        self._slice = volume_to_uint8(self.volume, self.denoise)
         self._transform = ResizeLongestSide(model.img_size)
         self._mem: dict[int, np.ndarray] = {}  # slices not on disk (memory mode, or not yet written)
         self._read: OrderedDict[int, np.ndarray] = OrderedDict()  # recently read from disk (LRU)

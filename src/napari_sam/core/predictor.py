@@ -13,7 +13,7 @@ import torch
 
 from .build import load_model
 from .device import resolve_device
-from .image import to_rgb_uint8
+from .image import denoise_of, to_rgb_uint8
 from .modeling.fast_decoder import DecoderContext, decode_masks, decode_tokens, prepare_context
 from .modeling.sam import Sam
 from .prompts import boxes_rc_to_xy, rc_to_xy, validate_boxes, validate_points
@@ -71,8 +71,9 @@ class SamPredictor:
         return self._embedding is not None
 
     def compute_embedding(self, image: np.ndarray) -> ImageEmbedding:
-        """Run the image encoder on a 2D image ((H, W), (H, W, 3) or (H, W, 4), any dtype); no state change."""
-        rgb = to_rgb_uint8(image)
+        """Run the image encoder on a 2D image ((H, W), (H, W, 3) or (H, W, 4), any dtype); no state change.
+        The model's ``denoise`` sigma (if any) smooths the image first."""
+        rgb = to_rgb_uint8(image, denoise=denoise_of(self.model))
         resized = self.transform.apply_image(rgb)
         x = torch.tensor(resized, device=self.device).permute(2, 0, 1).contiguous()[None]  # a copy: PIL's is read-only
         with torch.inference_mode():

@@ -26,6 +26,9 @@ class Sam(nn.Module):
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
         self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), False)
         self.config = None  # set by build_sam
+        #: preprocessing: Gaussian sigma (image pixels) applied to each image or slice before the encoder; 0 = off.
+        #: Set it with napari_sam.core.build.set_denoise (validated); saved in checkpoints.
+        self.denoise = 0.0
 
     @property
     def device(self) -> torch.device:

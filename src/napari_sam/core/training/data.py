@@ -50,14 +50,16 @@ def read_array(path: str | Path) -> np.ndarray:
     return iio.imread(path)
 
 
-def check_pair(image: np.ndarray, labels: np.ndarray, name: str = "image") -> tuple[np.ndarray, np.ndarray]:
-    """Validate one pair -> (RGB uint8 (H, W, 3), int32 labels (H, W)); raises :class:`DataError`."""
+def check_pair(image: np.ndarray, labels: np.ndarray, name: str = "image",
+               denoise: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+    """Validate one pair -> (RGB uint8 (H, W, 3), int32 labels (H, W)); raises :class:`DataError`.
+    ``denoise``: the model's Gaussian sigma in image pixels (see :func:`napari_sam.core.image.to_rgb_uint8`)."""
     labels = np.asarray(labels)
     if labels.ndim != 2:
         raise DataError(f"{name}: labels must be a 2D instance-label image, got shape {labels.shape}")
     if not (np.issubdtype(labels.dtype, np.integer) or labels.dtype == bool):
         raise DataError(f"{name}: labels must be integers (instance ids), got dtype {labels.dtype}")
-    rgb = to_rgb_uint8(image)
+    rgb = to_rgb_uint8(image, denoise=denoise)
     if rgb.shape[:2] != labels.shape:
         raise DataError(
             f"{name}: labels shape {labels.shape} does not match the image's {rgb.shape[:2]}; "
@@ -68,9 +70,11 @@ def check_pair(image: np.ndarray, labels: np.ndarray, name: str = "image") -> tu
     return rgb, labels.astype(np.int32)
 
 
-def resize_pair(image: np.ndarray, labels: np.ndarray, img_size: int, name: str = "", group: str = "") -> Sample:
-    """Resize a validated pair so the longest side is ``img_size`` (image bilinear, labels nearest)."""
-    rgb, lab = check_pair(image, labels, name or "image")
+def resize_pair(image: np.ndarray, labels: np.ndarray, img_size: int, name: str = "", group: str = "",
+                denoise: float = 0.0) -> Sample:
+    """Resize a validated pair so the longest side is ``img_size`` (image bilinear, labels nearest); ``denoise``
+    smooths the image first, as the model's preprocessing does at inference."""
+    rgb, lab = check_pair(image, labels, name or "image", denoise)
     small = ResizeLongestSide(img_size).apply_image(rgb)
     h, w = small.shape[:2]
     if (h, w) != lab.shape:
@@ -133,7 +137,7 @@ def read_split(csv_path: str | Path, split: str | None = None) -> list[dict[str,
 
 
 def load_split_folder(root: str | Path, split: str | None, img_size: int, limit: int | None = None,
-                      csv_path: str | Path | None = None) -> list[Sample]:
+                      csv_path: str | Path | None = None, denoise: float = 0.0) -> list[Sample]:
     """dsb2018_full layout: ``root/images/<id>.png``, ``root/labels/<id>.tif``, ``root/split.csv``.
 
     ``group`` is the CSV's ``modality``. ``limit`` keeps n rows taken round-robin over the modalities (each
@@ -155,19 +159,21 @@ def load_split_folder(root: str | Path, split: str | None, img_size: int, limit:
         img_p, lab_p = root / "images" / f"{r['id']}.png", root / "labels" / f"{r['id']}.tif"
         if not lab_p.is_file():
             raise DataError(f"label file {lab_p} is missing for image {img_p.name}")
-        out.append(resize_pair(read_array(img_p), read_array(lab_p), img_size, r["id"], r.get("modality", "")))
+        out.append(resize_pair(read_array(img_p), read_array(lab_p), img_size, r["id"], r.get("modality", ""),
+                               denoise))
     return out
 
 
-def load_folder(images: str | Path, labels: str | Path | None, img_size: int) -> list[Sample]:
+def load_folder(images: str | Path, labels: str | Path | None, img_size: int, denoise: float = 0.0) -> list[Sample]:
     """Folder of pairs (see :func:`pairs_from_folder`) -> resized samples (group = "")."""
     pairs = pairs_from_folder(images, labels)
-    return [resize_pair(read_array(i), read_array(lab), img_size, i.stem) for i, lab in pairs]
+    return [resize_pair(read_array(i), read_array(lab), img_size, i.stem, denoise=denoise) for i, lab in pairs]
 
 
 def from_arrays(images: list[np.ndarray] | np.ndarray, labels: list[np.ndarray] | np.ndarray,
-                img_size: int) -> list[Sample]:
+                img_size: int, denoise: float = 0.0) -> list[Sample]:
     """In-memory pairs (e.g. a napari Image layer and its Labels layer): 2D each, or stacks of 2D slices.
+    ``denoise``: Gaussian sigma in image pixels applied to each 2D image or slice (the model's preprocessing).
 
     Slices whose labels are empty are skipped; raises if none has an object.
     """
@@ -182,9 +188,10 @@ def from_arrays(images: list[np.ndarray] | np.ndarray, labels: list[np.ndarray] 
         if lab.ndim == 3 and not rgb_like:  # stack of slices
             if im.shape[: 1] != lab.shape[:1]:
                 raise DataError(f"image stack {im.shape} and label stack {lab.shape} differ in length")
-            out += [resize_pair(i2, l2, img_size, f"{k}:{z}") for z, (i2, l2) in enumerate(zip(im, lab)) if l2.any()]
+            out += [resize_pair(i2, l2, img_size, f"{k}:{z}", denoise=denoise)
+                    for z, (i2, l2) in enumerate(zip(im, lab)) if l2.any()]
         else:
-            out.append(resize_pair(im, lab, img_size, str(k)))
+            out.append(resize_pair(im, lab, img_size, str(k), denoise=denoise))
     if not out:
         raise DataError("no labelled object found: commit at least one object to the Labels layer first")
     return out
