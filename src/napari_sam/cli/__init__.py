@@ -12,6 +12,13 @@ from importlib import import_module
 COMMANDS = ("demo", "segment", "train", "evaluate", "embed")
 
 
+def add_denoise_argument(p: argparse.ArgumentParser, default_text: str = "the checkpoint's") -> None:
+    """``--denoise SIGMA``: the model's Gaussian smoothing before the encoder (see napari_sam.set_denoise)."""
+    p.add_argument("--denoise", type=float, default=None, metavar="SIGMA",
+                   help="Gaussian sigma in image pixels that smooths each image or slice before the encoder, for "
+                        f"noisy data such as confocal stacks (try 1-3); default: {default_text} (0 = off)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="napari-sam", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)

@@ -11,14 +11,15 @@ import sys
 import time
 from pathlib import Path
 
+from . import add_denoise_argument
+
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("embed", help="precompute the embeddings of a 3D stack into the disk cache",
                               description=__doc__.splitlines()[0])
     p.add_argument("stack", type=Path, help="a TIFF (or any imageio-readable) stack, (Z, Y, X) or (T, Z, Y, X)")
     p.add_argument("--model", default=None, help="builtin (default), vit_b, vit_t, ... or a checkpoint path")
-    p.add_argument("--denoise", type=float, default=None,
-                   help="Gaussian sigma in image pixels that smooths each image or slice before the encoder (noisy data, e.g. confocal stacks: 1-3); default: the checkpoint's (0 = off)")
+    add_denoise_argument(p)
     p.add_argument("--t", type=int, default=None, help="time point of a (T, Z, Y, X) array")
     p.add_argument("--cache-dir", type=Path, default=None,
                    help="folder for the stores (default: the user cache dir, or $NAPARI_SAM_CACHE_DIR)")

@@ -8,6 +8,8 @@ import sys
 import time
 from pathlib import Path
 
+from . import add_denoise_argument
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("evaluate", help="mIoU of a model for point / box / click prompts on labelled images",
@@ -17,8 +19,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--split-csv", default=None, help="CSV id,split,modality (dsb2018_full); groups by modality")
     p.add_argument("--split", default="test", help="split to evaluate with --split-csv")
     p.add_argument("--model", default=None, help="model name or checkpoint path (default: the built-in model)")
-    p.add_argument("--denoise", type=float, default=None,
-                   help="Gaussian sigma in image pixels that smooths each image or slice before the encoder (noisy data, e.g. confocal stacks: 1-3); default: the checkpoint's (0 = off)")
+    add_denoise_argument(p)
     p.add_argument("--prompt", nargs="+", default=["point", "box", "clicks"], choices=("point", "box", "clicks"))
     p.add_argument("--clicks", type=int, default=5, help="number of interactive clicks (1..10)")
     p.add_argument("--max-objects", type=int, default=None, help="evaluate a fixed random sample per image")

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
+from . import add_denoise_argument
+
 # torch notes once that PIL's read-only resize output is wrapped without a copy: harmless, and noise in a CLI
 warnings.filterwarnings("ignore", message="The given NumPy array is not writable", category=UserWarning)
 SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg")
@@ -26,8 +28,7 @@ SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg")
 def add_amg_args(p: argparse.ArgumentParser) -> None:
     """The AutomaticMaskGenerator parameters as command-line options (the reference defaults)."""
     p.add_argument("--model", default=None, help="model name or checkpoint path (default: the built-in model)")
-    p.add_argument("--denoise", type=float, default=None,
-                   help="Gaussian sigma in image pixels that smooths each image or slice before the encoder (noisy data, e.g. confocal stacks: 1-3); default: the checkpoint's (0 = off)")
+    add_denoise_argument(p)
     p.add_argument("--device", default=None, help="cpu, cuda, mps (default: best available)")
     g = p.add_argument_group("segment-everything parameters (Meta's SamAutomaticMaskGenerator meaning)")
     g.add_argument("--points-per-side", type=int, default=32)

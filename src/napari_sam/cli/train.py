@@ -8,6 +8,8 @@ import shlex
 import sys
 import time
 
+from . import add_denoise_argument
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train or fine-tune a model on image + instance-label pairs",
@@ -52,9 +54,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--eval-every-min", type=float, default=10.0)
     p.add_argument("--log-every", type=int, default=20)
     p.add_argument("--ckpt-every-min", type=float, default=5.0)
-    p.add_argument("--denoise", type=float, default=None,
-                   help="Gaussian sigma (image pixels) smoothing every image before the encoder, for noisy data; "
-                        "saved in the checkpoint (default: the fine-tuned checkpoint's, 0 from scratch)")
+    add_denoise_argument(p, "the fine-tuned checkpoint's, 0 from scratch; saved in the checkpoint")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--no-resume", action="store_true", help="start over even if OUT/last.pt exists")
@@ -82,7 +82,8 @@ def run(args: argparse.Namespace) -> int:
                                 csv_path=args.split_csv, denoise=dn) if args.val_split else []
     else:
         train = load_folder(args.images, args.labels, size, denoise=dn)
-        val = load_folder(args.val_images, args.val_labels, size, denoise=dn)[: args.val_limit] if args.val_images else []
+        val = (load_folder(args.val_images, args.val_labels, size, denoise=dn)[: args.val_limit]
+               if args.val_images else [])
     print(f"loaded {len(train)} training and {len(val)} validation images in {time.time() - t0:.1f} s", flush=True)
     cfg = TrainConfig(mode=args.mode, steps=args.steps, max_minutes=args.max_minutes, lr=args.lr,
                       warmup_steps=args.warmup, images_per_step=args.images_per_step, objects_per_image=args.objects,
