@@ -66,27 +66,27 @@ def iou3d(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def evaluate(model, strategies, min_voxels: int, cache, log=print, limit: int | None = None,
-             on_strategy=None, volumes=VOLUMES) -> dict:
+             on_strategy=None, crops=VOLUMES, seed_select: str = "consistency") -> dict:
     """Embed both volumes, prompt every nucleus once, then run each strategy over all nuclei."""
     from tifffile import imread
 
     from napari_sam.core.embedding_store import StackEmbeddings
     from napari_sam.core.predictor import SamPredictor
-    from napari_sam.core.propagation import iter_propagate_masks
+    from napari_sam.core.propagation import choose_seed, iter_propagate_masks
 
     out = {"results": {}, "slices": {}, "times": {}, "seed_iou": []}
     volumes = []
-    for vid in volumes:
+    for vid in crops:
         vol, gt = imread(DATA / f"{vid}_crop_image.tif"), imread(DATA / f"{vid}_crop_label.tif")
         t0 = time.perf_counter()
         emb = StackEmbeddings(vol, model, cache=cache).compute_all()
         log(f"{vid}: embeddings of {vol.shape[0]} slices in {time.perf_counter() - t0:.1f} s")
         pred = SamPredictor(model)
         seeds, objs, failed = [], [], 0
-        for lab, z, center in nucleus_prompts(gt, min_voxels)[:limit]:  # one point, best of 3 candidates
+        for lab, z, center in nucleus_prompts(gt, min_voxels)[:limit]:  # one point, one of 3 candidates
             pred.set_embedding(emb[z])
             p = pred.predict(points=center[None], multimask=True)
-            k = int(np.argmax(p.iou))
+            k = choose_seed(pred, emb, z, p.masks, p.iou, center[None], None, seed_select)
             out["seed_iou"].append(iou3d(p.masks[k], gt[z] == lab))
             if not p.masks[k].any():  # nothing to propagate: this nucleus scores 3D IoU 0 in every strategy
                 failed += 1
@@ -137,14 +137,19 @@ def main(argv=None) -> int:
     ap.add_argument("--limit", type=int, default=None, help="at most this many nuclei per volume (smoke runs)")
     ap.add_argument("--denoise", type=float, default=None,
                     help="Gaussian sigma (pixels) smoothing each slice before the encoder (default: the model's)")
+    ap.add_argument("--max-upscale", type=float, default=-1,
+                    help="the most a slice is enlarged for the encoder (default: the model's; 0 = no limit)")
     ap.add_argument("--volumes", default=",".join(VOLUMES), help="comma-separated crops to use")
+    ap.add_argument("--seed-select", default="consistency", choices=("consistency", "iou"),
+                    help="which of the 3 candidates of the click starts the object (see propagation.choose_seed)")
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--out", type=Path, default=None, help="also write the table here, updated after each strategy")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     from napari_sam.core.build import load_model
 
-    model = load_model(args.model, device="cpu", denoise=args.denoise)
+    model = load_model(args.model, device="cpu", denoise=args.denoise,
+                       max_upscale="checkpoint" if args.max_upscale == -1 else args.max_upscale)
     volumes = tuple(args.volumes.split(","))
     runs = RUNS if args.strategies is None else [r for r in RUNS if r[1] in args.strategies.split(",")]
     model_name = args.model or "builtin"
@@ -152,7 +157,7 @@ def main(argv=None) -> int:
     def report(out, final=False):
         n = len(next(iter(out["results"].values())))
         text = (f"GoNuclear 3D ({', '.join(volumes)}), {n} nuclei >= {args.min_voxels} voxels, model {model_name}, "
-                f"denoise {model.denoise:g} px; prompted-slice 2D IoU {np.mean(out['seed_iou']):.3f}\n\n"
+                f"denoise {model.denoise:g} px, max upscale {model.max_upscale or 'none'}, seed by {args.seed_select}; prompted-slice 2D IoU {np.mean(out['seed_iou']):.3f}\n\n"
                 f"{table(out)}\n")
         best = max(out["results"], key=lambda k: np.mean(out["results"][k]))
         text += f"\nbest: {best} ({np.mean(out['results'][best]):.3f})\n"
@@ -167,7 +172,7 @@ def main(argv=None) -> int:
             print(text)
 
     out = evaluate(model, runs, args.min_voxels, cache=not args.no_cache, log=lambda s: print(s, file=sys.stderr),
-                   limit=args.limit, on_strategy=report, volumes=volumes)
+                   limit=args.limit, on_strategy=report, crops=volumes, seed_select=args.seed_select)
     report(out, final=True)
     return 0
 

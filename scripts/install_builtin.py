@@ -3,7 +3,9 @@
 Usage: python scripts/install_builtin.py runs/nsam_t_wbce/best.pt
 
 Checks that the fp16 copy predicts like the float32 original (same quick validation on the val subset)
-before replacing the shipped file.
+before replacing the shipped file. The file also records ``max_upscale``: the most the training images were
+enlarged to fill the model's input (512 / the smallest long side of the train split), so that smaller images
+are shown to the model at a scale it was trained on (see napari_sam.set_max_upscale).
 """
 
 from __future__ import annotations
@@ -29,11 +31,15 @@ def main(argv: list[str] | None = None) -> int:
     from napari_sam.core.training.data import load_split_folder
     from napari_sam.core.training.validate import quick_eval
 
+    from napari_sam.core.training.data import read_split
+
     cfg, sd, meta = read_checkpoint(args.checkpoint)
+    smallest = min(max(int(r["height"]), int(r["width"])) for r in read_split(args.data / "split.csv", "train"))
     # a registered config's current definition wins (e.g. checkpoints written before a field existed)
     model = build_sam(MODEL_CONFIGS.get(cfg.name, cfg))
     model.load_state_dict(sd)
     model.eval()
+    meta["max_upscale"] = round(model.img_size / smallest, 3)
     val = load_split_folder(args.data, "val", model.img_size, limit=args.val_limit)
     ref = quick_eval(model, val)
     out = builtin_checkpoint_path()

@@ -15,6 +15,7 @@ _LAZY = {
     "available_models": "napari_sam.core.build",
     "save_checkpoint": "napari_sam.core.build",
     "set_denoise": "napari_sam.core.build",
+    "set_max_upscale": "napari_sam.core.build",
     "SamPredictor": "napari_sam.core.predictor",
     "AutomaticMaskGenerator": "napari_sam.core.amg",
     "segment_everything": "napari_sam.core.amg",

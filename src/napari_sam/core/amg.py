@@ -22,7 +22,7 @@ from .image import to_rgb_uint8
 from .modeling.sam import Sam
 from .predictor import SamPredictor
 from .prompts import rc_to_xy
-from .transforms import _upsample_operators
+from .transforms import _upsample_operators, scale_coords
 
 Progress = Callable[[int, int], None]
 Cancel = Callable[[], bool]
@@ -190,7 +190,7 @@ class AutomaticMaskGenerator:
         # low-res rows/cols that cover the resized image (the rest is padding): stability is scored there
         valid = tuple(int(np.ceil(s * L / model.img_size)) for s in emb.input_size)
         pts_rc = self.point_grids[layer] * np.array(size, dtype=np.float64)[None]
-        coords = self.predictor.transform.apply_coords(rc_to_xy(pts_rc), size)
+        coords = scale_coords(rc_to_xy(pts_rc), size, emb.input_size)
         coords = torch.as_tensor(coords, dtype=torch.float32, device=self.predictor.device)
         n = len(pts_rc)
         for s in range(0, n, self.points_per_batch):

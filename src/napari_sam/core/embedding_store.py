@@ -25,9 +25,9 @@ import numpy as np
 import torch
 
 from .checkpoints import cache_dir
-from .image import check_denoise, denoise_of, denoise_plane
-from .predictor import ImageEmbedding
-from .transforms import ResizeLongestSide, preprocess_shape
+from .image import check_denoise, denoise_of, denoise_plane, max_upscale_of
+from .predictor import ImageEmbedding, encoder_input
+from .transforms import input_shape
 
 STORE_FORMAT = 1
 MAX_BYTES_ENV = "NAPARI_SAM_EMBED_CACHE_MB"
@@ -118,6 +118,8 @@ def stack_key(volume: np.ndarray, model: torch.nn.Module) -> str:
     text = f"{volume_hash(volume)}-{model_fingerprint(model)}-{__version__}-{STORE_FORMAT}"
     if denoise_of(model):
         text += f"-denoise{denoise_of(model)!r}"
+    if max_upscale_of(model):
+        text += f"-max_upscale{max_upscale_of(model)!r}"
     return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
 
 
@@ -203,7 +205,7 @@ class StackEmbeddings:
     volume: (Z, Y, X) or (Z, Y, X, C) array (any dtype); model: a Sam. cache: True (disk store in
     :func:`embeddings_dir`, falling back to memory with a warning if it cannot be used), False (memory only),
     or a folder to hold the stores. max_bytes: size limit of that folder (default :func:`max_cache_bytes`).
-    The model's ``denoise`` sigma (taken when the object is made) smooths each slice first; it is part of the key.
+    The model's preprocessing (``denoise``, ``max_upscale``; taken when the object is made) is part of the key.
     """
 
     def __init__(self, volume: np.ndarray, model: torch.nn.Module, cache: bool | str | os.PathLike = True,
@@ -212,13 +214,13 @@ class StackEmbeddings:
         self.model = model
         self.n_slices = int(self.volume.shape[0])
         self.original_size = (int(self.volume.shape[1]), int(self.volume.shape[2]))
-        self.input_size = preprocess_shape(*self.original_size, model.img_size)
+        self.max_upscale = max_upscale_of(model)
+        self.input_size = input_shape(*self.original_size, model.img_size, self.max_upscale)
         g = model.prompt_encoder.image_embedding_size
         self.feature_shape = (int(model.prompt_encoder.embed_dim), int(g[0]), int(g[1]))
         self.key = stack_key(self.volume, model)
         self.denoise = denoise_of(model)
         self._slice = volume_to_uint8(self.volume, self.denoise)
-        self._transform = ResizeLongestSide(model.img_size)
         self._mem: dict[int, np.ndarray] = {}  # slices not on disk (memory mode, or not yet written)
         self._read: OrderedDict[int, np.ndarray] = OrderedDict()  # recently read from disk (LRU)
         self._read_budget = READ_CACHE_BYTES
@@ -379,9 +381,8 @@ class StackEmbeddings:
         """float16 (C, G, G) features of slices ``zs``, one encoder call each (results never depend on batching)."""
         out = []
         for z in zs:
-            img = self._transform.apply_image(self._slice(z))
-            x = torch.tensor(img, device=self.model.device).permute(2, 0, 1)[None].float()
-            out.append(self.model.image_encoder(self.model.preprocess(x))[0].cpu().numpy().astype(np.float16))
+            x, _ = encoder_input(self.model, self._slice(z), self.max_upscale)
+            out.append(self.model.image_encoder(x)[0].cpu().numpy().astype(np.float16))
         return out
 
     def compute(self, slices: Sequence[int] | None = None, batch_size: int = 4,

@@ -25,6 +25,28 @@ def denoise_of(model) -> float:
     return float(getattr(model, "denoise", 0.0) or 0.0)
 
 
+def check_max_upscale(value) -> float | None:
+    """Validate a ``max_upscale`` setting (how many times at most an image is enlarged for the encoder; None or
+    0 = no limit) and return it as a float or None."""
+    if value is None:
+        return None
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"max_upscale={value!r} must be a number >= 1, or None for no limit") from None
+    if v == 0:
+        return None
+    if not np.isfinite(v) or v < 1:
+        raise ValueError(f"max_upscale={value!r} must be >= 1 (how many times at most an image is enlarged), "
+                         "or None / 0 for no limit")
+    return v
+
+
+def max_upscale_of(model) -> float | None:
+    """The model's ``max_upscale`` setting (None: images are always resized to the full input, the reference)."""
+    return getattr(model, "max_upscale", None) or None
+
+
 def denoise_plane(plane: np.ndarray, sigma: float) -> np.ndarray:
     """Gaussian smoothing of one 2D plane, (H, W) or (H, W, C) (each channel alone, never across channels).
 

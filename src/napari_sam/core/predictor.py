@@ -13,11 +13,11 @@ import torch
 
 from .build import load_model
 from .device import resolve_device
-from .image import denoise_of, to_rgb_uint8
+from .image import denoise_of, max_upscale_of, to_rgb_uint8
 from .modeling.fast_decoder import DecoderContext, decode_masks, decode_tokens, prepare_context
 from .modeling.sam import Sam
 from .prompts import boxes_rc_to_xy, rc_to_xy, validate_boxes, validate_points
-from .transforms import ResizeLongestSide, upsample_logits, upsample_masks
+from .transforms import ResizeLongestSide, scale_coords, upsample_logits, upsample_masks
 
 
 class Prediction(NamedTuple):
@@ -37,6 +37,23 @@ class ImageEmbedding(NamedTuple):
     input_size: tuple[int, int]
 
 
+def encoder_input(model: Sam, rgb: np.ndarray, max_upscale: float | None) -> tuple[torch.Tensor, tuple[int, int]]:
+    """(H, W, 3) uint8 RGB -> the encoder's input (1, 3, S, S) float on the model's device, and the resized
+    image's (h', w') in that frame.
+
+    The image is resized as :class:`ResizeLongestSide` with ``max_upscale`` (the model's setting) says. When that keeps it
+    smaller than the canvas, the canvas is filled by mirroring the resized image (numpy "symmetric") instead of
+    the reference's zeros, so the model sees image-like context at the scale it was trained on; masks are cut
+    back to the image, as for any non-square image.
+    """
+    resized = ResizeLongestSide(model.img_size, max_upscale).apply_image(rgb)
+    h, w = resized.shape[:2]
+    if max_upscale and max(h, w) < model.img_size:
+        resized = np.pad(resized, ((0, model.img_size - h), (0, model.img_size - w), (0, 0)), mode="symmetric")
+    x = torch.tensor(resized, device=model.device).permute(2, 0, 1).contiguous()[None]  # a copy: PIL's is read-only
+    return model.preprocess(x.float()), (h, w)
+
+
 class ImageNotSetError(ValueError, RuntimeError):
     """predict() was called before set_image()/set_embedding() (a ValueError and, for old callers, a RuntimeError)."""
 
@@ -50,7 +67,6 @@ class SamPredictor:
         elif device is not None:
             model = model.to(resolve_device(device))
         self.model = model.eval()
-        self.transform = ResizeLongestSide(model.img_size)
         #: decode with the per-image cache and rearranged attention (same results up to float rounding);
         #: False runs the plain MaskDecoder module.
         self.fast_decoder = True
@@ -58,6 +74,11 @@ class SamPredictor:
         self.reset_image()
 
     # ------------------------------------------------------------------ image
+    @property
+    def transform(self) -> ResizeLongestSide:
+        """Image -> model input frame, following the model's ``max_upscale`` setting."""
+        return ResizeLongestSide(self.model.img_size, max_upscale_of(self.model))
+
     @property
     def device(self) -> torch.device:
         return self.model.device
@@ -74,11 +95,10 @@ class SamPredictor:
         """Run the image encoder on a 2D image ((H, W), (H, W, 3) or (H, W, 4), any dtype); no state change.
         The model's ``denoise`` sigma (if any) smooths the image first."""
         rgb = to_rgb_uint8(image, denoise=denoise_of(self.model))
-        resized = self.transform.apply_image(rgb)
-        x = torch.tensor(resized, device=self.device).permute(2, 0, 1).contiguous()[None]  # a copy: PIL's is read-only
+        x, input_size = encoder_input(self.model, rgb, max_upscale_of(self.model))
         with torch.inference_mode():
-            features = self.model.image_encoder(self.model.preprocess(x.float()))
-        return ImageEmbedding(features, (rgb.shape[0], rgb.shape[1]), (resized.shape[0], resized.shape[1]))
+            features = self.model.image_encoder(x)
+        return ImageEmbedding(features, (rgb.shape[0], rgb.shape[1]), input_size)
 
     def set_image(self, image: np.ndarray) -> ImageEmbedding:
         """Embed ``image`` and keep the embedding for the following ``predict`` calls."""
@@ -139,14 +159,14 @@ class SamPredictor:
         nb = 1
         if points is not None:
             pts, lab = validate_points(points, point_labels, emb.original_size)
-            coords = self.transform.apply_coords(rc_to_xy(pts), emb.original_size)
+            coords = scale_coords(rc_to_xy(pts), emb.original_size, emb.input_size)
             labels = lab
             nb = pts.shape[0]
         elif point_labels is not None:
             raise ValueError("point_labels were given without points")
         if box is not None:
             bx = validate_boxes(box, emb.original_size)
-            boxes = self.transform.apply_boxes(boxes_rc_to_xy(bx), emb.original_size)
+            boxes = scale_coords(boxes_rc_to_xy(bx).reshape(-1, 2, 2), emb.original_size, emb.input_size).reshape(-1, 4)
             if coords is not None and boxes.shape[0] != nb:
                 if nb == 1:
                     coords = np.repeat(coords, boxes.shape[0], 0)

@@ -36,6 +36,8 @@ STRATEGIES: dict[str, dict] = {
     "microsam": dict(box=False, logits=False, point=True, overlap_threshold=0.5, iou_threshold=0.0),
 }
 DIRECTIONS = {"both": (1, -1), "forward": (1,), "up": (1,), "backward": (-1,), "down": (-1,)}
+SEED_SELECT = ("consistency", "iou")
+SEED_REACH = 2  # choose_seed looks this many slices up and down
 
 
 @dataclass(frozen=True)
@@ -45,8 +47,10 @@ class PropagationParams:
     direction: "both", "forward"/"up" (+z), "backward"/"down" (-z). max_slices: at most this many slices per
     direction (None: no limit). box_extension: the box from the previous mask grows by this fraction of its
     size on each side. select: among the 3 candidates of a point-only prompt keep the one with the highest
-    predicted IoU ("iou") or the highest IoU with the previous slice's mask ("overlap"). converge_iou
-    (:func:`repropagate` only): a direction ends where the new mask has this IoU with the old one."""
+    predicted IoU ("iou") or the highest IoU with the previous slice's mask ("overlap"). seed_select
+    (:func:`propagate_object` with one point, ambiguous): keep the candidate the neighbouring slices agree with
+    best ("consistency", see :func:`choose_seed`) or the one with the highest predicted IoU ("iou").
+    converge_iou (:func:`repropagate` only): a direction ends where the new mask has this IoU with the old one."""
 
     strategy: str = "box_logits"
     iou_threshold: float = 0.5
@@ -56,6 +60,7 @@ class PropagationParams:
     max_slices: int | None = None
     box_extension: float = 0.0
     select: str = "iou"
+    seed_select: str = "consistency"
     converge_iou: float = 0.9
 
     def spec(self) -> dict:
@@ -75,6 +80,8 @@ def make_params(params: Mapping) -> PropagationParams:
         raise ValueError(f"unknown strategy {strategy!r}; choose one of {sorted(STRATEGIES)}")
     if params.get("select", "iou") not in ("iou", "overlap"):
         raise ValueError(f"unknown select {params['select']!r}; choose 'iou' or 'overlap'")
+    if params.get("seed_select", "consistency") not in SEED_SELECT:
+        raise ValueError(f"unknown seed_select {params['seed_select']!r}; choose one of {SEED_SELECT}")
     direction = params.get("direction", PropagationParams.direction)
     if direction not in DIRECTIONS:
         raise ValueError(f"unknown direction {direction!r}; choose one of {sorted(DIRECTIONS)}")
@@ -323,21 +330,54 @@ def iter_propagate_object(volume: np.ndarray, z: int, points=None, point_labels=
     z = _check_z(z, vol.shape[0])
     if points is None and box is None:
         raise ValueError("give a prompt on slice z: points=(N, 2) (row, col) and/or box=(4,)")
+    p = make_params(params)
     predictor.set_embedding(emb[z])
     single_point = box is None and np.asarray(points).reshape(-1, 2).shape[0] == 1
     pred = predictor.predict(points=points, point_labels=point_labels, box=box, multimask=single_point)
     if np.ndim(pred.iou) != 1:
         raise ValueError("propagate_object takes the prompt of ONE object; for several use propagate_masks")
-    k = int(np.argmax(pred.iou))
+    k = choose_seed(predictor, emb, z, pred.masks, pred.iou, points, point_labels, p.seed_select)
     seed, score = pred.masks[k], float(pred.iou[k])
     if not seed.any():
         raise ValueError(f"the prompt gives an empty mask on slice {z}; move the point or draw a box")
     yield z, seed, score
-    p = make_params(params)
     spec = p.spec()
     tracks = _seed_tracks(0, {z: (seed, pred.low_res_logits[k])}, vol.shape[0], DIRECTIONS[p.direction])
     for _obj, zz, m, s in iter_tracks(predictor, emb, tracks, p, spec, cancel):
         yield zz, m, s
+
+
+def choose_seed(predictor: SamPredictor, embeddings: StackEmbeddings, z: int, masks: np.ndarray, ious: np.ndarray,
+                points=None, point_labels=None, how: str = "consistency") -> int:
+    """Index of the candidate mask to start a 3D object from, for the prompt of slice ``z``.
+
+    masks: (K, Y, X) bool candidates of one prompt on slice z, ious: (K,) their predicted IoUs; points (N, 2)
+    (row, col) and point_labels (N,) the prompt. "iou" keeps the highest predicted IoU. "consistency" (for an
+    ambiguous one-point prompt, K > 1): each non-empty candidate's box, with the same points, prompts the slices
+    up to :data:`SEED_REACH` above and below, and the candidate whose masks there overlap it most (mean IoU)
+    wins; ties go to the predicted IoU. A real object continues into its neighbours; a wrong part or a merge of
+    several objects usually does not. The predictor is left on slice z. One decoder call per neighbour slice.
+    """
+    ious = np.asarray(ious, np.float64)
+    if how not in SEED_SELECT:
+        raise ValueError(f"unknown seed_select {how!r}; choose one of {SEED_SELECT}")
+    ok = [k for k in range(len(masks)) if masks[k].any()]
+    near = [z + d for d in range(-SEED_REACH, SEED_REACH + 1) if d and 0 <= z + d < len(embeddings)]
+    if how == "iou" or len(ok) < 2 or not near:
+        return int(np.argmax(ious))
+    boxes = np.stack([mask_box(masks[k]) for k in ok])
+    pts = labs = None
+    if points is not None:
+        pts = np.broadcast_to(np.asarray(points, np.float64).reshape(1, -1, 2), (len(ok),) + (np.size(points) // 2, 2))
+        labs = np.ones(pts.shape[:2]) if point_labels is None else np.broadcast_to(
+            np.asarray(point_labels, np.float64).reshape(1, -1), pts.shape[:2])
+    agree = np.zeros(len(ok))
+    for zz in near:
+        predictor.set_embedding(embeddings[zz])
+        q = predictor.predict(points=pts, point_labels=labs, box=boxes, multimask=False)
+        agree += [mask_iou(q.masks[i, 0], masks[k]) for i, k in enumerate(ok)]
+    predictor.set_embedding(embeddings[z])
+    return ok[int(np.argmax(agree / len(near) + 1e-6 * ious[ok]))]
 
 
 def propagate_object(volume: np.ndarray, z: int, points=None, point_labels=None, box=None, model=None,

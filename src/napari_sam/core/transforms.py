@@ -18,27 +18,47 @@ def preprocess_shape(h: int, w: int, long_side: int) -> tuple[int, int]:
     return int(h * scale + 0.5), int(w * scale + 0.5)
 
 
-class ResizeLongestSide:
-    """Resize so that the longest side is ``target_length``; the same rule for images, points and boxes."""
+def input_shape(h: int, w: int, img_size: int, max_upscale: float | None = None) -> tuple[int, int]:
+    """Size (h', w') of an (h, w) image in the model's input frame: the longest side becomes ``img_size``,
+    unless that would enlarge the image more than ``max_upscale`` times (then it becomes
+    round(max_upscale * max(h, w)) and the rest of the canvas is filled by mirroring, see
+    :func:`napari_sam.core.predictor.encoder_input`). None: no limit (the reference)."""
+    long_side = img_size
+    if max_upscale:
+        long_side = min(img_size, max(1, int(max_upscale * max(h, w) + 0.5)))
+    return preprocess_shape(h, w, long_side)
 
-    def __init__(self, target_length: int) -> None:
+
+def scale_coords(coords: np.ndarray, original_size: tuple[int, int], input_size: tuple[int, int]) -> np.ndarray:
+    """(..., 2) (x, y) in original pixels -> (..., 2) (x, y) in input pixels of an image resized to input_size."""
+    (oh, ow), (nh, nw) = original_size, input_size
+    coords = np.array(coords, dtype=np.float64, copy=True)
+    coords[..., 0] = coords[..., 0] * (nw / ow)
+    coords[..., 1] = coords[..., 1] * (nh / oh)
+    return coords
+
+
+class ResizeLongestSide:
+    """Resize so that the longest side is ``target_length`` (at most ``max_upscale`` times the image's own;
+    None: always ``target_length``, the reference); the same rule for images, points and boxes."""
+
+    def __init__(self, target_length: int, max_upscale: float | None = None) -> None:
         self.target_length = target_length
+        self.max_upscale = max_upscale
+
+    def input_size(self, h: int, w: int) -> tuple[int, int]:
+        return input_shape(h, w, self.target_length, self.max_upscale)
 
     def apply_image(self, image: np.ndarray) -> np.ndarray:
         """(H, W, 3) uint8 -> (h', w', 3) uint8, PIL bilinear (antialiased), as the reference does."""
-        h, w = preprocess_shape(image.shape[0], image.shape[1], self.target_length)
+        h, w = self.input_size(image.shape[0], image.shape[1])
         if (h, w) == image.shape[:2]:
             return image
         return np.asarray(Image.fromarray(image).resize((w, h), Image.BILINEAR))
 
     def apply_coords(self, coords: np.ndarray, original_size: tuple[int, int]) -> np.ndarray:
         """(..., 2) (x, y) in original pixels -> (..., 2) (x, y) in model-input pixels."""
-        oh, ow = original_size
-        nh, nw = preprocess_shape(oh, ow, self.target_length)
-        coords = np.array(coords, dtype=np.float64, copy=True)
-        coords[..., 0] = coords[..., 0] * (nw / ow)
-        coords[..., 1] = coords[..., 1] * (nh / oh)
-        return coords
+        return scale_coords(coords, original_size, self.input_size(*original_size))
 
     def apply_boxes(self, boxes: np.ndarray, original_size: tuple[int, int]) -> np.ndarray:
         """(B, 4) (x0, y0, x1, y1) -> the same in model-input pixels."""

@@ -29,6 +29,9 @@ class Sam(nn.Module):
         #: preprocessing: Gaussian sigma (image pixels) applied to each image or slice before the encoder; 0 = off.
         #: Set it with napari_sam.core.build.set_denoise (validated); saved in checkpoints.
         self.denoise = 0.0
+        #: preprocessing: enlarge an image at most this many times to fill the input (None = always fill it, the
+        #: reference); smaller results are mirrored out to the canvas. See napari_sam.core.build.set_max_upscale.
+        self.max_upscale = None
 
     @property
     def device(self) -> torch.device:
