@@ -157,7 +157,8 @@ def main(argv=None) -> int:
     def report(out, final=False):
         n = len(next(iter(out["results"].values())))
         text = (f"GoNuclear 3D ({', '.join(volumes)}), {n} nuclei >= {args.min_voxels} voxels, model {model_name}, "
-                f"denoise {model.denoise:g} px, max upscale {model.max_upscale or 'none'}, seed by {args.seed_select}; prompted-slice 2D IoU {np.mean(out['seed_iou']):.3f}\n\n"
+                f"denoise {model.denoise:g} px, max upscale {model.max_upscale or 'none'}, seed by {args.seed_select}; "
+                f"prompted-slice 2D IoU {np.mean(out['seed_iou']):.3f}\n\n"
                 f"{table(out)}\n")
         best = max(out["results"], key=lambda k: np.mean(out["results"][k]))
         text += f"\nbest: {best} ({np.mean(out['results'][best]):.3f})\n"

@@ -41,10 +41,10 @@ def encoder_input(model: Sam, rgb: np.ndarray, max_upscale: float | None) -> tup
     """(H, W, 3) uint8 RGB -> the encoder's input (1, 3, S, S) float on the model's device, and the resized
     image's (h', w') in that frame.
 
-    The image is resized as :class:`ResizeLongestSide` with ``max_upscale`` (the model's setting) says. When that keeps it
-    smaller than the canvas, the canvas is filled by mirroring the resized image (numpy "symmetric") instead of
-    the reference's zeros, so the model sees image-like context at the scale it was trained on; masks are cut
-    back to the image, as for any non-square image.
+    The image is resized as :class:`ResizeLongestSide` with ``max_upscale`` (the model's setting) says. When that
+    keeps it smaller than the canvas, the canvas is filled by mirroring the resized image (numpy "symmetric")
+    instead of the reference's zeros, so the model sees image-like context at the scale it was trained on; masks
+    are cut back to the image, as for any non-square image.
     """
     resized = ResizeLongestSide(model.img_size, max_upscale).apply_image(rgb)
     h, w = resized.shape[:2]
