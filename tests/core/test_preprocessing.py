@@ -111,6 +111,24 @@ def test_finetuning_data_is_smoothed_like_inference(noisy):
     assert np.array_equal(smooth[0].image[..., 0], _ref_uint8(noisy, 2))
 
 
+def test_finetuning_sees_small_images_as_inference_does(model):
+    from napari_sam.core import set_max_upscale
+    from napari_sam.core.predictor import encoder_input
+    from napari_sam.core.training.data import from_arrays
+    from napari_sam.core.training.trainer import _to_input
+
+    rng = np.random.default_rng(2)
+    img = rng.integers(0, 256, (100, 60, 3)).astype(np.uint8)
+    labels = np.zeros((100, 60), np.int32)
+    labels[20:60, 10:40] = 3
+    sample = from_arrays([img], [labels], 512, max_upscale=2.0)[0]
+    assert sample.image.shape == (200, 120, 3) and sample.labels.shape == (200, 120)
+    set_max_upscale(model, 2.0)
+    assert torch.equal(_to_input(model, sample.image), encoder_input(model, img, 2.0)[0])  # same pixels as inference
+    set_max_upscale(model, None)
+    assert torch.equal(_to_input(model, sample.image)[..., 200:, :], torch.zeros(1, 3, 312, 512))  # reference: zeros
+
+
 @pytest.mark.parametrize("bad", [-1, float("nan"), float("inf"), 100, "strong", None])
 def test_bad_values_name_the_fix(model, bad):
     from napari_sam.core import set_denoise

@@ -65,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from napari_sam.core.build import set_denoise
-    from napari_sam.core.image import denoise_of
+    from napari_sam.core.image import denoise_of, max_upscale_of
     from napari_sam.core.training import TrainConfig, Trainer, make_model
     from napari_sam.core.training.data import load_folder, load_split_folder
 
@@ -74,16 +74,15 @@ def run(args: argparse.Namespace) -> int:
     model = make_model(args.model, args.mode)
     if args.denoise is not None:
         set_denoise(model, args.denoise)
-    size, dn = model.img_size, denoise_of(model)
+    size, prep = model.img_size, dict(denoise=denoise_of(model), max_upscale=max_upscale_of(model))  # as at inference
     t0 = time.time()
     if args.split_csv:
-        train = load_split_folder(args.images, args.split, size, csv_path=args.split_csv, denoise=dn)
+        train = load_split_folder(args.images, args.split, size, csv_path=args.split_csv, **prep)
         val = load_split_folder(args.images, args.val_split, size, limit=args.val_limit,
-                                csv_path=args.split_csv, denoise=dn) if args.val_split else []
+                                csv_path=args.split_csv, **prep) if args.val_split else []
     else:
-        train = load_folder(args.images, args.labels, size, denoise=dn)
-        val = (load_folder(args.val_images, args.val_labels, size, denoise=dn)[: args.val_limit]
-               if args.val_images else [])
+        train = load_folder(args.images, args.labels, size, **prep)
+        val = load_folder(args.val_images, args.val_labels, size, **prep)[: args.val_limit] if args.val_images else []
     print(f"loaded {len(train)} training and {len(val)} validation images in {time.time() - t0:.1f} s", flush=True)
     cfg = TrainConfig(mode=args.mode, steps=args.steps, max_minutes=args.max_minutes, lr=args.lr,
                       warmup_steps=args.warmup, images_per_step=args.images_per_step, objects_per_image=args.objects,

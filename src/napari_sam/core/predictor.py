@@ -47,11 +47,18 @@ def encoder_input(model: Sam, rgb: np.ndarray, max_upscale: float | None) -> tup
     are cut back to the image, as for any non-square image.
     """
     resized = ResizeLongestSide(model.img_size, max_upscale).apply_image(rgb)
+    return canvas_input(model, resized, mirror=bool(max_upscale)), resized.shape[:2]
+
+
+def canvas_input(model: Sam, resized: np.ndarray, mirror: bool) -> torch.Tensor:
+    """An image already in the input frame, (h', w', 3) uint8 with max(h', w') <= img_size -> the encoder's
+    input (1, 3, S, S). ``mirror``: a canvas the image does not fill is filled by mirroring it (numpy
+    "symmetric"), else zero-padded after normalisation (the reference)."""
     h, w = resized.shape[:2]
-    if max_upscale and max(h, w) < model.img_size:
+    if mirror and max(h, w) < model.img_size:
         resized = np.pad(resized, ((0, model.img_size - h), (0, model.img_size - w), (0, 0)), mode="symmetric")
     x = torch.tensor(resized, device=model.device).permute(2, 0, 1).contiguous()[None]  # a copy: PIL's is read-only
-    return model.preprocess(x.float()), (h, w)
+    return model.preprocess(x.float())
 
 
 class ImageNotSetError(ValueError, RuntimeError):

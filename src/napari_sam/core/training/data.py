@@ -71,11 +71,12 @@ def check_pair(image: np.ndarray, labels: np.ndarray, name: str = "image",
 
 
 def resize_pair(image: np.ndarray, labels: np.ndarray, img_size: int, name: str = "", group: str = "",
-                denoise: float = 0.0) -> Sample:
-    """Resize a validated pair so the longest side is ``img_size`` (image bilinear, labels nearest); ``denoise``
-    smooths the image first, as the model's preprocessing does at inference."""
+                denoise: float = 0.0, max_upscale: float | None = None) -> Sample:
+    """Resize a validated pair so the longest side is ``img_size`` (image bilinear, labels nearest), or less when
+    that would enlarge it more than ``max_upscale`` times; ``denoise`` smooths the image first. Both as the
+    model's preprocessing does at inference."""
     rgb, lab = check_pair(image, labels, name or "image", denoise)
-    small = ResizeLongestSide(img_size).apply_image(rgb)
+    small = ResizeLongestSide(img_size, max_upscale).apply_image(rgb)
     h, w = small.shape[:2]
     if (h, w) != lab.shape:
         lab = np.asarray(Image.fromarray(lab).resize((w, h), Image.NEAREST)).astype(np.int32)
@@ -137,7 +138,8 @@ def read_split(csv_path: str | Path, split: str | None = None) -> list[dict[str,
 
 
 def load_split_folder(root: str | Path, split: str | None, img_size: int, limit: int | None = None,
-                      csv_path: str | Path | None = None, denoise: float = 0.0) -> list[Sample]:
+                      csv_path: str | Path | None = None, denoise: float = 0.0,
+                      max_upscale: float | None = None) -> list[Sample]:
     """dsb2018_full layout: ``root/images/<id>.png``, ``root/labels/<id>.tif``, ``root/split.csv``.
 
     ``group`` is the CSV's ``modality``. ``limit`` keeps n rows taken round-robin over the modalities (each
@@ -160,20 +162,22 @@ def load_split_folder(root: str | Path, split: str | None, img_size: int, limit:
         if not lab_p.is_file():
             raise DataError(f"label file {lab_p} is missing for image {img_p.name}")
         out.append(resize_pair(read_array(img_p), read_array(lab_p), img_size, r["id"], r.get("modality", ""),
-                               denoise))
+                               denoise, max_upscale))
     return out
 
 
-def load_folder(images: str | Path, labels: str | Path | None, img_size: int, denoise: float = 0.0) -> list[Sample]:
+def load_folder(images: str | Path, labels: str | Path | None, img_size: int, denoise: float = 0.0,
+                max_upscale: float | None = None) -> list[Sample]:
     """Folder of pairs (see :func:`pairs_from_folder`) -> resized samples (group = "")."""
     pairs = pairs_from_folder(images, labels)
-    return [resize_pair(read_array(i), read_array(lab), img_size, i.stem, denoise=denoise) for i, lab in pairs]
+    return [resize_pair(read_array(i), read_array(lab), img_size, i.stem, "", denoise, max_upscale)
+            for i, lab in pairs]
 
 
 def from_arrays(images: list[np.ndarray] | np.ndarray, labels: list[np.ndarray] | np.ndarray,
-                img_size: int, denoise: float = 0.0) -> list[Sample]:
+                img_size: int, denoise: float = 0.0, max_upscale: float | None = None) -> list[Sample]:
     """In-memory pairs (e.g. a napari Image layer and its Labels layer): 2D each, or stacks of 2D slices.
-    ``denoise``: Gaussian sigma in image pixels applied to each 2D image or slice (the model's preprocessing).
+    ``denoise``, ``max_upscale``: the model's preprocessing (see :func:`resize_pair`).
 
     Slices whose labels are empty are skipped; raises if none has an object.
     """
@@ -188,10 +192,10 @@ def from_arrays(images: list[np.ndarray] | np.ndarray, labels: list[np.ndarray] 
         if lab.ndim == 3 and not rgb_like:  # stack of slices
             if im.shape[: 1] != lab.shape[:1]:
                 raise DataError(f"image stack {im.shape} and label stack {lab.shape} differ in length")
-            out += [resize_pair(i2, l2, img_size, f"{k}:{z}", denoise=denoise)
+            out += [resize_pair(i2, l2, img_size, f"{k}:{z}", "", denoise, max_upscale)
                     for z, (i2, l2) in enumerate(zip(im, lab)) if l2.any()]
         else:
-            out.append(resize_pair(im, lab, img_size, str(k), denoise=denoise))
+            out.append(resize_pair(im, lab, img_size, str(k), "", denoise, max_upscale))
     if not out:
         raise DataError("no labelled object found: commit at least one object to the Labels layer first")
     return out

@@ -11,7 +11,7 @@ from dataclasses import replace
 
 import numpy as np
 
-from ..image import denoise_of
+from ..image import denoise_of, max_upscale_of
 from ..modeling.sam import Sam
 from .data import from_arrays
 from .trainer import TrainConfig, Trainer
@@ -30,10 +30,10 @@ def finetune_iter(model: Sam, images: list[np.ndarray] | np.ndarray, labels: lis
     without labels are skipped). Yields {"phase": "embedding", "done", "total"} while images are embedded,
     then {"phase": "train", "step", "total", "loss", ...} after every step. Close the generator to cancel;
     the model keeps the weights of the last finished step and is left in eval mode.
-    Raises :class:`~napari_sam.core.training.data.DataError` for bad or empty labels. A model with a ``denoise``
-    sigma is trained on images smoothed the same way.
+    Raises :class:`~napari_sam.core.training.data.DataError` for bad or empty labels. The images are prepared with
+    the model's preprocessing (``denoise``, ``max_upscale``), as at inference.
     """
-    samples = from_arrays(images, labels, model.img_size, denoise=denoise_of(model))  # as the model will see them
+    samples = from_arrays(images, labels, model.img_size, denoise_of(model), max_upscale_of(model))  # as at inference
     cfg = replace(FINETUNE_DEFAULTS, mode=mode, steps=steps, lr=FINETUNE_DEFAULTS.lr if lr is None else lr,
                   seed=seed, augment=mode != "decoder", **overrides)
     yield {"phase": "embedding", "done": 0, "total": len(samples)}

@@ -27,7 +27,9 @@ import torch
 import torch.nn.functional as F
 
 from ..build import build_sam, load_model, save_checkpoint
+from ..image import max_upscale_of
 from ..modeling.sam import Sam
+from ..predictor import canvas_input
 from .data import Sample
 from .losses import mask_iou, roi_weight, sam_loss
 from .simulate import (corrective_clicks, far_points, mask_boxes, nearest_neighbours, noisy_boxes, sample_points,
@@ -104,8 +106,8 @@ def _logits_at(low: torch.Tensor, r: int) -> torch.Tensor:
 
 
 def _to_input(model: Sam, image: np.ndarray) -> torch.Tensor:
-    x = torch.from_numpy(np.require(image, requirements=["C", "W"])).permute(2, 0, 1)[None].float().to(model.device)
-    return model.preprocess(x)
+    """A resized sample image -> encoder input, padded as at inference (mirrored with the model's max_upscale)."""
+    return canvas_input(model, image, mirror=bool(max_upscale_of(model)))
 
 
 def _pad_labels(labels: np.ndarray, size: int) -> np.ndarray:

@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
+from ..image import max_upscale_of
+from ..predictor import canvas_input
 from .data import Sample
 
 
@@ -39,8 +41,7 @@ def quick_eval(model, samples: list[Sample], max_objects: int = 8) -> dict:
     for s in samples:
         ids = s.ids[:max_objects]
         h, w = s.labels.shape
-        x = torch.from_numpy(np.array(s.image)).permute(2, 0, 1)[None].float().to(dev)
-        emb = model.image_encoder(model.preprocess(x))
+        emb = model.image_encoder(canvas_input(model, s.image, mirror=bool(max_upscale_of(model))))
         pe = model.prompt_encoder.get_dense_pe()
         gt = torch.from_numpy(s.labels).to(dev)[None] == torch.as_tensor(ids, device=dev)[:, None, None]
         rows, cols = np.nonzero(gt.any(2).cpu().numpy()), np.nonzero(gt.any(1).cpu().numpy())
