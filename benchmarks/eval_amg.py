@@ -88,7 +88,21 @@ def tune(gen, images, min_area_choices=(0, 16, 48)) -> dict:
                         best = (f1, dict(pred_iou_thresh=piou, stability_score_thresh=stab, box_nms_thresh=nms,
                                          min_object_area=ma))
     print(f"tuned on {len(images)} val images: F1@0.5 {best[0]:.4f} with {best[1]}", file=sys.stderr)
-    return best[1]
+    return {**best[1], "F1@0.5": best[0]}
+
+
+def store_thresholds(path: Path, params: dict, source: str) -> None:
+    """Write tuned live thresholds into a checkpoint's metadata (``amg_thresholds``), atomically."""
+    import torch
+
+    obj = torch.load(path, map_location="cpu", weights_only=False)
+    obj["amg_thresholds"] = {k: float(params[k]) for k in ("pred_iou_thresh", "stability_score_thresh",
+                                                             "box_nms_thresh")}
+    obj["amg_thresholds_source"] = source
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(obj, tmp)
+    tmp.replace(path)
+    print(f"stored {obj['amg_thresholds']} in {path}", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -99,6 +113,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reference-limit", type=int, default=0, help="also run Meta's generator on the first N")
     ap.add_argument("--tune-on", default=None, help="split to tune live thresholds on (e.g. val), never test")
     ap.add_argument("--tune-limit", type=int, default=16)
+    ap.add_argument("--store-thresholds", type=Path, default=None,
+                    help="write the tuned thresholds into this checkpoint's metadata (e.g. the built-in model file)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", default=None, help="write the results here")
     args = ap.parse_args(argv)
@@ -119,6 +135,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.tune_on:
         ours_params = tune(AutomaticMaskGenerator(model, pred_iou_thresh=0.3, stability_score_thresh=0.5),
                            load_split(args.tune_on, args.tune_limit))
+        f1 = ours_params.pop("F1@0.5")
+        if args.store_thresholds:
+            store_thresholds(args.store_thresholds, ours_params, f"benchmarks/eval_amg.py tune() on the first "
+                             f"{args.tune_limit} dsb2018_full {args.tune_on} images: F1@0.5 {f1:.3f}")
     min_area = ours_params.pop("min_object_area")
     ours_th = {**REF_DEFAULTS, **ours_params}
     ours_th.pop("points_per_side")

@@ -74,7 +74,7 @@ def evaluate(model, strategies, min_voxels: int, cache, log=print, limit: int | 
     from napari_sam.core.predictor import SamPredictor
     from napari_sam.core.propagation import choose_seed, iter_propagate_masks
 
-    out = {"results": {}, "slices": {}, "times": {}, "seed_iou": []}
+    out = {"results": {}, "slices": {}, "times": {}, "seed_iou": [], "crops": {}}
     volumes = []
     for vid in crops:
         vol, gt = imread(DATA / f"{vid}_crop_image.tif"), imread(DATA / f"{vid}_crop_label.tif")
@@ -96,6 +96,7 @@ def evaluate(model, strategies, min_voxels: int, cache, log=print, limit: int | 
         if failed:
             log(f"{vid}: {failed} nuclei got an empty mask on their prompted slice (3D IoU 0)")
         volumes.append((vol, gt, emb, seeds, objs, failed))
+        out["crops"][vid] = len(objs) + failed  # nuclei of this crop, in order in every result list
     for name, strategy, extra in strategies:
         ious, n, t = [], 0, 0.0
         for vol, gt, emb, seeds, objs, failed in volumes:
@@ -117,13 +118,18 @@ def evaluate(model, strategies, min_voxels: int, cache, log=print, limit: int | 
 
 
 def table(out: dict) -> str:
-    rows = ["| strategy | mean 3D IoU | median | propagated slices / nucleus | ms / object-slice |",
-            "|---|---|---|---|---|"]
+    crops = out.get("crops", {})
+    rows = ["| strategy | mean 3D IoU | median | " + "".join(f"crop {c} | " for c in crops)
+            + "propagated slices / nucleus | ms / object-slice |", "|---|---|---|" + "---|" * len(crops) + "---|---|"]
     for name, ious in out["results"].items():
         n = max(len(ious), 1)
         ms = f"{1000 * out['times'][name] / out['slices'][name]:.1f}" if out["slices"][name] else "–"
-        rows.append(f"| {name} | {np.mean(ious):.3f} | {np.median(ious):.3f} | {out['slices'][name] / n:.1f} | "
-                    f"{ms} |")
+        per, start = [], 0
+        for k in crops.values():
+            per.append(f"{np.mean(ious[start:start + k]):.3f} | " if k else "– | ")
+            start += k
+        rows.append(f"| {name} | {np.mean(ious):.3f} | {np.median(ious):.3f} | {''.join(per)}"
+                    f"{out['slices'][name] / n:.1f} | {ms} |")
     return "\n".join(rows)
 
 
@@ -168,6 +174,8 @@ def main(argv=None) -> int:
             args.json.write_text(json.dumps({
                 "results": {k: [float(x) for x in v] for k, v in out["results"].items()},
                 "slices": out["slices"], "times": out["times"], "seed_iou": [float(x) for x in out["seed_iou"]],
+                "crops": out["crops"], "denoise": model.denoise, "max_upscale": model.max_upscale,
+                "seed_select": args.seed_select,
             }, indent=1))
         if final:
             print(text)

@@ -20,18 +20,26 @@ $CLI evaluate --images $D/stardist_dsb2018_2d --max-objects 40 --clicks 5 --thre
 $CLI evaluate --images $D/isbi2012_em_neurites_2d --max-objects 16 --clicks 5 --threads 2 "${M[@]}" --out $R/isbi2012.json
 $CLI evaluate --images $D/gonuclear_3d_nuclei --slices 10 --max-objects 8 --clicks 5 \
     --name "gonuclear_3d_nuclei (every 10th z slice)" --threads 2 "${M[@]}" --out $R/gonuclear.json
+# the same noisy confocal slices smoothed first (sigma 2 px, chosen on crop 1135)
+$CLI evaluate --images $D/gonuclear_3d_nuclei --slices 10 --max-objects 8 --clicks 5 --denoise 2 \
+    --name "gonuclear_3d_nuclei (every 10th z slice), denoise 2" --threads 2 "${M[@]}" --out $R/gonuclear_denoised.json
 
 # Negative clicks (issue 4): the model alone and the annotator (negative points as hard constraints).
 $PY benchmarks/eval_negative_clicks.py --model "${MODEL:-src/napari_sam/models/builtin_nuclei.pt}" --split test \
     --threads 2 --json $R/negative_clicks.json --md $R/negative_clicks.md
 
 # Segment everything (issue 5): thresholds tuned on val, F1@0.5 on test, vs the reference's defaults.
-$PY benchmarks/eval_amg.py --tune-on val --tune-limit 16 --reference-limit 4 --threads 2 "${M[@]}" \
+# The built-in model's file keeps the tuned thresholds (segment_everything, the CLI and the widget start from them).
+STORE=()
+[ -z "$MODEL" ] && STORE=(--store-thresholds src/napari_sam/models/builtin_nuclei.pt)
+$PY benchmarks/eval_amg.py --tune-on val --tune-limit 16 --reference-limit 4 --threads 2 "${M[@]}" "${STORE[@]}" \
     --json $R/amg_dsb2018_test.json | tee $R/amg_dsb2018_test.md
 
 # 3D propagation (issue 6): mean 3D IoU per strategy on GoNuclear.
 $PY benchmarks/eval_propagation.py --threads 2 "${M[@]}" --json $R/propagation_gonuclear.json \
     --out $R/propagation_gonuclear.md
+$PY benchmarks/eval_propagation.py --threads 2 "${M[@]}" --denoise 2 --json $R/propagation_gonuclear_denoised.json \
+    --out $R/propagation_gonuclear_denoised.md
 
 # Fine-tuning on EM (issue 3, item 9).
 $PY benchmarks/finetune_isbi.py --threads 2 "${M[@]}" --out $R/isbi_finetune
