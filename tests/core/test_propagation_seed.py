@@ -1,0 +1,82 @@
+"""Which of the 3 candidates of a one-click prompt starts a 3D object (propagation.choose_seed), on the real GoNuclear
+crop 1135 with the trained built-in model (denoise 2): agreement with the neighbouring slices must pick better seeds
+than the predicted IoU, and propagate_object must start from the chosen one."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import data_dir, read_image
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+@pytest.fixture(scope="module")
+def crop():
+    from napari_sam.core import load_model
+    from napari_sam.core.embedding_store import StackEmbeddings
+
+    d = data_dir("gonuclear_3d_nuclei")
+    vol, gt = read_image(d / "1135_crop_image.tif"), read_image(d / "1135_crop_label.tif")
+    model = load_model(device="cpu", denoise=2)
+    return vol, gt, model, StackEmbeddings(vol, model, cache=False)
+
+
+def _prompts(gt, min_voxels=1000):
+    """(label, z of its largest slice, (row, col) centroid there) for nuclei of >= min_voxels whose centroid is
+    inside them (the benchmark also uses the deepest pixel otherwise)."""
+    out = []
+    for lab in np.unique(gt)[1:]:
+        obj = gt == lab
+        if obj.sum() < min_voxels:
+            continue
+        z = int(np.argmax(obj.sum(axis=(1, 2))))
+        c = np.round(np.argwhere(obj[z]).mean(0))
+        if obj[z, int(c[0]), int(c[1])]:
+            out.append((int(lab), z, c))
+    return out
+
+
+def test_neighbour_agreement_picks_better_seeds(crop):
+    from napari_sam.core.evaluation import iou
+    from napari_sam.core.predictor import SamPredictor
+    from napari_sam.core.propagation import choose_seed
+
+    vol, gt, model, emb = crop
+    pred = SamPredictor(model)
+    by = {"iou": [], "consistency": []}
+    for lab, z, c in _prompts(gt):
+        pred.set_embedding(emb[z])
+        p = pred.predict(points=c[None], multimask=True)
+        for how in by:
+            k = choose_seed(pred, emb, z, p.masks, p.iou, c[None], None, how)
+            by[how].append(iou(p.masks[k], gt[z] == lab))
+            assert torch.equal(pred.get_image_embedding(), emb[z].features)  # the predictor is left on slice z
+        assert by["iou"][-1] == iou(p.masks[int(np.argmax(p.iou))], gt[z] == lab)
+    assert len(by["iou"]) >= 30
+    assert np.mean(by["consistency"]) >= np.mean(by["iou"]) + 0.02, {k: np.mean(v) for k, v in by.items()}
+
+
+def test_propagate_object_starts_from_the_chosen_seed(crop):
+    from napari_sam.core.predictor import SamPredictor
+    from napari_sam.core.propagation import choose_seed, propagate_object
+
+    vol, gt, model, emb = crop
+    lab, z, c = _prompts(gt)[0]
+    pred = SamPredictor(model)
+    pred.set_embedding(emb[z])
+    p = pred.predict(points=c[None], multimask=True)
+    for how in ("iou", "consistency"):
+        k = choose_seed(pred, emb, z, p.masks, p.iou, c[None], None, how)
+        mask, scores = propagate_object(vol, z, points=c[None], embeddings=emb, seed_select=how, max_slices=1)
+        assert np.array_equal(mask[z], p.masks[k]) and scores[z] == pytest.approx(float(p.iou[k]))
+    from napari_sam.core.embedding_store import StackEmbeddings
+
+    one = StackEmbeddings(vol[z:z + 1], model, cache=False)  # no neighbour to ask: the predicted IoU decides
+    pred.set_embedding(one[0])
+    q = pred.predict(points=c[None], multimask=True)
+    assert choose_seed(pred, one, 0, q.masks, q.iou, c[None]) == int(np.argmax(q.iou))
+    with pytest.raises(ValueError, match="seed_select"):
+        propagate_object(vol, z, points=c[None], embeddings=emb, seed_select="largest")
