@@ -88,6 +88,7 @@ class ViewerState:
     def set_denoise(self, sigma: float) -> None:
         """Smooth every image with a Gaussian of ``sigma`` image pixels before the encoder (0 = off). Embeddings
         computed with another sigma are dropped, and the widgets are told as for a model change."""
+        from ..core.build import set_denoise
         from ..core.image import check_denoise
 
         sigma = check_denoise(sigma)
@@ -95,8 +96,7 @@ class ViewerState:
             return
         self.denoise = sigma
         if self.model is not None:
-            self.model.denoise = 0.0  # set_model applies the viewer's sigma
-            self.set_model(self.model, self.model_name)
+            self.set_model(set_denoise(self.model, sigma), self.model_name)
         for cb in list(self._denoise_callbacks):
             cb(sigma)
 

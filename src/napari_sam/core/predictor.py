@@ -17,7 +17,7 @@ from .image import denoise_of, max_upscale_of, to_rgb_uint8
 from .modeling.fast_decoder import DecoderContext, decode_masks, decode_tokens, prepare_context
 from .modeling.sam import Sam
 from .prompts import boxes_rc_to_xy, rc_to_xy, validate_boxes, validate_points
-from .transforms import ResizeLongestSide, scale_coords, upsample_logits, upsample_masks
+from .transforms import ResizeLongestSide, scale_boxes, scale_coords, upsample_logits, upsample_masks
 
 
 class Prediction(NamedTuple):
@@ -173,7 +173,7 @@ class SamPredictor:
             raise ValueError("point_labels were given without points")
         if box is not None:
             bx = validate_boxes(box, emb.original_size)
-            boxes = scale_coords(boxes_rc_to_xy(bx).reshape(-1, 2, 2), emb.original_size, emb.input_size).reshape(-1, 4)
+            boxes = scale_boxes(boxes_rc_to_xy(bx), emb.original_size, emb.input_size)
             if coords is not None and boxes.shape[0] != nb:
                 if nb == 1:
                     coords = np.repeat(coords, boxes.shape[0], 0)

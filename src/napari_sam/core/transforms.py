@@ -38,6 +38,11 @@ def scale_coords(coords: np.ndarray, original_size: tuple[int, int], input_size:
     return coords
 
 
+def scale_boxes(boxes: np.ndarray, original_size: tuple[int, int], input_size: tuple[int, int]) -> np.ndarray:
+    """(B, 4) (x0, y0, x1, y1) in original pixels -> the same in input pixels (see :func:`scale_coords`)."""
+    return scale_coords(np.asarray(boxes).reshape(-1, 2, 2), original_size, input_size).reshape(-1, 4)
+
+
 class ResizeLongestSide:
     """Resize so that the longest side is ``target_length`` (at most ``max_upscale`` times the image's own;
     None: always ``target_length``, the reference); the same rule for images, points and boxes."""
@@ -62,7 +67,7 @@ class ResizeLongestSide:
 
     def apply_boxes(self, boxes: np.ndarray, original_size: tuple[int, int]) -> np.ndarray:
         """(B, 4) (x0, y0, x1, y1) -> the same in model-input pixels."""
-        return self.apply_coords(np.asarray(boxes).reshape(-1, 2, 2), original_size).reshape(-1, 4)
+        return scale_boxes(boxes, original_size, self.input_size(*original_size))
 
 
 @lru_cache(maxsize=64)
