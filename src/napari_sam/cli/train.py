@@ -57,6 +57,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_denoise_argument(p, "the fine-tuned checkpoint's, 0 from scratch; saved in the checkpoint")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--device", default="auto",
+                   help="cuda, mps or cpu (default auto: an accelerator when there is one). On an accelerator the "
+                        "training images are kept and augmented there")
     p.add_argument("--no-resume", action="store_true", help="start over even if OUT/last.pt exists")
     p.set_defaults(func=run)
 
@@ -71,7 +74,8 @@ def run(args: argparse.Namespace) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    model = make_model(args.model, args.mode)
+    model = make_model(args.model, args.mode, args.device)
+    print(f"training on {model.device}", flush=True)
     if args.denoise is not None:
         set_denoise(model, args.denoise)
     size, prep = model.img_size, dict(denoise=denoise_of(model), max_upscale=max_upscale_of(model))  # as at inference

@@ -50,15 +50,20 @@ def encoder_input(model: Sam, rgb: np.ndarray, max_upscale: float | None) -> tup
     return canvas_input(model, resized, mirror=bool(max_upscale)), resized.shape[:2]
 
 
-def canvas_input(model: Sam, resized: np.ndarray, mirror: bool) -> torch.Tensor:
-    """An image already in the input frame, (h', w', 3) uint8 with max(h', w') <= img_size -> the encoder's
-    input (1, 3, S, S). ``mirror``: a canvas the image does not fill is filled by mirroring it (numpy
-    "symmetric"), else zero-padded after normalisation (the reference)."""
+def canvas_input(model: Sam, resized: np.ndarray | torch.Tensor, mirror: bool) -> torch.Tensor:
+    """An image already in the input frame, (h', w', 3) uint8 with max(h', w') <= img_size, as a numpy array or a
+    tensor on any device -> the encoder's input (1, 3, S, S). ``mirror``: a canvas the image does not fill is
+    filled by mirroring it (numpy "symmetric"), else zero-padded after normalisation (the reference)."""
     h, w = resized.shape[:2]
+    x = resized if isinstance(resized, torch.Tensor) else torch.tensor(np.ascontiguousarray(resized))  # a copy
+    x = x.to(model.device)
     if mirror and max(h, w) < model.img_size:
-        resized = np.pad(resized, ((0, model.img_size - h), (0, model.img_size - w), (0, 0)), mode="symmetric")
-    x = torch.tensor(resized, device=model.device).permute(2, 0, 1).contiguous()[None]  # a copy: PIL's is read-only
-    return model.preprocess(x.float())
+        s = model.img_size  # numpy "symmetric" padding as an index map, so tensors and arrays pad alike
+        rows = torch.from_numpy(np.pad(np.arange(h), (0, s - h), mode="symmetric")).to(x.device)
+        cols = torch.from_numpy(np.pad(np.arange(w), (0, s - w), mode="symmetric")).to(x.device)
+        x = x[rows][:, cols]
+    x = x.permute(2, 0, 1)[None].float()
+    return model.preprocess(x)
 
 
 class ImageNotSetError(ValueError, RuntimeError):

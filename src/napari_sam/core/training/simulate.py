@@ -53,7 +53,7 @@ def noisy_boxes(masks: torch.Tensor, gen: torch.Generator, std_frac: float = 0.1
     """Tight boxes with per-coordinate Gaussian noise of std ``std_frac`` x side, clipped to +-``max_noise`` px."""
     box = mask_boxes(masks)
     side = torch.stack([box[:, 2] - box[:, 0] + 1, box[:, 3] - box[:, 1] + 1] * 2, dim=-1)
-    noise = torch.randn(box.shape, generator=gen, device=box.device) * std_frac * side
+    noise = torch.randn(box.shape, generator=gen).to(box.device) * std_frac * side  # gen: a CPU generator
     box = box + noise.clamp(-max_noise, max_noise)
     h, w = limit if limit is not None else masks.shape[1:]
     box[:, 0::2] = box[:, 0::2].clamp(0, w - 1)

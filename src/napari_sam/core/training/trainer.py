@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from ..build import build_sam, load_model, save_checkpoint
+from ..device import resolve_device
 from ..image import max_upscale_of
 from ..modeling.sam import Sam
 from ..predictor import canvas_input
@@ -67,6 +68,8 @@ class TrainConfig:
     roi_focal: bool = True  # focal loss averaged over a window around each object (see losses.roi_weight)
     loss_res: int = 128
     augment: bool = True
+    data_on_device: bool | None = None  # keep the training images on the model's device and augment them there
+    #                                     (None: when the model is on an accelerator, where the CPU would starve it)
     balance_groups: bool = True
     seed: int = 0
     ckpt_every_s: float = 300.0
@@ -81,15 +84,29 @@ def _lr_factor(frac: float, step: int, cfg: TrainConfig) -> float:
     return cfg.min_lr_frac + (1 - cfg.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * min(frac, 1.0)))
 
 
-def augment_pair(image: np.ndarray, labels: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """Random rot90, flip and intensity jitter (gain, offset, gamma) of (h, w, 3) uint8 + (h, w) labels."""
+Pair = tuple[np.ndarray, np.ndarray] | tuple[torch.Tensor, torch.Tensor]
+
+
+def augment_pair(image: np.ndarray | torch.Tensor, labels: np.ndarray | torch.Tensor,
+                 rng: np.random.Generator) -> Pair:
+    """Random rot90, flip and intensity jitter (gain, offset, gamma) of (h, w, 3) uint8 + (h, w) labels.
+
+    Numpy arrays or tensors (on any device; the same draws of ``rng``, the same result up to float rounding)."""
     k = int(rng.integers(4))
+    flip = rng.random() < 0.5
+    gamma = float(np.exp(rng.normal(0, 0.25)))
+    gain, offset = float(rng.uniform(0.75, 1.25)), float(rng.uniform(-0.08, 0.08))
+    if isinstance(image, torch.Tensor):
+        image, labels = torch.rot90(image, k, (0, 1)), torch.rot90(labels, k, (0, 1))
+        if flip:
+            image, labels = image.flip(1), labels.flip(1)
+        x = (image.float() / 255.0) ** gamma * gain + offset
+        return (x.clamp(0, 1) * 255).to(torch.uint8), labels.contiguous()
     image, labels = np.rot90(image, k), np.rot90(labels, k)
-    if rng.random() < 0.5:
+    if flip:
         image, labels = image[:, ::-1], labels[:, ::-1]
-    x = image.astype(np.float32) / 255.0
-    x = x ** float(np.exp(rng.normal(0, 0.25)))
-    x = x * float(rng.uniform(0.75, 1.25)) + float(rng.uniform(-0.08, 0.08))
+    x = (image.astype(np.float32) / 255.0) ** gamma
+    x = x * gain + offset
     image = (np.clip(x, 0, 1) * 255).astype(np.uint8)
     return np.ascontiguousarray(image), np.ascontiguousarray(labels)
 
@@ -105,14 +122,15 @@ def _logits_at(low: torch.Tensor, r: int) -> torch.Tensor:
     return low if low.shape[-1] == r else F.interpolate(low, size=(r, r), mode="bilinear", align_corners=False)
 
 
-def _to_input(model: Sam, image: np.ndarray) -> torch.Tensor:
+def _to_input(model: Sam, image: np.ndarray | torch.Tensor) -> torch.Tensor:
     """A resized sample image -> encoder input, padded as at inference (mirrored with the model's max_upscale)."""
     return canvas_input(model, image, mirror=bool(max_upscale_of(model)))
 
 
-def _pad_labels(labels: np.ndarray, size: int) -> np.ndarray:
-    out = np.zeros((size, size), np.int32)
-    out[: labels.shape[0], : labels.shape[1]] = labels
+def _pad_labels(labels: np.ndarray | torch.Tensor, size: int, device: torch.device) -> torch.Tensor:
+    """(h, w) labels -> (size, size) int32 on ``device``, zero-padded at the bottom and right."""
+    out = torch.zeros((size, size), dtype=torch.int32, device=device)
+    out[: labels.shape[0], : labels.shape[1]] = torch.as_tensor(labels, device=device)
     return out
 
 
@@ -157,6 +175,12 @@ class Trainer:
         groups = sorted({s.group for s in samples})
         self.groups = {g: [i for i, s in enumerate(samples) if s.group == g] for g in groups}
         self._embeddings: dict[int, torch.Tensor] = {}
+        self._areas = [np.bincount(s.labels.ravel(), minlength=int(s.ids.max()) + 1)[s.ids] for s in samples]
+        on_dev = cfg.data_on_device if cfg.data_on_device is not None else model.device.type != "cpu"
+        self._on_device: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+        if on_dev and cfg.mode != "decoder":
+            self._on_device = [(torch.tensor(np.ascontiguousarray(s.image)).to(model.device),
+                                torch.from_numpy(s.labels).to(model.device)) for s in samples]
         if cfg.mode == "decoder":
             self._cache_embeddings()
 
@@ -217,9 +241,10 @@ class Trainer:
                 out.append(int(self.rng.integers(len(self.samples))))
         return out
 
-    def _objects(self, labels: np.ndarray, ids: np.ndarray) -> np.ndarray:
-        areas = np.bincount(labels.ravel(), minlength=int(ids.max()) + 1)[ids]
-        ok = ids[areas >= self.cfg.min_object_px]
+    def _objects(self, i: int) -> np.ndarray:
+        """Up to ``objects_per_image`` random ids of sample ``i`` (those of at least ``min_object_px`` pixels)."""
+        ids = self.samples[i].ids
+        ok = ids[self._areas[i] >= self.cfg.min_object_px]
         if ok.size == 0:
             ok = ids
         k = min(self.cfg.objects_per_image, ok.size)
@@ -233,12 +258,12 @@ class Trainer:
         imgs, gts, owner, pairs, pads = [], [], [], [], []
         for j, i in enumerate(idx):
             s = self.samples[i]
-            image, labels = s.image, s.labels
+            image, labels = self._on_device[i] if self._on_device is not None else (s.image, s.labels)
             if cfg.augment and cfg.mode != "decoder":
                 image, labels = augment_pair(image, labels, self.rng)
-            ids = self._objects(labels, s.ids)
+            ids = self._objects(i)
             pairs.append((labels, ids))
-            lab = torch.from_numpy(_pad_labels(labels, self.img_size)).to(dev)
+            lab = _pad_labels(labels, self.img_size, dev)
             pads.append(lab)
             gts.append(lab[None] == torch.as_tensor(ids, device=dev)[:, None, None])
             owner += [j] * len(ids)
@@ -247,8 +272,9 @@ class Trainer:
         owner_t = torch.as_tensor(owner, device=dev)
         edit = cfg.edit_prob > 0 and self.rng.random() < cfg.edit_prob
         if edit:  # the neighbour of each object (0: none near), from the same augmented labels
-            nb = torch.cat([torch.as_tensor(nearest_neighbours(lab_np, ids_j, cfg.min_object_px))
-                            for lab_np, ids_j in pairs]).to(dev)
+            nb = torch.cat([torch.as_tensor(nearest_neighbours(np.asarray(torch.as_tensor(lab_j).cpu()), ids_j,
+                                                               cfg.min_object_px))
+                            for lab_j, ids_j in pairs]).to(dev)
             nb_mask = (torch.stack(pads)[owner_t] == nb[:, None, None]) & (nb[:, None, None] > 0)
         if cfg.mode == "decoder":
             emb = torch.cat([self._embeddings[i] for i in idx]).to(dev)
@@ -383,7 +409,7 @@ class Trainer:
         losses = []
         for i, s in enumerate(self.samples):
             ids = s.ids[: max_objects or self.cfg.objects_per_image]
-            lab = torch.from_numpy(_pad_labels(s.labels, self.img_size)).to(dev)
+            lab = _pad_labels(s.labels, self.img_size, dev)
             gt = lab[None] == torch.as_tensor(ids, device=dev)[:, None, None]
             emb = self._embeddings[i].to(dev) if i in self._embeddings else \
                 model.image_encoder(_to_input(model, s.image))
@@ -485,8 +511,13 @@ class Trainer:
                 save_checkpoint(self.model, self.out_dir / "final.pt", step=self.step, **self.meta)
 
 
-def make_model(init: str, mode: str) -> Sam:
-    """``init``: a registered config name (scratch) or a model name / checkpoint path (fine-tuning)."""
+def make_model(init: str, mode: str, device: str | torch.device | None = "cpu") -> Sam:
+    """``init``: a registered config name (scratch) or a model name / checkpoint path (fine-tuning); ``device``:
+    as :func:`napari_sam.core.device.resolve_device` takes it ("auto" / None: an accelerator when there is one)."""
+    dev = resolve_device(device)
+    if dev.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True  # training tolerates TF32 and runs several times faster
+        torch.backends.cudnn.allow_tf32 = True
     if mode == "scratch":
-        return build_sam(init)
-    return load_model(init, device="cpu").train()
+        return build_sam(init).to(dev)
+    return load_model(init, device=dev).train()
