@@ -326,3 +326,22 @@ def test_training_with_images_kept_on_the_device_follows_the_array_path():
     np.testing.assert_allclose([h["loss"] for h in a.history], [h["loss"] for h in b.history], rtol=2e-3)
     for (n, p), q in zip(a.model.state_dict().items(), b.model.state_dict().values()):
         torch.testing.assert_close(p, q, rtol=1e-2, atol=1e-4, msg=n)
+
+
+def test_mixed_precision_steps_keep_fp32_weights_and_match_the_fp32_loss():
+    """``amp``: bfloat16 autocast of the forward passes (here on the CPU; the same code runs under CUDA)."""
+    samples = _real_samples(128, 2)
+    losses = []
+    for amp in (False, True):
+        torch.manual_seed(0)
+        model = build_sam(SMALL)
+        before = [p.detach().clone() for p in model.parameters()]
+        cfg = TrainConfig(mode="scratch", steps=1, objects_per_image=3, max_click_iters=2, click_prob=1.0,
+                          warmup_steps=1, amp=amp, augment=False)
+        tr = Trainer(model, samples, cfg)
+        model.train()
+        losses.append(tr.train_step()["loss"])
+        assert all(p.dtype == torch.float32 for p in model.parameters())
+        assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))  # it stepped
+    assert losses[1] != losses[0]  # bfloat16 arithmetic did run
+    assert np.isfinite(losses[1]) and abs(losses[1] - losses[0]) < 0.05 * abs(losses[0]), losses

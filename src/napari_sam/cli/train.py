@@ -57,6 +57,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_denoise_argument(p, "the fine-tuned checkpoint's, 0 from scratch; saved in the checkpoint")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--amp", action="store_true",
+                   help="mixed precision: bfloat16 autocast of the forward passes, fp32 weights and losses (GPU)")
     p.add_argument("--device", default="auto",
                    help="cuda, mps or cpu (default auto: an accelerator when there is one). On an accelerator the "
                         "training images are kept and augmented there")
@@ -91,7 +93,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = TrainConfig(mode=args.mode, steps=args.steps, max_minutes=args.max_minutes, lr=args.lr,
                       warmup_steps=args.warmup, images_per_step=args.images_per_step, objects_per_image=args.objects,
                       max_click_iters=args.click_iters, grad_all_iters=args.grad_all_iters,
-                      edit_prob=args.edit_prob, encoder_lr_mult=args.encoder_lr_mult,
+                      edit_prob=args.edit_prob, amp=args.amp, encoder_lr_mult=args.encoder_lr_mult,
                       point_prob=args.point_prob, click_prob=args.click_prob, focal_ramp_steps=args.focal_ramp,
                       focal_start_iou=args.focal_start_iou, focal_balanced=args.focal_balanced,
                       pixel_loss=args.pixel_loss, seed=args.seed, eval_every_s=60 * args.eval_every_min,

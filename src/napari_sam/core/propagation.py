@@ -53,7 +53,7 @@ class PropagationParams:
     converge_iou (:func:`repropagate` only): a direction ends where the new mask has this IoU with the old one."""
 
     strategy: str = "box_logits"
-    iou_threshold: float = 0.5
+    iou_threshold: float = 0.6
     overlap_threshold: float = 0.3
     min_area: int = 10
     direction: str = "both"

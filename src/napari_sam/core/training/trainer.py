@@ -68,6 +68,7 @@ class TrainConfig:
     roi_focal: bool = True  # focal loss averaged over a window around each object (see losses.roi_weight)
     loss_res: int = 128
     augment: bool = True
+    amp: bool = False  # mixed precision: bfloat16 autocast of the forward passes (GPU; also CPU), fp32 weights + losses
     data_on_device: bool | None = None  # keep the training images on the model's device and augment them there
     #                                     (None: when the model is on an accelerator, where the CPU would starve it)
     balance_groups: bool = True
@@ -280,7 +281,8 @@ class Trainer:
             emb = torch.cat([self._embeddings[i] for i in idx]).to(dev)
         else:
             x = torch.cat([_to_input(model, im) for im in imgs])
-            emb = model.image_encoder(x)
+            with self._autocast():
+                emb = model.image_encoder(x)
         emb = emb[owner_t]
         pe = model.prompt_encoder.get_dense_pe()
         if edit:
@@ -312,9 +314,11 @@ class Trainer:
             multi = it == 0 and use_point
             grad = cfg.grad_all_iters or it == 0 or it == n_iter - 1
             with torch.set_grad_enabled(grad):
-                sparse, dense = model.prompt_encoder(points=(pts, plab) if pts is not None else None, boxes=boxes,
-                                                     masks=mask_in)
-                low, iou_pred = model.mask_decoder(emb if grad else emb.detach(), pe, sparse, dense, multi)
+                with self._autocast():
+                    sparse, dense = model.prompt_encoder(points=(pts, plab) if pts is not None else None,
+                                                         boxes=boxes, masks=mask_in)
+                    low, iou_pred = model.mask_decoder(emb if grad else emb.detach(), pe, sparse, dense, multi)
+                low, iou_pred = low.float(), iou_pred.float()
                 logits = _logits_at(low, r)
                 mloss, iloss = sam_loss(logits, target, iou_pred, focal_weight=cfg.focal_weight * ramp,
                                         weight=wroi, balanced=cfg.focal_balanced,
@@ -372,8 +376,10 @@ class Trainer:
             tgt_full = first if it == 0 else second
             target = _target_at(tgt_full, r)
             pts, plab = (pts0, lab0) if it == 0 else (pts1, lab1)
-            sparse, dense = model.prompt_encoder(points=(pts, plab), boxes=None, masks=mask_in)
-            low, iou_pred = model.mask_decoder(emb, pe, sparse, dense, False)
+            with self._autocast():
+                sparse, dense = model.prompt_encoder(points=(pts, plab), boxes=None, masks=mask_in)
+                low, iou_pred = model.mask_decoder(emb, pe, sparse, dense, False)
+            low, iou_pred = low.float(), iou_pred.float()
             logits = _logits_at(low, r)
             mloss, iloss = sam_loss(logits, target, iou_pred, focal_weight=cfg.focal_weight,
                                     weight=roi_weight(target) if cfg.roi_focal else None,
@@ -386,6 +392,10 @@ class Trainer:
         self._apply(loss)
         return {"loss": float(loss.detach()), "iou_first": ious[0], "iou_last": ious[-1], "n_iter": n_iter,
                 "objects": n, "focal_ramp": 1.0, "edit": 1.0, "iou_edit": ious[-1]}
+
+    def _autocast(self) -> torch.autocast:
+        """bfloat16 autocast of a forward pass when ``cfg.amp`` (no loss scaling is needed with bfloat16)."""
+        return torch.autocast(self.model.device.type, dtype=torch.bfloat16, enabled=self.cfg.amp)
 
     def _check_finite(self, loss: torch.Tensor) -> None:
         if not torch.isfinite(loss):
