@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from napari_sam.core.build import load_model
-    from napari_sam.core.evaluation import center_point, instance_ids, iou
+    from napari_sam.core.evaluation import click_candidates
     from napari_sam.core.predictor import SamPredictor
 
     obj = torch.load(args.checkpoint, map_location="cpu", weights_only=False)
@@ -41,17 +41,10 @@ def main(argv: list[str] | None = None) -> int:
     with open(args.data / "split.csv", newline="") as f:
         rows = [r for r in csv.DictReader(f) if r["split"] == args.split]
     pred = SamPredictor(load_model(args.checkpoint, device="cpu"))
-    gt_iou, pred_iou = [], []
-    for r in rows:
-        img = iio.imread(args.data / "images" / f"{r['id']}.png")[..., :3]
-        lab = tifffile.imread(args.data / "labels" / f"{r['id']}.tif")
-        gts = [lab == i for i in instance_ids(lab, 8, 0)]
-        pred.set_image(img)
-        c = np.array([center_point(g) for g in gts], np.float64)
-        p = pred.predict(points=c[:, None], point_labels=np.ones((len(gts), 1)), multimask=True)
-        gt_iou += [[iou(m, g) for m in ms] for ms, g in zip(p.masks, gts)]
-        pred_iou += p.iou.tolist()
-    g, s = np.array(gt_iou), np.array(pred_iou)
+    pairs = [click_candidates(pred, iio.imread(args.data / "images" / f"{r['id']}.png")[..., :3],
+                              tifffile.imread(args.data / "labels" / f"{r['id']}.tif"), max_objects=8)
+             for r in rows]
+    g, s = np.concatenate([a for a, _ in pairs]), np.concatenate([b for _, b in pairs])
     n = np.arange(len(g))
     scores = {round(float(d), 2): float(g[n, (s + [0, 0, d]).argmax(1)].mean()) for d in np.arange(-0.2, 0.41, 0.01)}
     best = max(scores, key=lambda d: (scores[d], -abs(d)))

@@ -65,6 +65,19 @@ def instance_ids(labels: np.ndarray, max_objects: int | None = None, seed: int =
     return ids
 
 
+def click_candidates(predictor, image: np.ndarray, labels: np.ndarray, max_objects: int | None = None,
+                     seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """The protocol's one centre click on each instance of :func:`instance_ids`: the true IoU of each of the 3
+    candidates and their predicted IoU, both (N, 3) float64 (for ranking studies, e.g. calibration)."""
+    gts = [labels == i for i in instance_ids(labels, max_objects, seed)]
+    if not gts:
+        return np.zeros((0, 3)), np.zeros((0, 3))
+    predictor.set_image(image)
+    c = np.array([center_point(g) for g in gts], np.float64)
+    p = predictor.predict(points=c[:, None], point_labels=np.ones((len(gts), 1)), multimask=True)
+    return np.array([[iou(m, g) for m in ms] for ms, g in zip(p.masks, gts)]), p.iou.astype(np.float64)
+
+
 def evaluate_image(predictor, image: np.ndarray, labels: np.ndarray, prompts: Iterable[str] = PROMPTS,
                    n_clicks: int = 5, max_objects: int | None = None, chunk: int = 16,
                    seed: int = 0) -> dict[str, np.ndarray]:
