@@ -345,3 +345,75 @@ def test_mixed_precision_steps_keep_fp32_weights_and_match_the_fp32_loss():
         assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))  # it stepped
     assert losses[1] != losses[0]  # bfloat16 arithmetic did run
     assert np.isfinite(losses[1]) and abs(losses[1] - losses[0]) < 0.05 * abs(losses[0]), losses
+
+
+# ------------------------------------------------------------------ scale and image-quality augmentation
+def _rgb_labels(nuclei_sample):
+    image, labels = nuclei_sample
+    rgb = np.repeat(image[..., None], 3, -1) if image.ndim == 2 else np.ascontiguousarray(image[..., :3])
+    return rgb, labels.astype(np.int32)
+
+
+def _inner_areas(labels: np.ndarray) -> dict[int, int]:
+    """Areas of the objects that do not touch the border."""
+    edge = set(np.unique(np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]])))
+    ids, counts = np.unique(labels, return_counts=True)
+    return {int(i): int(c) for i, c in zip(ids, counts) if i and i not in edge}
+
+
+@pytest.mark.parametrize("factor", [0.5, 2.0])
+def test_zoom_scales_objects_and_keeps_image_and_labels_aligned(nuclei_sample, factor):
+    from napari_sam.core.training.trainer import zoom_noise_pair
+
+    rgb, labels = _rgb_labels(nuclei_sample)
+    img, lab = zoom_noise_pair(rgb, labels, np.random.default_rng(0), zoom_prob=1.0, zoom_range=(factor, factor),
+                               noise_prob=0.0)
+    h, w = labels.shape
+    assert img.dtype == np.uint8 and lab.dtype == np.int32
+    assert lab.shape == ((round(h * factor), round(w * factor)) if factor < 1 else (h, w)) == img.shape[:2]
+    before, after = _inner_areas(labels), _inner_areas(lab)
+    common = [i for i in after if i in before and before[i] >= 100]
+    assert len(common) >= 5
+    ratios = np.array([after[i] / before[i] for i in common])
+    assert abs(np.median(ratios) / factor**2 - 1) < 0.1
+    for i in common:  # each object's mean brightness moves with it: image and labels stay aligned
+        assert abs(float(img[lab == i].mean()) - float(rgb[labels == i].mean())) < 12
+
+
+def test_zoom_and_noise_give_the_same_result_on_tensors_as_on_arrays(nuclei_sample):
+    from napari_sam.core.training.trainer import zoom_noise_pair
+
+    rgb, labels = _rgb_labels(nuclei_sample)
+    changed = 0
+    for seed in range(6):
+        a_img, a_lab = zoom_noise_pair(rgb, labels, np.random.default_rng(seed), 0.7, (0.6, 1.7), 0.7)
+        t_img, t_lab = zoom_noise_pair(torch.from_numpy(rgb.copy()), torch.from_numpy(labels.copy()),
+                                       np.random.default_rng(seed), 0.7, (0.6, 1.7), 0.7)
+        assert np.array_equal(t_lab.numpy(), a_lab) and np.array_equal(t_img.numpy(), a_img)
+        changed += a_img.shape != rgb.shape or not np.array_equal(a_img, rgb)
+    assert changed >= 3
+
+
+def test_noise_changes_pixels_not_labels(nuclei_sample):
+    from napari_sam.core.training.trainer import zoom_noise_pair
+
+    rgb, labels = _rgb_labels(nuclei_sample)
+    img, lab = zoom_noise_pair(rgb, labels, np.random.default_rng(1), zoom_prob=0.0, noise_prob=1.0)
+    assert np.array_equal(lab, labels)
+    d = img.astype(float) - rgb.astype(float)
+    assert 0.5 < d.std() < 40 and abs(d.mean()) < 3
+    assert np.array_equal(img[..., 0], img[..., 1])  # grey stays grey: one noise field for every channel
+
+
+def test_training_with_zoom_samples_objects_present_after_the_zoom():
+    samples = _real_samples(128, 2)
+    cfg = TrainConfig(mode="scratch", steps=4, images_per_step=2, objects_per_image=4, warmup_steps=1, log_every=1,
+                      eval_every_s=0, zoom_prob=1.0, zoom_range=(1.7, 1.7), noise_prob=0.5, click_prob=0.0)
+    torch.manual_seed(0)
+    tr = Trainer(build_sam(SMALL), samples, cfg)
+    tr.fit()
+    assert len(tr.history) == 4 and all(np.isfinite(h["loss"]) and h["objects"] >= 2 for h in tr.history)
+    # every sampled id is present in its zoomed labels (else its target would be empty and its IoU 0)
+    lab = np.zeros((60, 60), np.int32)
+    lab[5:15, 5:15], lab[40:58, 40:58] = 3, 7
+    assert set(tr._objects_in(lab)) == {3, 7}

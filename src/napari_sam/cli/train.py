@@ -51,6 +51,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="class-balanced focal term (object and background halves; no alpha)")
     p.add_argument("--focal-start-iou", type=float, default=0.0,
                    help="start the focal ramp only once the running first-prompt IoU reaches this (0: at step 0)")
+    p.add_argument("--zoom-prob", type=float, default=0.0,
+                   help="share of training images zoomed by a random factor in [0.6, 1.7] (scale augmentation)")
+    p.add_argument("--noise-prob", type=float, default=0.0,
+                   help="share of training images blurred and given Gaussian noise (image-quality augmentation)")
     p.add_argument("--eval-every-min", type=float, default=10.0)
     p.add_argument("--log-every", type=int, default=20)
     p.add_argument("--ckpt-every-min", type=float, default=5.0)
@@ -96,7 +100,8 @@ def run(args: argparse.Namespace) -> int:
                       edit_prob=args.edit_prob, amp=args.amp, encoder_lr_mult=args.encoder_lr_mult,
                       point_prob=args.point_prob, click_prob=args.click_prob, focal_ramp_steps=args.focal_ramp,
                       focal_start_iou=args.focal_start_iou, focal_balanced=args.focal_balanced,
-                      pixel_loss=args.pixel_loss, seed=args.seed, eval_every_s=60 * args.eval_every_min,
+                      pixel_loss=args.pixel_loss, seed=args.seed,
+                      zoom_prob=args.zoom_prob, noise_prob=args.noise_prob, eval_every_s=60 * args.eval_every_min,
                       log_every=args.log_every, ckpt_every_s=60 * args.ckpt_every_min)
     meta = {"command": "napari-sam " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
             "data": f"{args.images} split={args.split if args.split_csv else 'all'}", "train_config": vars(cfg)}

@@ -68,6 +68,9 @@ class TrainConfig:
     roi_focal: bool = True  # focal loss averaged over a window around each object (see losses.roi_weight)
     loss_res: int = 128
     augment: bool = True
+    zoom_prob: float = 0.0  # share of images zoomed by a log-uniform factor in zoom_range (see zoom_noise_pair)
+    zoom_range: tuple[float, float] = (0.6, 1.7)
+    noise_prob: float = 0.0  # share of images blurred (sigma <= 1.5 px) and given Gaussian noise (std <= 0.08)
     amp: bool = False  # mixed precision: bfloat16 autocast of the forward passes (GPU; also CPU), fp32 weights + losses
     data_on_device: bool | None = None  # keep the training images on the model's device and augment them there
     #                                     (None: when the model is on an accelerator, where the CPU would starve it)
@@ -110,6 +113,53 @@ def augment_pair(image: np.ndarray | torch.Tensor, labels: np.ndarray | torch.Te
     x = x * gain + offset
     image = (np.clip(x, 0, 1) * 255).astype(np.uint8)
     return np.ascontiguousarray(image), np.ascontiguousarray(labels)
+
+
+def zoom_noise_pair(image: np.ndarray | torch.Tensor, labels: np.ndarray | torch.Tensor, rng: np.random.Generator,
+                    zoom_prob: float = 0.5, zoom_range: tuple[float, float] = (0.6, 1.7),
+                    noise_prob: float = 0.3) -> Pair:
+    """Scale and image-quality augmentation of an (h, w, 3) uint8 image + (h, w) integer labels.
+
+    With probability ``zoom_prob`` a factor f, log-uniform in ``zoom_range``: f > 1 crops a random
+    (h/f, w/f) window and enlarges it back to (h, w); f < 1 shrinks the pair to (f*h, f*w) (the canvas pads it,
+    as a small image at inference). Image bilinear (antialiased when shrinking), labels nearest. With probability
+    ``noise_prob``: a Gaussian blur (sigma uniform in [0, 1.5] px) then Gaussian noise (std uniform in
+    [0.01, 0.08] of the range, the same in every channel). Numpy in, numpy out; tensors stay on their device.
+    Objects may leave the window: callers take the object ids from the returned labels."""
+    as_np = isinstance(image, np.ndarray)
+    img = torch.from_numpy(np.ascontiguousarray(image)) if as_np else image
+    lab = torch.from_numpy(np.ascontiguousarray(labels)) if as_np else labels
+    h, w = lab.shape
+    x = None
+    if rng.random() < zoom_prob:
+        lo, hi = np.log(zoom_range[0]), np.log(zoom_range[1])
+        f = float(np.exp(rng.uniform(lo, hi)))
+        if f > 1:
+            ch, cw = max(8, round(h / f)), max(8, round(w / f))
+            r0, c0 = int(rng.integers(h - ch + 1)), int(rng.integers(w - cw + 1))
+            img, lab, size = img[r0:r0 + ch, c0:c0 + cw], lab[r0:r0 + ch, c0:c0 + cw], (h, w)
+        else:
+            size = (max(8, round(h * f)), max(8, round(w * f)))
+        x = F.interpolate(img.permute(2, 0, 1)[None].float(), size=size, mode="bilinear", align_corners=False,
+                          antialias=f < 1)
+        lab = F.interpolate(lab[None, None].float(), size=size, mode="nearest-exact")[0, 0].to(lab.dtype)
+    if rng.random() < noise_prob:
+        sigma, std = float(rng.uniform(0.0, 1.5)), float(rng.uniform(0.01, 0.08))
+        gen = torch.Generator(device=img.device).manual_seed(int(rng.integers(2**31)))
+        x = img.permute(2, 0, 1)[None].float() if x is None else x
+        if sigma >= 0.3:
+            r = int(math.ceil(3 * sigma))
+            k = torch.exp(-0.5 * (torch.arange(-r, r + 1, device=x.device, dtype=torch.float32) / sigma) ** 2)
+            k = (k / k.sum()).repeat(3, 1, 1, 1)
+            if min(x.shape[-2:]) > r:
+                x = F.conv2d(F.pad(x, (r, r, 0, 0), mode="reflect"), k.view(3, 1, 1, -1), groups=3)
+                x = F.conv2d(F.pad(x, (0, 0, r, r), mode="reflect"), k.view(3, 1, -1, 1), groups=3)
+        noise = torch.randn((1, 1, *x.shape[-2:]), generator=gen, device=x.device) * (255.0 * std)
+        x = x + noise
+    if x is not None:
+        img = x[0].permute(1, 2, 0).round().clamp(0, 255).to(torch.uint8).contiguous()
+    lab = lab.contiguous()
+    return (img.numpy(), lab.numpy()) if as_np else (img, lab)
 
 
 def _target_at(masks: torch.Tensor, r: int) -> torch.Tensor:
@@ -251,6 +301,16 @@ class Trainer:
         k = min(self.cfg.objects_per_image, ok.size)
         return self.rng.choice(ok, size=k, replace=False)
 
+    def _objects_in(self, labels: np.ndarray | torch.Tensor) -> np.ndarray:
+        """Up to ``objects_per_image`` random ids present in (augmented) ``labels``, as :meth:`_objects`."""
+        counts = torch.bincount(torch.as_tensor(labels).flatten().long()).cpu().numpy()
+        counts[0] = 0
+        ids = np.flatnonzero(counts)
+        ok = ids[counts[ids] >= self.cfg.min_object_px]
+        ok = ok if ok.size else ids
+        k = min(self.cfg.objects_per_image, ok.size)
+        return self.rng.choice(ok, size=k, replace=False) if k else ok
+
     # ---------------------------------------------------------------- step
     def train_step(self) -> dict[str, float]:
         cfg, model = self.cfg, self.model
@@ -260,9 +320,16 @@ class Trainer:
         for j, i in enumerate(idx):
             s = self.samples[i]
             image, labels = self._on_device[i] if self._on_device is not None else (s.image, s.labels)
+            ids = None
             if cfg.augment and cfg.mode != "decoder":
                 image, labels = augment_pair(image, labels, self.rng)
-            ids = self._objects(i)
+                if cfg.zoom_prob > 0 or cfg.noise_prob > 0:
+                    zi, zl = zoom_noise_pair(image, labels, self.rng, cfg.zoom_prob, cfg.zoom_range, cfg.noise_prob)
+                    zids = self._objects_in(zl)
+                    if zids.size:  # (a window without objects: keep the un-zoomed pair)
+                        image, labels, ids = zi, zl, zids
+            if ids is None:
+                ids = self._objects(i)
             pairs.append((labels, ids))
             lab = _pad_labels(labels, self.img_size, dev)
             pads.append(lab)
