@@ -248,8 +248,8 @@ class Trainer:
         self.opt.load_state_dict(st["opt"])
         self.step, self.elapsed, self.best = st["step"], st["elapsed"], st["best"]
         self.rng.bit_generator.state = st["rng"]
-        self.gen.set_state(st["gen"])
-        torch.set_rng_state(st["torch_rng"])
+        self.gen.set_state(st["gen"].cpu())  # (torch.load maps every tensor to the model's device)
+        torch.set_rng_state(st["torch_rng"].cpu())
         self.history = list(st["history"])
         self.iou_ema = st.get("iou_ema", 0.0)
         self.focal_start = st.get("focal_start", 0 if self.cfg.focal_start_iou <= 0 else None)
@@ -271,7 +271,8 @@ class Trainer:
         path = Path(path) if path is not None else (self.out_dir / "last.pt" if self.out_dir else None)
         if path is None or not path.is_file():
             return False
-        self.load_state_dict(torch.load(path, map_location=self.model.device, weights_only=False))
+        # on the CPU: the RNG states must stay there; the model and the optimizer move theirs to the weights' device
+        self.load_state_dict(torch.load(path, map_location="cpu", weights_only=False))
         return True
 
     # ---------------------------------------------------------------- data
