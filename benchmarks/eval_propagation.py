@@ -30,12 +30,14 @@ RUNS = [  # most informative first: a time-boxed run (--strategies) still compar
     ("box + logits", "box_logits", {}),
     ("point", "point", {}),
     ("micro-sam default (point, stop IoU<0.5)", "microsam", {}),
+    ("micro-sam default, uncalibrated ranking", "microsam", {"select": "raw_iou"}),
     ("point + box + logits", "point_box_logits", {}),
     ("box", "box", {}),
     ("point + box", "point_box", {}),
     ("box (+10%) + logits", "box_logits", {"box_extension": 0.1}),
     ("point, candidate by overlap", "point", {"select": "overlap"}),
     ("point + logits", "point_logits", {}),
+    ("point, uncalibrated ranking", "point", {"select": "raw_iou"}),
 ]
 
 

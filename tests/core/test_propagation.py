@@ -84,6 +84,31 @@ def test_every_strategy_and_direction(volume, emb):
     assert [z for z, _, _ in up] == [3, 4, 5, 6, 7] and [z for z, _, _ in down] == [3, 2, 1, 0]
 
 
+def test_uncalibrated_ranking_undoes_the_checkpoints_candidate_bias(volume, emb, tiny_model):
+    """select="raw_iou" ranks (and scores) point-prompt candidates as the IoU head did before
+    scripts/calibrate_candidates.py added ``candidate_bias`` to it."""
+    import torch
+
+    seed = propagate_object(volume, 3, points=[[48, 48]], embeddings=emb, strategy="point", max_slices=0)[0][3]
+    run = dict(embeddings=emb, strategy="point", max_slices=2, **NO_STOP)
+    ref_labels, ref_scores = propagate_masks(volume, [{3: seed}], **run)
+    head = tiny_model.mask_decoder.iou_prediction_head.layers[-1].bias
+    saved = getattr(tiny_model, "checkpoint_meta", None)
+    try:
+        with torch.no_grad():
+            head[3] += 10.0  # token 3 = the third candidate: it now always ranks first
+        tiny_model.checkpoint_meta = {"candidate_bias": [0.0, 0.0, 10.0]}
+        raw_labels, raw_scores = propagate_masks(volume, [{3: seed}], select="raw_iou", **run)
+        cal_labels = propagate_masks(volume, [{3: seed}], select="iou", **run)[0]
+    finally:
+        with torch.no_grad():
+            head[3] -= 10.0
+        tiny_model.checkpoint_meta = saved
+    assert np.array_equal(raw_labels, ref_labels)
+    np.testing.assert_allclose(raw_scores, ref_scores, atol=1e-4)
+    assert not np.array_equal(cal_labels, ref_labels)  # the bias does change the choice
+
+
 def test_stop_rules(volume, emb):
     kw = dict(points=[[48, 48]], embeddings=emb, strategy="point")
     mask, scores = propagate_object(volume, 4, iou_threshold=1.01, **kw)  # predicted IoU never reaches it

@@ -37,6 +37,7 @@ STRATEGIES: dict[str, dict] = {
 }
 DIRECTIONS = {"both": (1, -1), "forward": (1,), "up": (1,), "backward": (-1,), "down": (-1,)}
 SEED_SELECT = ("consistency", "iou")
+SELECT = ("iou", "raw_iou", "overlap")
 SEED_REACH = 2  # choose_seed looks this many slices up and down
 
 
@@ -47,7 +48,9 @@ class PropagationParams:
     direction: "both", "forward"/"up" (+z), "backward"/"down" (-z). max_slices: at most this many slices per
     direction (None: no limit). box_extension: the box from the previous mask grows by this fraction of its
     size on each side. select: among the 3 candidates of a point-only prompt keep the one with the highest
-    predicted IoU ("iou") or the highest IoU with the previous slice's mask ("overlap"). seed_select
+    predicted IoU ("iou"), the highest predicted IoU without the checkpoint's candidate calibration
+    ("raw_iou": ``candidate_bias`` subtracted, see :func:`raw_candidate_ious`; that score is also reported and
+    stopped on), or the highest IoU with the previous slice's mask ("overlap"). seed_select
     (:func:`propagate_object` with one point, ambiguous): keep the candidate the neighbouring slices agree with
     best ("consistency", see :func:`choose_seed`) or the one with the highest predicted IoU ("iou").
     converge_iou (:func:`repropagate` only): a direction ends where the new mask has this IoU with the old one."""
@@ -78,8 +81,8 @@ def make_params(params: Mapping) -> PropagationParams:
     strategy = params.get("strategy", PropagationParams.strategy)
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown strategy {strategy!r}; choose one of {sorted(STRATEGIES)}")
-    if params.get("select", "iou") not in ("iou", "overlap"):
-        raise ValueError(f"unknown select {params['select']!r}; choose 'iou' or 'overlap'")
+    if params.get("select", "iou") not in SELECT:
+        raise ValueError(f"unknown select {params['select']!r}; choose one of {SELECT}")
     if params.get("seed_select", "consistency") not in SEED_SELECT:
         raise ValueError(f"unknown seed_select {params['seed_select']!r}; choose one of {SEED_SELECT}")
     direction = params.get("direction", PropagationParams.direction)
@@ -87,6 +90,16 @@ def make_params(params: Mapping) -> PropagationParams:
         raise ValueError(f"unknown direction {direction!r}; choose one of {sorted(DIRECTIONS)}")
     over = {k: v for k, v in STRATEGIES[strategy].items() if k in names}
     return PropagationParams(**{**over, **params})
+
+
+def raw_candidate_ious(model, ious: np.ndarray) -> np.ndarray:
+    """Predicted IoUs (..., 3) of the multimask candidates without the checkpoint's ranking calibration.
+
+    A calibrated checkpoint (scripts/calibrate_candidates.py) has ``candidate_bias`` (3 floats) added to its
+    IoU head's multimask outputs, chosen for a first click on 2D nuclei; this subtracts it (a no-op for
+    checkpoints without one)."""
+    bias = (getattr(model, "checkpoint_meta", None) or {}).get("candidate_bias")
+    return np.asarray(ious) if bias is None else np.asarray(ious) - np.asarray(bias, dtype=np.float32)
 
 
 def mask_iou(a: np.ndarray, b: np.ndarray) -> float:
@@ -187,6 +200,8 @@ def _predict_step(predictor: SamPredictor, tracks: list[_Track], spec: dict, par
     masks, ious, low = pred.masks, pred.iou, pred.low_res_logits
     if masks.ndim == 3:  # not batched (cannot happen with stacked prompts, kept for safety)
         masks, ious, low = masks[None], ious[None], low[None]
+    if multimask and params.select == "raw_iou":
+        ious = raw_candidate_ious(predictor.model, ious)
     if multimask and params.select == "overlap":
         best = np.array([np.argmax([mask_iou(m, t.mask) for m in ms]) for ms, t in zip(masks, tracks)])
     else:
