@@ -27,10 +27,10 @@ VOLUMES = ("1135", "1136")
 
 # (name, strategy, extra params): the strategies of napari_sam.core.propagation plus micro-sam's default
 RUNS = [  # most informative first: a time-boxed run (--strategies) still compares the main ones
+    ("point, uncalibrated ranking, micro-sam's stop (default)", "point_raw", {}),
     ("box + logits", "box_logits", {}),
     ("point", "point", {}),
     ("micro-sam default (point, stop IoU<0.5)", "microsam", {}),
-    ("micro-sam default, uncalibrated ranking", "microsam", {"select": "raw_iou"}),
     ("point + box + logits", "point_box_logits", {}),
     ("box", "box", {}),
     ("point + box", "point_box", {}),

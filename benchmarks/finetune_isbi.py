@@ -1,7 +1,7 @@
 """Fine-tuning shown to help: decoder-only fine-tuning of a model on 7 of the 10 ISBI 2012 EM slices,
 evaluated (point / box / 5 clicks) on the other 3 before and after. Writes JSON + a markdown table.
 
-Usage: python benchmarks/finetune_isbi.py [--model builtin|PATH] [--steps 150] [--out docs/results/isbi_finetune]
+Usage: python benchmarks/finetune_isbi.py [--model builtin|PATH] [--steps 300] [--lr 1e-4] [--out docs/results/isbi_finetune]
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--model", default=None)
     ap.add_argument("--data", default=str(DATA))
-    ap.add_argument("--steps", type=int, default=150)
-    ap.add_argument("--lr", type=float, default=3e-4)
+    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--max-objects", type=int, default=40, help="evaluated instances per test slice (seeded)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default="docs/results/isbi_finetune")

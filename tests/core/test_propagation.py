@@ -120,6 +120,15 @@ def test_stop_rules(volume, emb):
 
 
 def test_strategy_defaults_and_bad_parameters():
+    from napari_sam.core.propagation import PropagationParams
+
+    default = make_params({})
+    assert default == PropagationParams() and default.strategy == "point_raw"  # direct defaults = the strategy's
+    assert (default.select, default.iou_threshold, default.overlap_threshold) == ("raw_iou", 0.4, 0.5)
+    box = make_params({"strategy": "box_logits"})
+    assert (box.select, box.iou_threshold, box.overlap_threshold) == ("iou", 0.6, 0.3)
+    assert make_params({"strategy": "box_logits", "iou_threshold": 0.5}).iou_threshold == 0.5
+    assert make_params({"strategy": "microsam"}).select == "iou"
     assert make_params({"strategy": "microsam"}).overlap_threshold == 0.5
     assert make_params({"strategy": "microsam"}).iou_threshold == 0.0
     assert make_params({"strategy": "microsam", "overlap_threshold": 0.2}).overlap_threshold == 0.2

@@ -96,15 +96,17 @@ class FinetuneWidget(QWidget):
 
     # ------------------------------------------------------------------ UI
     def _build_ui(self) -> None:
+        from napari_sam.core.training.finetune import FINETUNE_DEFAULTS  # (torch: imported when the widget opens)
+
         self.image_combo, self.labels_combo = QComboBox(), QComboBox()
         self.steps = QSpinBox()
         self.steps.setRange(1, 100000)
-        self.steps.setValue(100)
+        self.steps.setValue(FINETUNE_DEFAULTS.steps)
         self.lr = QDoubleSpinBox()
         self.lr.setDecimals(6)
         self.lr.setRange(1e-6, 1e-1)
         self.lr.setSingleStep(1e-4)
-        self.lr.setValue(3e-4)
+        self.lr.setValue(FINETUNE_DEFAULTS.lr)
         self.mode = QComboBox()
         self.mode.addItems(["decoder", "full"])
         self.mode.setToolTip("decoder: frozen encoder, fast on a CPU; full: all weights (slow without a GPU)")
