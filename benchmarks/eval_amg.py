@@ -91,18 +91,20 @@ def tune(gen, images, min_area_choices=(0, 16, 48)) -> dict:
     return {**best[1], "F1@0.5": best[0]}
 
 
-def store_thresholds(path: Path, params: dict, source: str) -> None:
-    """Write tuned live thresholds into a checkpoint's metadata (``amg_thresholds``), atomically."""
+def store_thresholds(path: Path, params: dict, source: str, crop_n_layers: int = 0) -> None:
+    """Write tuned live thresholds (``amg_thresholds``) and the crop layers they were tuned with (``amg_settings``)
+    into a checkpoint's metadata, atomically."""
     import torch
 
     obj = torch.load(path, map_location="cpu", weights_only=False)
     obj["amg_thresholds"] = {k: float(params[k]) for k in ("pred_iou_thresh", "stability_score_thresh",
                                                              "box_nms_thresh")}
+    obj["amg_settings"] = {"crop_n_layers": int(crop_n_layers)}
     obj["amg_thresholds_source"] = source
     tmp = path.with_suffix(path.suffix + ".tmp")
     torch.save(obj, tmp)
     tmp.replace(path)
-    print(f"stored {obj['amg_thresholds']} in {path}", file=sys.stderr)
+    print(f"stored {obj['amg_thresholds']}, {obj['amg_settings']} in {path}", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -115,6 +117,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tune-limit", type=int, default=16)
     ap.add_argument("--store-thresholds", type=Path, default=None,
                     help="write the tuned thresholds into this checkpoint's metadata (e.g. the built-in model file)")
+    ap.add_argument("--crop-n-layers", type=int, default=None,
+                    help="our generator's crop layers (default: the model's recommended setting, else 0); the "
+                         "reference-parameter rows always use 0, the reference's default")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", default=None, help="write the results here")
     args = ap.parse_args(argv)
@@ -129,22 +134,26 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     model = load_model(args.model)
     images = load_split(args.split, args.limit)
-    from napari_sam.core.amg import recommended_thresholds
+    from napari_sam.core.amg import recommended_settings, recommended_thresholds
 
+    crop = recommended_settings(model).get("crop_n_layers", 0) if args.crop_n_layers is None else args.crop_n_layers
     ours_params = dict(recommended_thresholds(model), min_object_area=16)  # what segment_everything uses
     if args.tune_on:
-        ours_params = tune(AutomaticMaskGenerator(model, pred_iou_thresh=0.3, stability_score_thresh=0.5),
-                           load_split(args.tune_on, args.tune_limit))
+        ours_params = tune(AutomaticMaskGenerator(model, pred_iou_thresh=0.3, stability_score_thresh=0.5,
+                                                  crop_n_layers=crop), load_split(args.tune_on, args.tune_limit))
         f1 = ours_params.pop("F1@0.5")
         if args.store_thresholds:
             store_thresholds(args.store_thresholds, ours_params, f"benchmarks/eval_amg.py tune() on the first "
-                             f"{args.tune_limit} dsb2018_full {args.tune_on} images: F1@0.5 {f1:.3f}")
+                             f"{args.tune_limit} dsb2018_full {args.tune_on} images with {crop} crop layer(s): "
+                             f"F1@0.5 {f1:.3f}", crop)
     min_area = ours_params.pop("min_object_area")
     ours_th = {**REF_DEFAULTS, **ours_params}
     ours_th.pop("points_per_side")
     ref_th = {k: v for k, v in REF_DEFAULTS.items() if k != "points_per_side"}
-    # one model run per image serves both settings: kept outputs are re-filtered (equal to a fresh run, tested)
-    gen = AutomaticMaskGenerator(model, points_per_side=REF_DEFAULTS["points_per_side"])
+    # without crop layers one model run per image serves both settings: kept outputs are re-filtered (equal to a
+    # fresh run, tested); with them, the reference-parameter row runs its own generator without crops
+    gen = AutomaticMaskGenerator(model, points_per_side=REF_DEFAULTS["points_per_side"], crop_n_layers=crop)
+    gen_ref = gen if crop == 0 else AutomaticMaskGenerator(model, points_per_side=REF_DEFAULTS["points_per_side"])
     floors = dict(iou_floor=min(ours_th["pred_iou_thresh"], ref_th["pred_iou_thresh"]),
                   stability_floor=min(ours_th["stability_score_thresh"], ref_th["stability_score_thresh"]))
     results: dict[str, list] = {"ours": [], "ours@ref": [], "meta@ref": []}
@@ -162,11 +171,17 @@ def main(argv: list[str] | None = None) -> int:
         t = time.perf_counter()
         props = gen.propose(img, **floors)
         t_model = time.perf_counter() - t
-        for key, th, ma in (("ours", ours_th, min_area), ("ours@ref", ref_th, 0)):
+        props_ref, t_ref = props, t_model
+        if gen_ref is not gen:
             t = time.perf_counter()
-            recs = props.filter(**th)
+            props_ref = gen_ref.propose(img, **floors)
+            t_ref = time.perf_counter() - t
+        for key, th, ma, pr, tm in (("ours", ours_th, min_area, props, t_model),
+                                    ("ours@ref", ref_th, 0, props_ref, t_ref)):
+            t = time.perf_counter()
+            recs = pr.filter(**th)
             results[key].append(match_stats(gt, records_to_labels(recs, gt.shape, ma)))
-            times[key] += t_model + time.perf_counter() - t
+            times[key] += tm + time.perf_counter() - t
         if meta is not None and k < args.reference_limit:
             t = time.perf_counter()
             mrecs = meta.generate(img)
@@ -176,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[{k + 1}/{len(images)}] {name[:12]} gt {int(gt.max())}: " + ", ".join(
             f"{m} F1 {summarize(v)['F1@0.5']:.3f}" for m, v in results.items() if v), file=sys.stderr, flush=True)
     out = {"model": args.model or "built-in", "split": args.split, "ours_params": {**ours_th,
-           "min_object_area": min_area}, "reference_params": REF_DEFAULTS}
+           "min_object_area": min_area, "crop_n_layers": crop}, "reference_params": REF_DEFAULTS}
     print(f"\n| method | images | F1@0.5 | precision | recall | mean matched IoU | s / image |")
     print("|---|---|---|---|---|---|---|")
     for m, v in results.items():

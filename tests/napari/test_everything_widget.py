@@ -99,10 +99,11 @@ def test_sliders_follow_the_models_recommended_thresholds_while_the_widget_lives
     state = get_state(viewer)
     n_before = len(state._callbacks)
     _, widget = viewer.window.add_plugin_dock_widget("napari-sam", "Segment everything")
-    tiny_model.checkpoint_meta = {"amg_thresholds": {"pred_iou_thresh": 0.42}}
+    tiny_model.checkpoint_meta = {"amg_thresholds": {"pred_iou_thresh": 0.42}, "amg_settings": {"crop_n_layers": 1}}
     try:
         state.set_model(tiny_model)
         assert widget.sliders["pred_iou_thresh"].value() == pytest.approx(0.42)
+        assert widget.crop_spin.value() == 1 and widget.points_spin.value() == 32  # (points: none stored)
         assert widget.sliders["stability_score_thresh"].value() == pytest.approx(
             REFERENCE_THRESHOLDS["stability_score_thresh"])
         assert len(state._callbacks) == n_before + 1

@@ -24,7 +24,7 @@ from qtpy.QtWidgets import (
 )
 from superqt import QLabeledDoubleSlider, QLabeledSlider
 
-from ..core.amg import AutomaticMaskGenerator, recommended_thresholds
+from ..core.amg import AutomaticMaskGenerator, recommended_settings, recommended_thresholds
 from ..core.labels import records_to_labels
 from . import _layers as L
 from ._annotator_ui import bind_denoise, denoise_spin_box
@@ -81,13 +81,16 @@ class SegmentEverythingWidget(QWidget):
         self._refresh()
 
     def _use_recommended(self, model) -> None:
-        """Set the threshold sliders to the model's recommended values (None: the built-in model's)."""
+        """Set the threshold sliders, crop layers and points per side to the model's recommended values (None:
+        the built-in model's)."""
         try:
-            rec = recommended_thresholds(model)
+            rec, settings = recommended_thresholds(model), recommended_settings(model)
         except Exception:  # an unreadable built-in file: keep the reference defaults
             return
         for k, v in rec.items():
             self.sliders[k].setValue(v)
+        self.crop_spin.setValue(settings.get("crop_n_layers", 0))
+        self.points_spin.setValue(settings.get("points_per_side", 32))
 
     # ----------------------------------------------------------------- UI
     def _build_ui(self) -> None:

@@ -31,7 +31,8 @@ def add_amg_args(p: argparse.ArgumentParser) -> None:
     add_denoise_argument(p)
     p.add_argument("--device", default=None, help="cpu, cuda, mps (default: best available)")
     g = p.add_argument_group("segment-everything parameters (Meta's SamAutomaticMaskGenerator meaning)")
-    g.add_argument("--points-per-side", type=int, default=32)
+    g.add_argument("--points-per-side", type=int, default=None,
+                   help="default: the model's recommended value, else 32")
     g.add_argument("--points-per-batch", type=int, default=64)
     g.add_argument("--pred-iou-thresh", type=float, default=None,
                    help="default: the model's recommended value (built-in model), else 0.88")
@@ -40,7 +41,8 @@ def add_amg_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--stability-score-offset", type=float, default=1.0)
     g.add_argument("--box-nms-thresh", type=float, default=None,
                    help="default: the model's recommended value (built-in model), else 0.7")
-    g.add_argument("--crop-n-layers", type=int, default=0)
+    g.add_argument("--crop-n-layers", type=int, default=None,
+                   help="default: the model's recommended value (built-in model: 1), else 0")
     g.add_argument("--crop-nms-thresh", type=float, default=0.7)
     g.add_argument("--crop-overlap-ratio", type=float, default=512 / 1500)
     g.add_argument("--crop-n-points-downscale-factor", type=int, default=1)

@@ -38,6 +38,7 @@ THRESHOLDS = ("pred_iou_thresh", "stability_score_thresh", "box_nms_thresh", "cr
 
 
 REFERENCE_THRESHOLDS = {"pred_iou_thresh": 0.88, "stability_score_thresh": 0.95, "box_nms_thresh": 0.7}
+RECOMMENDABLE_SETTINGS = ("crop_n_layers", "points_per_side")
 
 
 def recommended_thresholds(model: Sam | None = None) -> dict[str, float]:
@@ -55,6 +56,21 @@ def recommended_thresholds(model: Sam | None = None) -> dict[str, float]:
         meta = getattr(model, "checkpoint_meta", None) or {}
     rec = meta.get("amg_thresholds") or {}
     return {**REFERENCE_THRESHOLDS, **{k: float(v) for k, v in rec.items() if k in REFERENCE_THRESHOLDS}}
+
+
+def recommended_settings(model: Sam | None = None) -> dict[str, int]:
+    """Generator settings a checkpoint recommends beside its thresholds (``amg_settings`` in its metadata, chosen
+    on its validation data), e.g. {"crop_n_layers": 1} for the built-in model; {} when it stores none.
+
+    ``model``: a loaded :class:`Sam`, or None for the built-in model."""
+    if model is None:
+        from .build import builtin_checkpoint_path, read_checkpoint
+
+        path = builtin_checkpoint_path()
+        meta = read_checkpoint(path)[2] if path.is_file() else {}
+    else:
+        meta = getattr(model, "checkpoint_meta", None) or {}
+    return {k: int(v) for k, v in (meta.get("amg_settings") or {}).items() if k in RECOMMENDABLE_SETTINGS}
 
 
 class AutomaticMaskGenerator:
@@ -118,10 +134,14 @@ class AutomaticMaskGenerator:
 
     @classmethod
     def for_model(cls, model: Sam | str | os.PathLike | None = None, **params) -> "AutomaticMaskGenerator":
-        """A generator with the reference's defaults, except the thresholds the model's checkpoint recommends
-        (:func:`recommended_thresholds`), except what ``params`` set. What ``segment_everything``, the CLI and
-        the widget use; the plain constructor keeps the reference's defaults exactly."""
+        """A generator with the reference's defaults, except the thresholds and settings the model's checkpoint
+        recommends (:func:`recommended_thresholds`, :func:`recommended_settings`), except what ``params`` set.
+        What ``segment_everything``, the CLI and the widget use; the plain constructor keeps the reference's
+        defaults exactly."""
         gen = cls(model, **params)
+        settings = {k: v for k, v in recommended_settings(gen.model).items() if k not in params}
+        if settings and "point_grids" not in params:
+            gen = cls(gen.model, **params, **settings)
         for k, v in recommended_thresholds(gen.model).items():
             if k not in params:
                 setattr(gen, k, v)
