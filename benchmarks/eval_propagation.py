@@ -68,7 +68,7 @@ def iou3d(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def evaluate(model, strategies, min_voxels: int, cache, log=print, limit: int | None = None,
-             on_strategy=None, crops=VOLUMES, seed_select: str = "consistency") -> dict:
+             on_strategy=None, crops=VOLUMES, seed_select: str = "iou") -> dict:
     """Embed both volumes, prompt every nucleus once, then run each strategy over all nuclei."""
     from tifffile import imread
 
@@ -148,7 +148,7 @@ def main(argv=None) -> int:
     ap.add_argument("--max-upscale", type=float, default=-1,
                     help="the most a slice is enlarged for the encoder (default: the model's; 0 = no limit)")
     ap.add_argument("--volumes", default=",".join(VOLUMES), help="comma-separated crops to use")
-    ap.add_argument("--seed-select", default="consistency", choices=("consistency", "iou"),
+    ap.add_argument("--seed-select", default="iou", choices=("consistency", "iou"),
                     help="which of the 3 candidates of the click starts the object (see propagation.choose_seed)")
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--out", type=Path, default=None, help="also write the table here, updated after each strategy")

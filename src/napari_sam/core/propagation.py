@@ -68,7 +68,7 @@ class PropagationParams:
     max_slices: int | None = None
     box_extension: float = 0.0
     select: str = "raw_iou"
-    seed_select: str = "consistency"
+    seed_select: str = "iou"
     converge_iou: float = 0.9
 
     def spec(self) -> dict:
