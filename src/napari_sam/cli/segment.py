@@ -42,7 +42,7 @@ def add_amg_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--box-nms-thresh", type=float, default=None,
                    help="default: the model's recommended value (built-in model), else 0.7")
     g.add_argument("--crop-n-layers", type=int, default=None,
-                   help="default: the model's recommended value (built-in model: 1), else 0")
+                   help="default: the model's recommended value, else 0")
     g.add_argument("--crop-nms-thresh", type=float, default=0.7)
     g.add_argument("--crop-overlap-ratio", type=float, default=512 / 1500)
     g.add_argument("--crop-n-points-downscale-factor", type=int, default=1)
