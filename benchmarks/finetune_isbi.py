@@ -1,7 +1,8 @@
 """Fine-tuning shown to help: decoder-only fine-tuning of a model on 7 of the 10 ISBI 2012 EM slices,
 evaluated (point / box / 5 clicks) on the other 3 before and after. Writes JSON + a markdown table.
 
-Usage: python benchmarks/finetune_isbi.py [--model builtin|PATH] [--steps 300] [--lr 1e-4] [--out docs/results/isbi_finetune]
+Usage: python benchmarks/finetune_isbi.py [--model builtin|PATH] [--steps 300] [--lr 1e-4]
+       [--out docs/results/isbi_finetune]
 """
 
 from __future__ import annotations

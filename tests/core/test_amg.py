@@ -154,8 +154,8 @@ def test_recommended_thresholds_come_from_the_checkpoint():
 
 def test_recommended_crop_layers_come_from_the_checkpoint(tiny_model):
     """A checkpoint can store generator settings beside its thresholds (``amg_settings``); for_model builds its point
-    grids with them unless the caller says otherwise. The built-in model stores none-but-0: one crop layer was
-    tried (val F1 0.734 vs 0.645) and not adopted (first 24 test images 0.641 vs 0.667, with 5 model views per image)."""
+    grids with them unless the caller says otherwise. The built-in model stores 0 crop layers: one was tried (val
+    F1 0.734 vs 0.645) and not adopted (first 24 test images 0.641 vs 0.667, with 5 model views per image)."""
     from napari_sam.core.amg import recommended_settings
     from napari_sam.core.build import builtin_checkpoint_path
 

@@ -47,30 +47,21 @@ def recommended_thresholds(model: Sam | None = None) -> dict[str, float]:
 
     ``model``: a loaded :class:`Sam`, or None for the built-in model (its file's metadata is read).
     """
-    if model is None:
-        from .build import builtin_checkpoint_path, read_checkpoint
+    from .build import checkpoint_meta
 
-        path = builtin_checkpoint_path()
-        meta = read_checkpoint(path)[2] if path.is_file() else {}
-    else:
-        meta = getattr(model, "checkpoint_meta", None) or {}
-    rec = meta.get("amg_thresholds") or {}
+    rec = checkpoint_meta(model).get("amg_thresholds") or {}
     return {**REFERENCE_THRESHOLDS, **{k: float(v) for k, v in rec.items() if k in REFERENCE_THRESHOLDS}}
 
 
 def recommended_settings(model: Sam | None = None) -> dict[str, int]:
     """Generator settings a checkpoint recommends beside its thresholds (``amg_settings`` in its metadata, chosen
-    on its validation data), e.g. {"crop_n_layers": 1} for the built-in model; {} when it stores none.
+    on its validation data), e.g. {"crop_n_layers": 0} for the built-in model; {} when it stores none.
 
     ``model``: a loaded :class:`Sam`, or None for the built-in model."""
-    if model is None:
-        from .build import builtin_checkpoint_path, read_checkpoint
+    from .build import checkpoint_meta
 
-        path = builtin_checkpoint_path()
-        meta = read_checkpoint(path)[2] if path.is_file() else {}
-    else:
-        meta = getattr(model, "checkpoint_meta", None) or {}
-    return {k: int(v) for k, v in (meta.get("amg_settings") or {}).items() if k in RECOMMENDABLE_SETTINGS}
+    settings = checkpoint_meta(model).get("amg_settings") or {}
+    return {k: int(v) for k, v in settings.items() if k in RECOMMENDABLE_SETTINGS}
 
 
 class AutomaticMaskGenerator:

@@ -157,6 +157,16 @@ def builtin_checkpoint_path() -> Path:
     return Path(str(resources.files("napari_sam") / "models" / BUILTIN_FILE))
 
 
+def checkpoint_meta(model: Sam | None = None) -> dict[str, Any]:
+    """The metadata a model's checkpoint file carried beside its weights (tuned thresholds, calibration, ...):
+    ``model.checkpoint_meta`` for a loaded model ({} for one built in memory), the built-in file's for None ({}
+    when that file is absent)."""
+    if model is not None:
+        return getattr(model, "checkpoint_meta", None) or {}
+    path = builtin_checkpoint_path()
+    return read_checkpoint(path)[2] if path.is_file() else {}
+
+
 def load_model(
     model: str | os.PathLike | None = None,
     checkpoint: str | os.PathLike | None = None,

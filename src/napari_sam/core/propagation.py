@@ -21,17 +21,20 @@ from dataclasses import dataclass, fields
 import numpy as np
 from scipy import ndimage
 
+from .build import checkpoint_meta
 from .embedding_store import StackEmbeddings, validate_stack
 from .predictor import SamPredictor
 
 # What the next slice is prompted with, and each strategy's own stop rule and candidate choice (make_params applies
 # them; a caller's values win). "point_raw" (the default) prompts like micro-sam and stops like it, but ranks the 3
 # candidates by the model's uncalibrated IoU head and also stops below predicted IoU 0.4 (chosen on GoNuclear crop
-# 1135 among 0 / 0.3 / 0.4 / 0.5, raw and denoised; benchmarks/eval_propagation.py); "microsam" is micro-sam's default as is (one positive point at
-# the previous mask's interior maximum, stop at IoU with the previous slice < 0.5, no predicted-IoU stop).
+# 1135 among 0 / 0.3 / 0.4 / 0.5, raw and denoised; benchmarks/eval_propagation.py). "microsam" is micro-sam's
+# default as is (one positive point at the previous mask's interior maximum, stop at IoU with the previous slice
+# < 0.5, no predicted-IoU stop).
 _BOX_STOP = dict(iou_threshold=0.6, overlap_threshold=0.3, select="iou")
 STRATEGIES: dict[str, dict] = {
-    "point_raw": dict(box=False, logits=False, point=True, overlap_threshold=0.5, iou_threshold=0.4, select="raw_iou"),
+    "point_raw": dict(box=False, logits=False, point=True, overlap_threshold=0.5, iou_threshold=0.4,
+                      select="raw_iou"),
     "box": dict(box=True, logits=False, point=False, **_BOX_STOP),
     "box_logits": dict(box=True, logits=True, point=False, **_BOX_STOP),
     "point": dict(box=False, logits=False, point=True, **_BOX_STOP),
@@ -103,7 +106,7 @@ def raw_candidate_ious(model, ious: np.ndarray) -> np.ndarray:
     A calibrated checkpoint (scripts/calibrate_candidates.py) has ``candidate_bias`` (3 floats) added to its
     IoU head's multimask outputs, chosen for a first click on 2D nuclei; this subtracts it (a no-op for
     checkpoints without one)."""
-    bias = (getattr(model, "checkpoint_meta", None) or {}).get("candidate_bias")
+    bias = checkpoint_meta(model).get("candidate_bias")
     return np.asarray(ious) if bias is None else np.asarray(ious) - np.asarray(bias, dtype=np.float32)
 
 

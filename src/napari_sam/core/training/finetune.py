@@ -24,8 +24,8 @@ FINETUNE_DEFAULTS = TrainConfig(mode="decoder", steps=300, lr=1e-4, warmup_steps
 
 
 def finetune_iter(model: Sam, images: list[np.ndarray] | np.ndarray, labels: list[np.ndarray] | np.ndarray,
-                  steps: int = FINETUNE_DEFAULTS.steps, mode: str = "decoder", lr: float | None = None, seed: int = 0,
-                  **overrides) -> Iterator[dict]:
+                  steps: int = FINETUNE_DEFAULTS.steps, mode: str = "decoder", lr: float | None = None,
+                  seed: int = 0, **overrides) -> Iterator[dict]:
     """Fine-tune ``model`` in place on (image, instance labels) pairs; yields progress records.
 
     images / labels: 2D arrays (H, W[, 3]) and (H, W) int labels, lists of them, or (Z, H, W) stacks (slices
@@ -45,6 +45,7 @@ def finetune_iter(model: Sam, images: list[np.ndarray] | np.ndarray, labels: lis
         yield {"phase": "train", **rec}
 
 
-def finetune(model: Sam, images, labels, steps: int = FINETUNE_DEFAULTS.steps, mode: str = "decoder", **kw) -> list[dict]:
+def finetune(model: Sam, images, labels, steps: int = FINETUNE_DEFAULTS.steps, mode: str = "decoder",
+             **kw) -> list[dict]:
     """Run :func:`finetune_iter` to the end; returns the per-step records."""
     return [r for r in finetune_iter(model, images, labels, steps, mode, **kw) if r["phase"] == "train"]

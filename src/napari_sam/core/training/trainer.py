@@ -248,7 +248,7 @@ class Trainer:
         self.opt.load_state_dict(st["opt"])
         self.step, self.elapsed, self.best = st["step"], st["elapsed"], st["best"]
         self.rng.bit_generator.state = st["rng"]
-        self.gen.set_state(st["gen"].cpu())  # (torch.load maps every tensor to the model's device)
+        self.gen.set_state(st["gen"].cpu())  # (a state loaded onto an accelerator: RNG states must be on the CPU)
         torch.set_rng_state(st["torch_rng"].cpu())
         self.history = list(st["history"])
         self.iou_ema = st.get("iou_ema", 0.0)
@@ -295,19 +295,19 @@ class Trainer:
 
     def _objects(self, i: int) -> np.ndarray:
         """Up to ``objects_per_image`` random ids of sample ``i`` (those of at least ``min_object_px`` pixels)."""
-        ids = self.samples[i].ids
-        ok = ids[self._areas[i] >= self.cfg.min_object_px]
-        if ok.size == 0:
-            ok = ids
-        k = min(self.cfg.objects_per_image, ok.size)
-        return self.rng.choice(ok, size=k, replace=False)
+        return self._pick(self.samples[i].ids, self._areas[i])
 
     def _objects_in(self, labels: np.ndarray | torch.Tensor) -> np.ndarray:
         """Up to ``objects_per_image`` random ids present in (augmented) ``labels``, as :meth:`_objects`."""
         counts = torch.bincount(torch.as_tensor(labels).flatten().long()).cpu().numpy()
         counts[0] = 0
         ids = np.flatnonzero(counts)
-        ok = ids[counts[ids] >= self.cfg.min_object_px]
+        return self._pick(ids, counts[ids])
+
+    def _pick(self, ids: np.ndarray, areas: np.ndarray) -> np.ndarray:
+        """Up to ``objects_per_image`` of ``ids`` at random, among those of at least ``min_object_px`` pixels
+        (all of them when none is that large)."""
+        ok = ids[areas >= self.cfg.min_object_px]
         ok = ok if ok.size else ids
         k = min(self.cfg.objects_per_image, ok.size)
         return self.rng.choice(ok, size=k, replace=False) if k else ok
