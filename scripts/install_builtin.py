@@ -5,7 +5,9 @@ Usage: python scripts/install_builtin.py runs/nsam_t_wbce/best.pt
 Checks that the fp16 copy predicts like the float32 original (same quick validation on the val subset)
 before replacing the shipped file. The file also records ``max_upscale``: the most the training images were
 enlarged to fill the model's input (512 / the smallest long side of the train split), so that smaller images
-are shown to the model at a scale it was trained on (see napari_sam.set_max_upscale).
+are shown to the model at a scale it was trained on (see napari_sam.set_max_upscale), and ``zoom_window``: that
+smallest long side, so that small objects of larger images are decoded from a window of that size shown at the same
+scale (see napari_sam.set_zoom_window).
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     model.load_state_dict(sd)
     model.eval()
     meta["max_upscale"] = round(model.img_size / smallest, 3)
+    meta["zoom_window"] = int(smallest)
     val = load_split_folder(args.data, "val", model.img_size, limit=args.val_limit)
     ref = quick_eval(model, val)
     out = builtin_checkpoint_path()

@@ -16,6 +16,7 @@ _LAZY = {
     "save_checkpoint": "napari_sam.core.build",
     "set_denoise": "napari_sam.core.build",
     "set_max_upscale": "napari_sam.core.build",
+    "set_zoom_window": "napari_sam.core.build",
     "SamPredictor": "napari_sam.core.predictor",
     "AutomaticMaskGenerator": "napari_sam.core.amg",
     "segment_everything": "napari_sam.core.amg",

@@ -28,7 +28,7 @@ class OraclePredictor:
         m = self.labels == inst
         return ndimage.binary_erosion(m, iterations=self.erode) if self.erode else m
 
-    def predict(self, points=None, point_labels=None, box=None, mask_input=None, multimask=True):
+    def predict(self, points=None, point_labels=None, box=None, mask_input=None, multimask=True, mask_windows=None):
         self.calls.append((None if points is None else np.array(points), box, mask_input is not None))
         if points is not None:
             first = np.asarray(points)[:, 0].astype(int)  # the first (centre) point names the object

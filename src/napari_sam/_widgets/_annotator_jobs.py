@@ -92,10 +92,10 @@ class AnnotatorJobs:
             return
         self._pending = False
         r = self.result
-        mask_input = None
+        mask_input = mask_window = None
         if (self.ui.refine_check.isChecked() and r is not None and not r.batch and not self.ui.batch_check.isChecked()
                 and r.prompts is not None and prompts.extends(r.prompts)):
-            mask_input = r.logits[r.choice]
+            mask_input, mask_window = r.logits[r.choice], r.window
         version, batch, model = self._version, self.ui.batch_check.isChecked(), self.state.model
         enforce = self.ui.enforce_check.isChecked()
 
@@ -104,7 +104,7 @@ class AnnotatorJobs:
 
             p = SamPredictor(model)
             p.set_embedding(emb)
-            res = ann.predict(p, prompts, mask_input, batch, enforce_negatives=enforce)
+            res = ann.predict(p, prompts, mask_input, batch, enforce_negatives=enforce, mask_window=mask_window)
             return res, res.preview()
 
         self._predict_worker = run_in_thread(

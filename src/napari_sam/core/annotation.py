@@ -129,7 +129,9 @@ class Prompts:
 @dataclass
 class Result:
     """A prediction on one plane. Single mode: ``masks`` bool (K, H, W) candidates (K = 3 for an ambiguous
-    prompt, else 1), ``iou`` (K,), ``logits`` (K, L, L). Batch mode: one mask per object (B, H, W)."""
+    prompt, else 1), ``iou`` (K,), ``logits`` (K, L, L). Batch mode: one mask per object (B, H, W).
+    ``window``: the zoom window (4,) whose frame ``logits`` are in (single mode; None: the whole image), to pass
+    back with them as ``mask_window``."""
 
     masks: np.ndarray
     iou: np.ndarray
@@ -137,6 +139,7 @@ class Result:
     batch: bool = False
     prompts: Prompts | None = None
     choice: int = 0
+    window: np.ndarray | None = None
 
     @property
     def mask(self) -> np.ndarray:
@@ -197,13 +200,14 @@ def enforce_negative_points(mask: np.ndarray, points: np.ndarray, labels: np.nda
 
 
 def predict(predictor: SamPredictor, prompts: Prompts, mask_input: np.ndarray | None = None,
-            batch: bool = False, enforce_negatives: bool = True) -> Result:
+            batch: bool = False, enforce_negatives: bool = True, mask_window: np.ndarray | None = None) -> Result:
     """Run the decoder for ``prompts`` on the predictor's current embedding.
 
     Single mode: all points (positive and negative) and at most one box describe ONE object; a lone
     point gives 3 candidates (ambiguity), otherwise 1; ``mask_input`` (L, L) logits refine it. With
     ``enforce_negatives`` (default) a negative point is a hard constraint: what it marks inside a candidate
     mask is taken out (:func:`enforce_negative_points`); ``logits`` and ``iou`` stay the model's.
+    ``mask_window``: the previous result's ``window`` when ``mask_input`` is its logits (zoomed decoding).
     Batch mode: every box and every positive point is its own object (negative points are ignored).
     """
     if prompts.empty:
@@ -233,11 +237,12 @@ def predict(predictor: SamPredictor, prompts: Prompts, mask_input: np.ndarray | 
         box=prompts.boxes[0] if len(prompts.boxes) else None,
         mask_input=mask_input,
         multimask=multimask,
+        mask_windows=mask_window if mask_input is not None else None,
     )
     masks = r.masks
     if enforce_negatives and (prompts.labels == 0).any():
         masks = np.stack([enforce_negative_points(m, prompts.points, prompts.labels) for m in masks])
-    return Result(masks, r.iou, r.low_res_logits, False, prompts, int(np.argmax(r.iou)))
+    return Result(masks, r.iou, r.low_res_logits, False, prompts, int(np.argmax(r.iou)), r.windows)
 
 
 # ------------------------------------------------------------------------------------------------ labels

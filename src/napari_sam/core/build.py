@@ -15,6 +15,7 @@ from .checkpoints import CHECKPOINTS, CheckpointError, get_checkpoint
 from .config import MODEL_CONFIGS, SamConfig, get_config
 from .device import resolve_device
 from .image import check_denoise, check_max_upscale
+from .zoom import check_zoom_window
 from .modeling.image_encoder import ImageEncoderViT
 from .modeling.mask_decoder import MaskDecoder
 from .modeling.prompt_encoder import PromptEncoder
@@ -174,6 +175,7 @@ def load_model(
     progress: Callable[[int, int], None] | None = None,
     denoise: float | None = None,
     max_upscale: float | None | str = "checkpoint",
+    zoom_window: int | None | str = "checkpoint",
 ) -> Sam:
     """Load a ready-to-use model in eval mode.
 
@@ -184,6 +186,9 @@ def load_model(
     smooths every image before the encoder (:func:`set_denoise`); None keeps the checkpoint's (0 if it has none).
     max_upscale: the most an image is enlarged for the encoder (:func:`set_max_upscale`); "checkpoint" keeps the
     checkpoint's (the built-in model's is 2, official checkpoints have none), None or 0 lifts the limit.
+    zoom_window: small objects of larger images are decoded from a window of this many image pixels
+    (:func:`set_zoom_window`); "checkpoint" keeps the checkpoint's (the built-in model's is 256, official
+    checkpoints have none), None or 0 turns it off.
     """
     dev = resolve_device(device)
     if model is None and checkpoint is None:
@@ -216,6 +221,7 @@ def load_model(
     sam.checkpoint_path = str(checkpoint)
     set_denoise(sam, meta.get("denoise", 0.0) if denoise is None else denoise)
     set_max_upscale(sam, meta.get("max_upscale") if max_upscale == "checkpoint" else max_upscale)
+    set_zoom_window(sam, meta.get("zoom_window") if zoom_window == "checkpoint" else zoom_window)
     return sam.to(dev).eval()
 
 
@@ -238,6 +244,16 @@ def set_max_upscale(model: Sam, factor: float | None) -> Sam:
     return model
 
 
+def set_zoom_window(model: Sam, window: int | None) -> Sam:
+    """Decode prompts on small objects of images larger than ``window`` image pixels from the ``window``-px region
+    around them, encoded on demand (None or 0: always from the whole image, as the reference does). A model trained
+    on 256-px images enlarged 2x sees the nuclei of a 1024-px image at a quarter of that scale when the whole image
+    is shrunk to its input; the built-in model ships with 256 (``img_size / max_upscale``). See
+    :mod:`napari_sam.core.zoom`. Returns ``model``."""
+    model.zoom_window = check_zoom_window(window)
+    return model
+
+
 def save_checkpoint(model: Sam, path: str | os.PathLike, half: bool = False, **meta: Any) -> Path:
     """Save ``model`` with its config (and ``meta``) so :func:`load_model` can rebuild it from the file alone."""
     if model.config is None:
@@ -252,6 +268,8 @@ def save_checkpoint(model: Sam, path: str | os.PathLike, half: bool = False, **m
         meta["denoise"] = float(model.denoise)  # preprocessing travels with the weights
     if getattr(model, "max_upscale", None) and "max_upscale" not in meta:
         meta["max_upscale"] = float(model.max_upscale)
+    if getattr(model, "zoom_window", None) and "zoom_window" not in meta:
+        meta["zoom_window"] = int(model.zoom_window)
     torch.save({"config": model.config.to_dict(), "model": sd, **meta}, tmp)
     os.replace(tmp, path)
     return path

@@ -119,14 +119,16 @@ def evaluate_image(predictor, image: np.ndarray, labels: np.ndarray, prompts: It
             curve = np.zeros((len(part), n_clicks))
             masks = pred.masks[np.arange(len(part)), top]
             low = pred.low_res_logits[np.arange(len(part)), top][:, None]
+            wins = pred.windows  # the frames of the zoomed objects' logits (None: the whole image)
             curve[:, 0] = ious[np.arange(len(part)), top]
             pts, lab = centers[:, None], np.ones((len(part), 1))
             for k in range(1, n_clicks):
                 new = [error_click(m, g) for m, g in zip(masks, gts)]
                 pts = np.concatenate([pts, np.array([p for p, _ in new], np.float64)[:, None]], 1)
                 lab = np.concatenate([lab, np.array([v for _, v in new], np.float64)[:, None]], 1)
-                pc = predictor.predict(points=pts, point_labels=lab, mask_input=low, multimask=False)
-                masks, low = pc.masks[:, 0], pc.low_res_logits[:, :1]
+                pc = predictor.predict(points=pts, point_labels=lab, mask_input=low, multimask=False,
+                                       mask_windows=wins)
+                masks, low, wins = pc.masks[:, 0], pc.low_res_logits[:, :1], pc.windows
                 curve[:, k] = [iou(m, g) for m, g in zip(masks, gts)]
             out["clicks"] += curve.tolist()
     res = {k: np.asarray(v, np.float64) for k, v in out.items()}

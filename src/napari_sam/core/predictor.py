@@ -18,23 +18,30 @@ from .modeling.fast_decoder import DecoderContext, decode_masks, decode_tokens, 
 from .modeling.sam import Sam
 from .prompts import boxes_rc_to_xy, rc_to_xy, validate_boxes, validate_points
 from .transforms import ResizeLongestSide, scale_boxes, scale_coords, upsample_logits, upsample_masks
+from .zoom import Window, ZoomSource, choose_window, fits, prompt_extents, resample_logits, zoom_window_of
 
 
 class Prediction(NamedTuple):
     """masks: bool (K, H, W) [or (B, K, H, W)]; iou: float32 (K,) [(B, K)];
-    low_res_logits: float32 (K, L, L) [(B, K, L, L)], L = 256 for official models (the mask_input size)."""
+    low_res_logits: float32 (K, L, L) [(B, K, L, L)], L = 256 for official models (the mask_input size).
+    windows: None when every object was decoded from the whole image; else int64 (4,) [(B, 4)] the image region
+    (min_row, min_col, max_row, max_col), max exclusive, whose frame each object's ``low_res_logits`` are in
+    ((0, 0, H, W): the whole image). Pass it back as ``mask_windows`` with the logits (see ``predict``)."""
 
     masks: np.ndarray
     iou: np.ndarray
     low_res_logits: np.ndarray
+    windows: np.ndarray | None = None
 
 
 class ImageEmbedding(NamedTuple):
-    """A cached image embedding: features (1, C, G, G) float, original (H, W), resized input (h, w)."""
+    """A cached image embedding: features (1, C, G, G) float, original (H, W), resized input (h, w), and for zoomed
+    decoding (:mod:`napari_sam.core.zoom`) the preprocessed image and its window embeddings (None: no zoom)."""
 
     features: torch.Tensor
     original_size: tuple[int, int]
     input_size: tuple[int, int]
+    source: ZoomSource | None = None
 
 
 def encoder_input(model: Sam, rgb: np.ndarray, max_upscale: float | None) -> tuple[torch.Tensor, tuple[int, int]]:
@@ -105,12 +112,28 @@ class SamPredictor:
 
     def compute_embedding(self, image: np.ndarray) -> ImageEmbedding:
         """Run the image encoder on a 2D image ((H, W), (H, W, 3) or (H, W, 4), any dtype); no state change.
-        The model's ``denoise`` sigma (if any) smooths the image first."""
+        The model's ``denoise`` sigma (if any) smooths the image first. With the model's ``zoom_window`` set and
+        the image larger than it, the embedding keeps the preprocessed image for zoomed decoding."""
         rgb = to_rgb_uint8(image, denoise=denoise_of(self.model))
+        emb = self._embed_rgb(rgb)
+        side = zoom_window_of(self.model)
+        if side and max(rgb.shape[:2]) > side:
+            emb = emb._replace(source=ZoomSource(rgb, side))
+        return emb
+
+    def _embed_rgb(self, rgb: np.ndarray) -> ImageEmbedding:
         x, input_size = encoder_input(self.model, rgb, max_upscale_of(self.model))
         with torch.inference_mode():
             features = self.model.image_encoder(x)
         return ImageEmbedding(features, (rgb.shape[0], rgb.shape[1]), input_size)
+
+    def _window_embedding(self, emb: ImageEmbedding, win: Window) -> ImageEmbedding:
+        """The embedding of image region ``win`` (cached in ``emb.source``)."""
+        cache = emb.source.cache
+        if win not in cache:
+            r0, c0, r1, c1 = win
+            cache[win] = self._embed_rgb(np.ascontiguousarray(emb.source.rgb[r0:r1, c0:c1]))
+        return cache[win]
 
     def set_image(self, image: np.ndarray) -> ImageEmbedding:
         """Embed ``image`` and keep the embedding for the following ``predict`` calls."""
@@ -127,7 +150,7 @@ class SamPredictor:
             raise ValueError(f"embedding of shape {tuple(feats.shape)} does not fit this model "
                              f"(expects (1, {self.model.prompt_encoder.embed_dim}, {g[0]}, {g[1]}))")
         self._embedding = ImageEmbedding(feats.to(self.device, torch.float32), tuple(embedding.original_size),
-                                         tuple(embedding.input_size))
+                                         tuple(embedding.input_size), getattr(embedding, "source", None))
 
     def get_image_embedding(self) -> torch.Tensor:
         return self._require().features
@@ -154,6 +177,7 @@ class SamPredictor:
         mask_input: np.ndarray | None = None,
         multimask: bool = True,
         return_logits: bool = False,
+        mask_windows: np.ndarray | None = None,
     ) -> Prediction:
         """Masks for one object, or for B objects at once.
 
@@ -161,40 +185,67 @@ class SamPredictor:
         (B, N), 1 positive / 0 negative (default all positive). Points outside the image are clipped.
         box: (4,) (min_row, min_col, max_row, max_col), or (B, 4). mask_input: low-res logits (L, L),
         (1, L, L) or (B, 1, L, L) from a previous prediction. multimask: 3 candidates (ambiguity) or 1.
-        return_logits: masks are float32 logits at image size instead of bool.
+        return_logits: masks are float32 logits at image size instead of bool (-1e4 outside a zoom window).
+        mask_windows: the previous prediction's ``windows``, (4,) or (B, 4), when ``mask_input`` came from a
+        zoomed one; an object keeps its window while its prompts fit in it, else its mask input is resampled.
+        Without it the mask input is taken to be in the frame this prompt is decoded in.
+
+        Zoom: when the image was embedded with a ``zoom_window`` (:mod:`napari_sam.core.zoom`; the built-in
+        model's is 256 px), an object whose points and box span at most half a window is decoded from the window
+        around them, encoded on demand at the scale the model was trained on; larger ones from the whole image.
 
         Returns :class:`Prediction`; the leading B axis is present only if the prompts had one.
         """
         emb = self._require()
         batched = (points is not None and np.ndim(points) == 3) or (box is not None and np.ndim(box) == 2)
-        coords = labels = boxes = None
+        pts = lab = bx = None
         nb = 1
         if points is not None:
             pts, lab = validate_points(points, point_labels, emb.original_size)
-            coords = scale_coords(rc_to_xy(pts), emb.original_size, emb.input_size)
-            labels = lab
             nb = pts.shape[0]
         elif point_labels is not None:
             raise ValueError("point_labels were given without points")
         if box is not None:
             bx = validate_boxes(box, emb.original_size)
-            boxes = scale_boxes(boxes_rc_to_xy(bx), emb.original_size, emb.input_size)
-            if coords is not None and boxes.shape[0] != nb:
+            if pts is not None and bx.shape[0] != nb:
                 if nb == 1:
-                    coords = np.repeat(coords, boxes.shape[0], 0)
-                    labels = np.repeat(labels, boxes.shape[0], 0)
-                elif boxes.shape[0] != 1:
-                    raise ValueError(f"{nb} point sets and {boxes.shape[0]} boxes: give one box per object")
+                    pts, lab = np.repeat(pts, bx.shape[0], 0), np.repeat(lab, bx.shape[0], 0)
+                elif bx.shape[0] != 1:
+                    raise ValueError(f"{nb} point sets and {bx.shape[0]} boxes: give one box per object")
                 else:
-                    boxes = np.repeat(boxes, nb, 0)
-            nb = max(nb, boxes.shape[0])
+                    bx = np.repeat(bx, nb, 0)
+            nb = max(nb, bx.shape[0])
         mask_t = None
         if mask_input is not None:
             mask_t = self._mask_tensor(mask_input, nb)
-            nb = mask_t.shape[0] if coords is None and boxes is None else nb
-        low_res, iou = self.predict_torch(
+            nb = mask_t.shape[0] if pts is None and bx is None else nb
+        if emb.source is None or (pts is None and bx is None):
+            masks, ious, low = self._predict_frame(emb, pts, lab, bx, mask_t, multimask, return_logits)
+            windows = None
+        else:
+            masks, ious, low, windows = self._predict_zoomed(emb, pts, lab, bx, mask_t, mask_windows, nb,
+                                                             multimask, return_logits)
+        if not batched:
+            masks, ious, low = masks[0], ious[0], low[0]
+            windows = None if windows is None else windows[0]
+        return Prediction(masks, ious, low, windows)
+
+    def _predict_frame(self, emb: ImageEmbedding, pts, lab, bx, mask_t, multimask: bool, return_logits: bool,
+                       origin: tuple[int, int] = (0, 0)):
+        """Decode prompts given in image (row, col) pixels from one frame: ``emb`` of the image region starting at
+        ``origin``. Returns masks (B, K, h, w) of that region, IoU (B, K) and low-res logits (B, K, L, L)."""
+        coords = boxes = None
+        off = np.array(origin, np.float64)
+        if pts is not None:
+            rc = pts if not origin[0] and not origin[1] else pts - off
+            coords = scale_coords(rc_to_xy(rc), emb.original_size, emb.input_size)
+        if bx is not None:
+            rc = bx if not origin[0] and not origin[1] else bx - np.tile(off, 2)
+            boxes = scale_boxes(boxes_rc_to_xy(rc), emb.original_size, emb.input_size)
+        low_res, iou = self._run(
+            emb,
             None if coords is None else torch.as_tensor(coords, dtype=torch.float32, device=self.device),
-            None if labels is None else torch.as_tensor(labels, dtype=torch.int64, device=self.device),
+            None if lab is None else torch.as_tensor(lab, dtype=torch.int64, device=self.device),
             None if boxes is None else torch.as_tensor(boxes, dtype=torch.float32, device=self.device),
             mask_t,
             multimask,
@@ -206,11 +257,63 @@ class SamPredictor:
             masks = upsample_masks(low_res.reshape(b * k, L, L), self.model.img_size, emb.input_size,
                                    emb.original_size, self.model.mask_threshold)
             masks = masks.reshape(b, k, *emb.original_size)
-        low = low_res.cpu().numpy()
-        ious = iou.cpu().numpy()
-        if not batched:
-            masks, ious, low = masks[0], ious[0], low[0]
-        return Prediction(masks, ious, low)
+        return masks, iou.cpu().numpy(), low_res.cpu().numpy()
+
+    def _predict_zoomed(self, emb: ImageEmbedding, pts, lab, bx, mask_t, mask_windows, nb: int, multimask: bool,
+                        return_logits: bool):
+        """:meth:`predict` for an embedding with a zoom source: objects grouped by window, masks pasted back."""
+        (h, w), side = emb.original_size, emb.source.window
+        whole = (0, 0, h, w)
+        ext = prompt_extents(pts, bx, nb)
+        prev = None
+        if mask_windows is not None and mask_t is not None:
+            prev = np.asarray(mask_windows, np.int64).reshape(-1, 4)
+            if prev.shape[0] == 1 and nb > 1:
+                prev = np.repeat(prev, nb, 0)
+            if prev.shape[0] != nb:
+                raise ValueError(f"mask_windows has {prev.shape[0]} windows for {nb} objects")
+        wins: list[Window] = []
+        for i in range(nb):
+            old = None if prev is None else tuple(int(v) for v in prev[i])
+            if old is not None and (old == whole or fits(ext[i], old, (h, w), side)):
+                wins.append(old)
+            else:
+                wins.append(choose_window(ext[i], (h, w), side) or whole)
+        masks = ious = low = None
+        for win in dict.fromkeys(wins):
+            idx = np.array([i for i in range(nb) if wins[i] == win])
+            sub = emb if win == whole else self._window_embedding(emb, win)
+            m_t = None
+            if mask_t is not None:
+                m_t = mask_t[torch.as_tensor(idx, device=mask_t.device)]
+                if prev is not None:
+                    m_t = torch.cat([self._reframe(emb, m_t[j:j + 1], tuple(int(v) for v in prev[i]), win)
+                                     for j, i in enumerate(idx)])
+            m, io, lo = self._predict_frame(sub, None if pts is None else pts[idx], None if lab is None else lab[idx],
+                                            None if bx is None else bx[idx], m_t, multimask, return_logits,
+                                            origin=(win[0], win[1]))
+            if masks is None:
+                k = m.shape[1]
+                masks = (np.full((nb, k, h, w), -1e4, np.float32) if return_logits
+                         else np.zeros((nb, k, h, w), bool))
+                ious = np.zeros((nb, k), io.dtype)
+                low = np.zeros((nb,) + lo.shape[1:], lo.dtype)
+            masks[idx, :, win[0]:win[2], win[1]:win[3]] = m
+            ious[idx], low[idx] = io, lo
+        return masks, ious, low, np.array(wins, np.int64)
+
+    def _reframe(self, emb: ImageEmbedding, low: torch.Tensor, src: Window, dst: Window) -> torch.Tensor:
+        """Low-res logits (1, 1, L, L) decoded in window ``src`` -> the frame of window ``dst``."""
+        if src == dst:
+            return low
+
+        def frame(win: Window) -> tuple:
+            r0, c0, r1, c1 = win
+            if (r0, c0, r1, c1) == (0, 0) + tuple(emb.original_size):
+                return (0, 0, r1, c1) + tuple(emb.input_size)
+            return (r0, c0, r1 - r0, c1 - c0) + tuple(self.transform.input_size(r1 - r0, c1 - c0))
+
+        return resample_logits(low, frame(src), frame(dst), self.model.img_size)
 
     def _mask_tensor(self, mask_input: np.ndarray, nb: int) -> torch.Tensor:
         L = self.model.prompt_encoder.mask_input_size
@@ -245,11 +348,16 @@ class SamPredictor:
         The mask upscaling then runs only for prompts with a candidate above it; the logits of the others are
         -inf placeholders, never a prediction. Without the fast decoder all masks are computed.
         """
-        emb = self._require()
+        return self._run(self._require(), point_coords, point_labels, boxes, mask_input, multimask_output, iou_floor)
+
+    @torch.inference_mode()
+    def _run(self, emb: ImageEmbedding, point_coords, point_labels, boxes, mask_input, multimask_output: bool,
+             iou_floor: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`predict_torch` on the embedding ``emb`` (the current image's, or a zoom window's)."""
         points = (point_coords, point_labels) if point_coords is not None else None
         sparse, dense = self.model.prompt_encoder(points=points, boxes=boxes, masks=mask_input)
         if self.fast_decoder:
-            dec, ctx = self.model.mask_decoder, self._decoder_context()
+            dec, ctx = self.model.mask_decoder, self._decoder_context(emb)
             out = decode_tokens(dec, ctx, sparse, None if mask_input is None else dense, multimask_output)
             if iou_floor is None:
                 return decode_masks(dec, ctx, out), out.iou
@@ -268,10 +376,11 @@ class SamPredictor:
             multimask_output=multimask_output,
         )
 
-    def _decoder_context(self) -> DecoderContext:
-        """Prompt-independent decoder tensors of the current image, rebuilt if the image or the weights
-        they depend on change (in-place updates such as fine-tuning bump the tensors' version counters)."""
-        emb = self._require()
+    def _decoder_context(self, emb: ImageEmbedding | None = None) -> DecoderContext:
+        """Prompt-independent decoder tensors of ``emb`` (default: the current image), rebuilt if the embedding or
+        the weights they depend on change (in-place updates such as fine-tuning bump the tensors' version
+        counters)."""
+        emb = self._require() if emb is None else emb
         pe, dec = self.model.prompt_encoder, self.model.mask_decoder
         l0 = dec.transformer.layers[0]
         deps = [pe.pe_layer.positional_encoding_gaussian_matrix, pe.no_mask_embed.weight]
