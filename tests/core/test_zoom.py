@@ -157,3 +157,39 @@ def test_settings_and_checkpoints(builtin, tmp_path):
     assert load_model(tmp_path / "m.pt", device="cpu").zoom_window == 300
     emb = SamPredictor(m).compute_embedding(np.zeros((300, 200), np.uint8))
     assert emb.source is None  # not larger than the window: nothing to zoom
+
+
+def test_objects_larger_than_their_window_are_decoded_from_the_whole_image(builtin, nuclei_sample):
+    """A real nuclei image enlarged until its largest nucleus spans 300+ px, more than a window could hold: a click
+    on it gets exactly the whole-image decode (what the model gives with zoom off)."""
+    from napari_sam.core.build import load_model
+    from napari_sam.core.evaluation import center_point, iou
+    from napari_sam.core.predictor import SamPredictor
+
+    image, labels = nuclei_sample
+    ids, counts = np.unique(labels[labels > 0], return_counts=True)
+    big = ids[np.argmax(counts)]
+    rr, cc = np.nonzero(labels == big)
+    f = int(np.ceil(300 / max(np.ptp(rr), np.ptp(cc))))
+    image = np.kron(image, np.ones((f, f) + (1,) * (image.ndim - 2), image.dtype))
+    labels = np.kron(labels, np.ones((f, f), labels.dtype))
+    pt = np.array([center_point(labels == big)], np.float64)
+    pred = SamPredictor(builtin)
+    pred.set_image(image)
+    p = pred.predict(points=pt, multimask=False)
+    assert tuple(p.windows) == (0, 0) + labels.shape and iou(p.masks[0], labels == big) > 0.7
+    plain = SamPredictor(load_model(device="cpu", zoom_window=None))
+    plain.set_image(image)
+    assert np.array_equal(p.masks, plain.predict(points=pt, multimask=False).masks)
+
+
+def test_window_embeddings_are_bounded(builtin, monkeypatch):
+    from napari_sam.core import predictor as P
+
+    monkeypatch.setattr(P, "ZOOM_CACHE_WINDOWS", 3)
+    pred = P.SamPredictor(builtin)
+    emb = pred.set_image(np.random.default_rng(0).integers(0, 255, (1024, 1024), dtype=np.uint8))
+    for r in (100, 300, 500, 700, 300):
+        pred.predict(points=np.array([[r, 500.0]]), multimask=False)
+    assert len(emb.source.cache) == 3
+    assert list(emb.source.cache)[-1] == tuple(pred.predict(points=np.array([[300, 500.0]])).windows)

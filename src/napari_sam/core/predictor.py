@@ -73,6 +73,26 @@ def canvas_input(model: Sam, resized: np.ndarray | torch.Tensor, mirror: bool) -
     return model.preprocess(x)
 
 
+#: window embeddings kept per image (least recently used dropped first); 64 are 32 MB for the built-in model
+ZOOM_CACHE_WINDOWS = 64
+
+
+def _reaches_inner_edge(mask: np.ndarray, win: Window, shape: tuple[int, int], threshold: float | None) -> bool:
+    """Whether ``mask`` (H, W) (bool, or logits above ``threshold``) has a pixel on an edge of window ``win`` that
+    is not an edge of the image."""
+    r0, c0, r1, c1 = win
+    edges = []
+    if r0 > 0:
+        edges.append(mask[r0, c0:c1])
+    if r1 < shape[0]:
+        edges.append(mask[r1 - 1, c0:c1])
+    if c0 > 0:
+        edges.append(mask[r0:r1, c0])
+    if c1 < shape[1]:
+        edges.append(mask[r0:r1, c1 - 1])
+    return any((e > threshold).any() if threshold is not None else e.any() for e in edges)
+
+
 class ImageNotSetError(ValueError, RuntimeError):
     """predict() was called before set_image()/set_embedding() (a ValueError and, for old callers, a RuntimeError)."""
 
@@ -130,7 +150,11 @@ class SamPredictor:
     def _window_embedding(self, emb: ImageEmbedding, win: Window) -> ImageEmbedding:
         """The embedding of image region ``win`` (cached in ``emb.source``)."""
         cache = emb.source.cache
-        if win not in cache:
+        if win in cache:
+            cache[win] = cache.pop(win)  # most recently used last
+        else:
+            while len(cache) >= ZOOM_CACHE_WINDOWS:
+                cache.pop(next(iter(cache)))
             r0, c0, r1, c1 = win
             cache[win] = self._embed_rgb(np.ascontiguousarray(emb.source.rgb[r0:r1, c0:c1]))
         return cache[win]
@@ -273,15 +297,18 @@ class SamPredictor:
             if prev.shape[0] != nb:
                 raise ValueError(f"mask_windows has {prev.shape[0]} windows for {nb} objects")
         wins: list[Window] = []
+        fresh = []  # objects that get a new window: first checked on the whole image
         for i in range(nb):
             old = None if prev is None else tuple(int(v) for v in prev[i])
             if old is not None and (old == whole or fits(ext[i], old, (h, w), side)):
                 wins.append(old)
             else:
                 wins.append(choose_window(ext[i], (h, w), side) or whole)
-        masks = ious = low = None
-        for win in dict.fromkeys(wins):
-            idx = np.array([i for i in range(nb) if wins[i] == win])
+                if wins[i] != whole:
+                    fresh.append(i)
+        out: list = []
+
+        def decode(idx: np.ndarray, win: Window) -> None:
             sub = emb if win == whole else self._window_embedding(emb, win)
             m_t = None
             if mask_t is not None:
@@ -292,14 +319,37 @@ class SamPredictor:
             m, io, lo = self._predict_frame(sub, None if pts is None else pts[idx], None if lab is None else lab[idx],
                                             None if bx is None else bx[idx], m_t, multimask, return_logits,
                                             origin=(win[0], win[1]))
-            if masks is None:
+            if not out:
                 k = m.shape[1]
-                masks = (np.full((nb, k, h, w), -1e4, np.float32) if return_logits
-                         else np.zeros((nb, k, h, w), bool))
-                ious = np.zeros((nb, k), io.dtype)
-                low = np.zeros((nb,) + lo.shape[1:], lo.dtype)
-            masks[idx, :, win[0]:win[2], win[1]:win[3]] = m
-            ious[idx], low[idx] = io, lo
+                out.extend([np.full((nb, k, h, w), -1e4, np.float32) if return_logits
+                            else np.zeros((nb, k, h, w), bool), np.zeros((nb, k), io.dtype),
+                            np.zeros((nb,) + lo.shape[1:], lo.dtype)])
+            out[0][idx] = -1e4 if return_logits else False
+            out[0][idx, :, win[0]:win[2], win[1]:win[3]] = m
+            out[1][idx], out[2][idx] = io, lo
+
+        done: set[int] = set()
+        if fresh:  # an object that the whole image shows larger than half a window keeps that decode
+            decode(np.array(fresh), whole)
+            thr = self.model.mask_threshold if return_logits else None
+            for i in fresh:
+                top = out[0][i, int(np.argmax(out[1][i]))]
+                rows, cols = np.nonzero((top > thr) if thr is not None else top)
+                if len(rows) and max(np.ptp(rows), np.ptp(cols)) + 1 > side / 2:
+                    wins[i] = whole
+                    done.add(i)
+        for win in dict.fromkeys(wins):
+            idx = [i for i in range(nb) if wins[i] == win and i not in done]
+            if idx:
+                decode(np.array(idx), win)
+        # an object whose mask reaches a window edge inside the image is larger than its window: whole image
+        spill = [i for i in range(nb) if wins[i] != whole and _reaches_inner_edge(
+            out[0][i, int(np.argmax(out[1][i]))], wins[i], (h, w), self.model.mask_threshold if return_logits else None)]
+        if spill:
+            for i in spill:
+                wins[i] = whole
+            decode(np.array(spill), whole)
+        masks, ious, low = out
         return masks, ious, low, np.array(wins, np.int64)
 
     def _reframe(self, emb: ImageEmbedding, low: torch.Tensor, src: Window, dst: Window) -> torch.Tensor:
