@@ -64,7 +64,8 @@ def evaluate(model_path: str, split: str = "test", per_image: int = 5, limit: in
                 k = int(np.argmax((rr - ca[0]) ** 2 + (cc - ca[1]) ** 2))
                 q = (int(rr[k]), int(cc[k]))
                 for key, mi in (("logits", first.logits[first.choice]), ("plain", None)):
-                    after = predict(pred, Prompts([ca, q], [1, 0]), mask_input=mi, enforce_negatives=enforce).mask
+                    after = predict(pred, Prompts([ca, q], [1, 0]), mask_input=mi, enforce_negatives=enforce,
+                                    mask_window=first.window).mask
                     carve[key].append(bool(not after[q] and after[ca] and after.sum() < before.sum()))
             ring = ndimage.binary_dilation(a, iterations=3) & ~a
             touching = np.unique(gt[ring])
@@ -78,7 +79,8 @@ def evaluate(model_path: str, split: str = "test", per_image: int = 5, limit: in
                 continue
             nb["iou_before"].append(iou(both.mask, a))
             for key, mi in (("logits", both.logits[both.choice]), ("plain", None)):
-                after = predict(pred, Prompts([ca, cb], [1, 0]), mask_input=mi, enforce_negatives=enforce).mask
+                after = predict(pred, Prompts([ca, cb], [1, 0]), mask_input=mi, enforce_negatives=enforce,
+                                mask_window=both.window).mask
                 nb[key].append(bool(after[ca] and not after[cb]))
                 nb["iou_" + key].append(iou(after, a))
     return {

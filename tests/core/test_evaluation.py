@@ -134,4 +134,8 @@ def test_cli_train_and_evaluate_on_a_folder(tmp_path, tiny_model, nuclei_sample)
     res = json.loads(out.read_text())
     assert res["all"]["objects"] == 3 and 0 <= res["all"]["box"] <= 1 and "clicks" not in res["all"]
     assert out.with_suffix(".md").read_text().startswith("| data set |")
+    assert res["zoom_window"] is None  # a random-weight model has none
+    assert main(["evaluate", "--images", str(data), "--model", str(ck), "--prompt", "box", "--max-objects", "3",
+                 "--zoom-window", "128", "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["zoom_window"] == 128
     assert main(["evaluate", "--images", str(tmp_path / "missing"), "--model", str(ck), "--out", str(out)]) == 2

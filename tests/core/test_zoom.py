@@ -109,6 +109,11 @@ def test_an_object_keeps_its_window_and_moves_its_logits_when_it_must(builtin):
                           mask_windows=first.windows, multimask=False)
     assert np.array_equal(second.windows, first.windows)
     assert iou(second.masks[0], gt) > 0.6
+    # without mask_windows, the previous prediction's windows are assumed (the usual predict -> refine loop)
+    pred.predict(points=c[None], multimask=False)
+    implicit = pred.predict(points=np.array([c, c + 3]), point_labels=[1, 1], mask_input=first.low_res_logits,
+                            multimask=False)
+    assert np.array_equal(implicit.masks, second.masks)
     # the same logits handed to a frame that sees the object at another offset still mean the same object:
     # resampled into the whole image's frame, they alone (no point) reproduce it
     whole = (0, 0) + image.shape[:2]
@@ -193,3 +198,27 @@ def test_window_embeddings_are_bounded(builtin, monkeypatch):
         pred.predict(points=np.array([[r, 500.0]]), multimask=False)
     assert len(emb.source.cache) == 3
     assert list(emb.source.cache)[-1] == tuple(pred.predict(points=np.array([[300, 500.0]])).windows)
+
+
+def test_zoom_can_be_switched_off_per_predictor_and_logits_follow(builtin):
+    """predictor.zoom = False (the annotator's checkbox) decodes from the whole image, and logits of a zoomed
+    prediction are moved into the whole image's frame, so refining across the switch keeps the object."""
+    from napari_sam.core.evaluation import center_point, iou
+    from napari_sam.core.predictor import SamPredictor
+
+    image, labels = _val_images(520, 1)[0]
+    i = max(np.unique(labels)[1:], key=lambda k: (labels == k).sum())
+    c = np.array([center_point(labels == i)], np.float64)
+    pred = SamPredictor(builtin)
+    pred.set_image(image)
+    zoomed = pred.predict(points=c, multimask=False)
+    assert tuple(zoomed.windows) != (0, 0) + labels.shape
+    pred.zoom = False
+    flat = pred.predict(points=c, multimask=False)
+    assert tuple(flat.windows) == (0, 0) + labels.shape
+    ref = SamPredictor(builtin)
+    ref.fast_decoder = pred.fast_decoder
+    ref.set_embedding(pred._require()._replace(source=None))
+    assert np.array_equal(flat.masks, ref.predict(points=c, multimask=False).masks)
+    refined = pred.predict(points=c, mask_input=zoomed.low_res_logits, mask_windows=zoomed.windows, multimask=False)
+    assert iou(refined.masks[0], labels == i) > 0.6

@@ -97,13 +97,14 @@ class AnnotatorJobs:
                 and r.prompts is not None and prompts.extends(r.prompts)):
             mask_input, mask_window = r.logits[r.choice], r.window
         version, batch, model = self._version, self.ui.batch_check.isChecked(), self.state.model
-        enforce = self.ui.enforce_check.isChecked()
+        enforce, zoom = self.ui.enforce_check.isChecked(), self.ui.zoom_check.isChecked()
 
         def job():
             from ..core.predictor import SamPredictor
 
             p = SamPredictor(model)
             p.set_embedding(emb)
+            p.zoom = zoom
             res = ann.predict(p, prompts, mask_input, batch, enforce_negatives=enforce, mask_window=mask_window)
             return res, res.preview()
 

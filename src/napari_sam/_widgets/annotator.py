@@ -229,6 +229,7 @@ class AnnotatorWidget(AnnotatorJobs, QWidget):
         u.clear_button.clicked.connect(self.clear_prompts)
         u.batch_check.toggled.connect(self._changed)
         u.enforce_check.toggled.connect(self._changed)
+        u.zoom_check.toggled.connect(self._changed)
 
     def _weak(self, fn):
         """``fn(widget, *args)`` as a callback that holds the widget weakly (no-op once it is gone)."""

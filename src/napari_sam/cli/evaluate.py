@@ -20,6 +20,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--split", default="test", help="split to evaluate with --split-csv")
     p.add_argument("--model", default=None, help="model name or checkpoint path (default: the built-in model)")
     add_denoise_argument(p)
+    p.add_argument("--zoom-window", type=int, default=None,
+                   help="decode small objects of larger images from windows of this many pixels (default: the "
+                        "model's, 256 for the built-in model; 0 = always the whole image)")
     p.add_argument("--prompt", nargs="+", default=["point", "box", "clicks"], choices=("point", "box", "clicks"))
     p.add_argument("--clicks", type=int, default=5, help="number of interactive clicks (1..10)")
     p.add_argument("--max-objects", type=int, default=None, help="evaluate a fixed random sample per image")
@@ -68,7 +71,8 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     if not 1 <= args.clicks <= 10:
         raise ValueError(f"--clicks must be between 1 and 10, got {args.clicks}")
-    model = load_model(args.model, device="cpu", denoise=args.denoise)
+    model = load_model(args.model, device="cpu", denoise=args.denoise,
+                       zoom_window="checkpoint" if args.zoom_window is None else args.zoom_window)
     name = args.name or Path(args.images).resolve().name
     t0 = time.time()
     res = evaluate_dataset(model, iter_items(args), name, args.prompt, args.clicks, args.max_objects,
@@ -76,6 +80,7 @@ def run(args: argparse.Namespace) -> int:
     summary = res.summary()
     summary["model"] = str(args.model or "builtin")
     summary["max_objects"] = args.max_objects
+    summary["zoom_window"] = getattr(model, "zoom_window", None)
     summary["seconds"] = round(time.time() - t0, 1)
     out = Path(args.out)
     write_results([summary], out, out.with_suffix(".md"))

@@ -24,7 +24,7 @@ from .zoom import Window, ZoomSource, choose_window, fits, prompt_extents, resam
 class Prediction(NamedTuple):
     """masks: bool (K, H, W) [or (B, K, H, W)]; iou: float32 (K,) [(B, K)];
     low_res_logits: float32 (K, L, L) [(B, K, L, L)], L = 256 for official models (the mask_input size).
-    windows: None when every object was decoded from the whole image; else int64 (4,) [(B, 4)] the image region
+    windows: None when the image has no zoom windows (see ``predict``); else int64 (4,) [(B, 4)] the image region
     (min_row, min_col, max_row, max_col), max exclusive, whose frame each object's ``low_res_logits`` are in
     ((0, 0, H, W): the whole image). Pass it back as ``mask_windows`` with the logits (see ``predict``)."""
 
@@ -75,6 +75,8 @@ def canvas_input(model: Sam, resized: np.ndarray | torch.Tensor, mirror: bool) -
 
 #: window embeddings kept per image (least recently used dropped first); 64 are 32 MB for the built-in model
 ZOOM_CACHE_WINDOWS = 64
+#: a zoomed mask whose predicted IoU is below this is checked against the whole image (is the object larger?)
+ZOOM_CHECK_IOU = 0.75
 
 
 def _reaches_inner_edge(mask: np.ndarray, win: Window, shape: tuple[int, int], threshold: float | None) -> bool:
@@ -109,7 +111,9 @@ class SamPredictor:
         #: decode with the per-image cache and rearranged attention (same results up to float rounding);
         #: False runs the plain MaskDecoder module.
         self.fast_decoder = True
-        self._ctx: tuple[tuple, DecoderContext] | None = None
+        #: zoomed decoding where the embedding allows it (the model's ``zoom_window``); False: the whole image
+        self.zoom = True
+        self._ctx: dict[tuple, tuple[ImageEmbedding, DecoderContext]] = {}
         self.reset_image()
 
     # ------------------------------------------------------------------ image
@@ -124,7 +128,8 @@ class SamPredictor:
 
     def reset_image(self) -> None:
         self._embedding: ImageEmbedding | None = None
-        self._ctx = None
+        self._ctx = {}
+        self._last_windows: tuple[ImageEmbedding, np.ndarray] | None = None
 
     @property
     def is_image_set(self) -> bool:
@@ -212,7 +217,8 @@ class SamPredictor:
         return_logits: masks are float32 logits at image size instead of bool (-1e4 outside a zoom window).
         mask_windows: the previous prediction's ``windows``, (4,) or (B, 4), when ``mask_input`` came from a
         zoomed one; an object keeps its window while its prompts fit in it, else its mask input is resampled.
-        Without it the mask input is taken to be in the frame this prompt is decoded in.
+        Without it, the windows of this predictor's previous prediction are used when it had as many objects
+        (the usual predict -> refine loop), else the mask input is taken to be in the frame this prompt gets.
 
         Zoom: when the image was embedded with a ``zoom_window`` (:mod:`napari_sam.core.zoom`; the built-in
         model's is 256 px), an object whose points and box span at most half a window is decoded from the window
@@ -243,12 +249,24 @@ class SamPredictor:
         if mask_input is not None:
             mask_t = self._mask_tensor(mask_input, nb)
             nb = mask_t.shape[0] if pts is None and bx is None else nb
-        if emb.source is None or (pts is None and bx is None):
+        if emb.source is None or not self.zoom or (pts is None and bx is None):
+            if emb.source is not None and mask_windows is not None and mask_t is not None:  # zoomed logits
+                whole = (0, 0) + tuple(emb.original_size)
+                wins = np.asarray(mask_windows, np.int64).reshape(-1, 4)
+                wins = np.repeat(wins, mask_t.shape[0], 0) if len(wins) == 1 else wins
+                mask_t = torch.cat([self._reframe(emb, mask_t[j:j + 1], tuple(int(v) for v in wins[j]), whole)
+                                    for j in range(mask_t.shape[0])])
             masks, ious, low = self._predict_frame(emb, pts, lab, bx, mask_t, multimask, return_logits)
-            windows = None
+            windows = None if emb.source is None else np.tile(np.array((0, 0) + tuple(emb.original_size)),
+                                                              (masks.shape[0], 1))
         else:
+            last = self._last_windows
+            if mask_windows is None and mask_t is not None and last is not None and last[0] is emb \
+                    and len(last[1]) == nb:
+                mask_windows = last[1]
             masks, ious, low, windows = self._predict_zoomed(emb, pts, lab, bx, mask_t, mask_windows, nb,
                                                              multimask, return_logits)
+        self._last_windows = None if windows is None else (emb, windows)
         if not batched:
             masks, ious, low = masks[0], ious[0], low[0]
             windows = None if windows is None else windows[0]
@@ -297,7 +315,7 @@ class SamPredictor:
             if prev.shape[0] != nb:
                 raise ValueError(f"mask_windows has {prev.shape[0]} windows for {nb} objects")
         wins: list[Window] = []
-        fresh = []  # objects that get a new window: first checked on the whole image
+        fresh = []  # objects that get a new window (not kept with their mask input)
         for i in range(nb):
             old = None if prev is None else tuple(int(v) for v in prev[i])
             if old is not None and (old == whole or fits(ext[i], old, (h, w), side)):
@@ -328,29 +346,48 @@ class SamPredictor:
             out[0][idx, :, win[0]:win[2], win[1]:win[3]] = m
             out[1][idx], out[2][idx] = io, lo
 
-        done: set[int] = set()
-        if fresh:  # an object that the whole image shows larger than half a window keeps that decode
-            decode(np.array(fresh), whole)
-            thr = self.model.mask_threshold if return_logits else None
-            for i in fresh:
-                top = out[0][i, int(np.argmax(out[1][i]))]
-                rows, cols = np.nonzero((top > thr) if thr is not None else top)
-                if len(rows) and max(np.ptp(rows), np.ptp(cols)) + 1 > side / 2:
-                    wins[i] = whole
-                    done.add(i)
         for win in dict.fromkeys(wins):
-            idx = [i for i in range(nb) if wins[i] == win and i not in done]
-            if idx:
-                decode(np.array(idx), win)
-        # an object whose mask reaches a window edge inside the image is larger than its window: whole image
-        spill = [i for i in range(nb) if wins[i] != whole and _reaches_inner_edge(
-            out[0][i, int(np.argmax(out[1][i]))], wins[i], (h, w), self.model.mask_threshold if return_logits else None)]
-        if spill:
-            for i in spill:
+            decode(np.array([i for i in range(nb) if wins[i] == win]), win)
+        # an object larger than its window goes back to the whole image: its zoomed mask reaches the window's
+        # edge inside the image, or (a window that sees only its inside) the zoomed mask is unsure and the whole
+        # image shows it larger than half a window
+        thr = self.model.mask_threshold if return_logits else None
+        top = {i: int(np.argmax(out[1][i])) for i in range(nb) if wins[i] != whole}
+        large = [i for i in top if _reaches_inner_edge(out[0][i, top[i]], wins[i], (h, w), thr)]
+        unsure = [i for i in fresh if i not in large and out[1][i, top[i]] < ZOOM_CHECK_IOU]
+        if unsure:
+            spans = self._whole_spans(emb, pts, lab, bx, unsure, multimask)
+            large += [i for i, span in zip(unsure, spans) if span > side / 2]
+        if large:
+            for i in large:
                 wins[i] = whole
-            decode(np.array(spill), whole)
+            decode(np.array(sorted(large)), whole)
         masks, ious, low = out
         return masks, ious, low, np.array(wins, np.int64)
+
+    def _whole_spans(self, emb: ImageEmbedding, pts, lab, bx, idx: list[int], multimask: bool) -> np.ndarray:
+        """The largest side, in image pixels, of the top-ranked whole-image mask of objects ``idx`` for their points
+        and box (no mask input), measured on the low-res logits (no upsampling)."""
+        i = np.array(idx)
+        coords = None if pts is None else scale_coords(rc_to_xy(pts[i]), emb.original_size, emb.input_size)
+        boxes = None if bx is None else scale_boxes(boxes_rc_to_xy(bx[i]), emb.original_size, emb.input_size)
+        low, iou = self._run(
+            emb,
+            None if coords is None else torch.as_tensor(coords, dtype=torch.float32, device=self.device),
+            None if lab is None else torch.as_tensor(lab[i], dtype=torch.int64, device=self.device),
+            None if boxes is None else torch.as_tensor(boxes, dtype=torch.float32, device=self.device),
+            None,
+            multimask,
+        )
+        top = low[torch.arange(len(i)), iou.argmax(1)] > self.model.mask_threshold  # (n, L, L)
+        cell = self.model.img_size / top.shape[-1]  # input pixels per low-res cell
+        fr, fc = emb.original_size[0] / emb.input_size[0], emb.original_size[1] / emb.input_size[1]
+        spans = np.zeros(len(i))
+        for j, t in enumerate(top.cpu().numpy()):
+            rows, cols = np.flatnonzero(t.any(1)), np.flatnonzero(t.any(0))
+            if rows.size:
+                spans[j] = max((rows[-1] - rows[0] + 1) * cell * fr, (cols[-1] - cols[0] + 1) * cell * fc)
+        return spans
 
     def _reframe(self, emb: ImageEmbedding, low: torch.Tensor, src: Window, dst: Window) -> torch.Tensor:
         """Low-res logits (1, 1, L, L) decoded in window ``src`` -> the frame of window ``dst``."""
@@ -441,6 +478,12 @@ class SamPredictor:
             key = (id(emb), emb.features.data_ptr(), tuple((t.data_ptr(), t._version) for t in deps))
         except RuntimeError:  # weights that are inference tensors have no version counter: do not cache
             key = None
-        if key is None or self._ctx is None or self._ctx[0] != key:
-            self._ctx = (key, prepare_context(emb.features, pe, dec))
-        return self._ctx[1]
+        if key is None:
+            return prepare_context(emb.features, pe, dec)
+        hit = self._ctx.pop(key, None)
+        if hit is None or hit[0] is not emb:  # the entry holds its embedding, so ids are not reused meanwhile
+            hit = (emb, prepare_context(emb.features, pe, dec))
+        self._ctx[key] = hit  # most recently used last; the image's and a few zoom windows' are kept
+        while len(self._ctx) > 4:
+            self._ctx.pop(next(iter(self._ctx)))
+        return hit[1]
