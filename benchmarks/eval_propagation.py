@@ -27,7 +27,8 @@ VOLUMES = ("1135", "1136")
 
 # (name, strategy, extra params): the strategies of napari_sam.core.propagation plus micro-sam's default
 RUNS = [  # most informative first: a time-boxed run (--strategies) still compares the main ones
-    ("point, uncalibrated ranking, micro-sam's stop (default)", "point_raw", {}),
+    ("point, uncalibrated ranking, micro-sam's stop, z smoothing (default)", "point_raw", {}),
+    ("the same without z smoothing", "point_raw", {"smooth_z": False}),
     ("box + logits", "box_logits", {}),
     ("point", "point", {}),
     ("micro-sam default (point, stop IoU<0.5)", "microsam", {}),
@@ -74,7 +75,7 @@ def evaluate(model, strategies, min_voxels: int, cache, log=print, limit: int | 
 
     from napari_sam.core.embedding_store import StackEmbeddings
     from napari_sam.core.predictor import SamPredictor
-    from napari_sam.core.propagation import choose_seed, iter_propagate_masks
+    from napari_sam.core.propagation import choose_seed, iter_propagate_masks, make_params, smooth_z
 
     out = {"results": {}, "slices": {}, "times": {}, "seed_iou": [], "crops": {}}
     volumes = []
@@ -110,6 +111,13 @@ def evaluate(model, strategies, min_voxels: int, cache, log=print, limit: int | 
             for i, z, m, _s in iter_propagate_masks(vol, seeds, embeddings=emb, strategy=strategy, **extra):
                 masks[i][z] = m
                 n += 1
+            if make_params({"strategy": strategy, **extra}).smooth_z:  # as propagate_masks finishes an object
+                for i, s in enumerate(seeds):
+                    zs = np.flatnonzero(masks[i].any(axis=(1, 2)))
+                    kept = smooth_z({int(z): masks[i][z].copy() for z in zs}, keep=s)
+                    masks[i][:] = False
+                    for z, m in kept.items():
+                        masks[i][z] = m
             t += time.perf_counter() - t0
             ious += [iou3d(masks[i], gt == lab) for i, lab in enumerate(objs)] + [0.0] * failed
         out["results"][name], out["slices"][name], out["times"][name] = ious, n, t

@@ -18,9 +18,10 @@ from napari_sam.core.propagation import (
     propagate_masks,
     propagate_object,
     repropagate,
+    smooth_z,
 )
 
-NO_STOP = dict(iou_threshold=0.0, overlap_threshold=0.0, min_area=1)
+NO_STOP = dict(iou_threshold=0.0, overlap_threshold=0.0, min_area=1, smooth_z=False)
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -248,3 +249,30 @@ def test_confidence_text_and_write_plan():
     (z, r, c), v = plan_write(labels, [5], {0: {2: new}}, overwrite=True)
     out[z, r, c] = v
     assert out[2, 0, 0] == 5
+
+
+def test_z_smoothing_exact_reference():
+    a = np.zeros((3, 5), bool)
+    a[1, 1:4] = True
+    b = np.zeros((3, 5), bool)
+    b[1, 2:5] = True
+    b[0, 0] = True  # a one-slice speck
+    c = a.copy()
+    out = smooth_z({0: a, 1: b, 2: c}, keep=[2])
+    assert np.array_equal(out[0], a & b)  # slice -1 is missing: 2 of (a, b) needed
+    assert np.array_equal(out[1], (a.astype(int) + b + c) >= 2) and not out[1][0, 0]
+    assert out[2] is c  # a prompted slice stays as it is
+    assert smooth_z({0: a, 1: ~a & b}) == {}  # nothing two neighbouring slices agree on
+
+
+def test_propagate_object_and_masks_finish_with_z_smoothing(volume, emb):
+    raw, raw_scores = propagate_object(volume, 4, points=[[48, 48]], embeddings=emb, strategy="point",
+                                       iou_threshold=0.0, overlap_threshold=0.0, min_area=1, smooth_z=False)
+    sm, scores = propagate_object(volume, 4, points=[[48, 48]], embeddings=emb, strategy="point",
+                                  iou_threshold=0.0, overlap_threshold=0.0, min_area=1)
+    ref = smooth_z({z: raw[z] for z in range(8) if raw[z].any()}, keep=[4])
+    assert all(np.array_equal(sm[z], ref.get(z, np.zeros_like(raw[z]))) for z in range(8))
+    assert np.array_equal(np.isfinite(scores), [z in ref for z in range(8)])
+    labels, _ = propagate_masks(volume, [{4: raw[4]}], embeddings=emb, strategy="point", iou_threshold=0.0,
+                                overlap_threshold=0.0, min_area=1)
+    assert np.array_equal(labels == 1, sm)

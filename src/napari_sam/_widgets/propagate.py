@@ -26,7 +26,9 @@ from qtpy.QtWidgets import (
 )
 
 from ..core.embedding_store import EmbeddingCacheWarning, StackEmbeddings, select_volume
-from ..core.propagation import STRATEGIES, PropagationParams, iter_propagate_masks, make_params, repropagate
+from ..core.propagation import (
+    STRATEGIES, PropagationParams, iter_propagate_masks, make_params, repropagate, smooth_z,
+)
 from ..core.propagation_labels import confidence_text, plan_write, seeds_from_labels
 from ._annotator_ui import bind_denoise, denoise_spin_box
 from ._state import get_state
@@ -80,6 +82,11 @@ def run_propagation(volume, labels3d, z, ids, model, params, cancel, report, den
         scores[i, zz] = s
         done += 1
         report(done, total)
+    if make_params(params).smooth_z:  # as propagate_masks does
+        for i, obj in results.items():
+            kept = smooth_z({**seeds[i], **obj}, keep=seeds[i])
+            scores[i, [zz for zz in obj if zz not in kept]] = np.nan
+            results[i] = {zz: m for zz, m in kept.items() if zz in obj}
     return {"model": model, "ids": ids, "results": results, "scores": scores, "notes": notes,
             "cancelled": cancel(), "range": None}
 

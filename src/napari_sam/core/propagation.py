@@ -30,7 +30,7 @@ from .predictor import SamPredictor
 # candidates by the model's uncalibrated IoU head and also stops below predicted IoU 0.4 (chosen on GoNuclear crop
 # 1135 among 0 / 0.3 / 0.4 / 0.5, raw and denoised; benchmarks/eval_propagation.py). "microsam" is micro-sam's
 # default as is (one positive point at the previous mask's interior maximum, stop at IoU with the previous slice
-# < 0.5, no predicted-IoU stop).
+# < 0.5, no predicted-IoU stop, no z smoothing).
 _BOX_STOP = dict(iou_threshold=0.6, overlap_threshold=0.3, select="iou")
 STRATEGIES: dict[str, dict] = {
     "point_raw": dict(box=False, logits=False, point=True, overlap_threshold=0.5, iou_threshold=0.4,
@@ -41,7 +41,8 @@ STRATEGIES: dict[str, dict] = {
     "point_box": dict(box=True, logits=False, point=True, **_BOX_STOP),
     "point_logits": dict(box=False, logits=True, point=True, **_BOX_STOP),
     "point_box_logits": dict(box=True, logits=True, point=True, **_BOX_STOP),
-    "microsam": dict(box=False, logits=False, point=True, overlap_threshold=0.5, iou_threshold=0.0, select="iou"),
+    "microsam": dict(box=False, logits=False, point=True, overlap_threshold=0.5, iou_threshold=0.0, select="iou",
+                     smooth_z=False),
 }
 DIRECTIONS = {"both": (1, -1), "forward": (1,), "up": (1,), "backward": (-1,), "down": (-1,)}
 SEED_SELECT = ("consistency", "iou")
@@ -61,7 +62,10 @@ class PropagationParams:
     stopped on), or the highest IoU with the previous slice's mask ("overlap"). seed_select
     (:func:`propagate_object` with one point, ambiguous): keep the candidate the neighbouring slices agree with
     best ("consistency", see :func:`choose_seed`) or the one with the highest predicted IoU ("iou").
-    converge_iou (:func:`repropagate` only): a direction ends where the new mask has this IoU with the old one."""
+    converge_iou (:func:`repropagate` only): a direction ends where the new mask has this IoU with the old one.
+    smooth_z: the finished 3D object keeps a pixel of a propagated slice only where at least 2 of the slices z - 1,
+    z, z + 1 have it (:func:`smooth_z`; prompted slices are kept as they are). :func:`propagate_object`,
+    :func:`propagate_masks` and the widget apply it; the generators yield the slices as decoded."""
 
     strategy: str = "point_raw"
     iou_threshold: float = 0.4  # (the defaults are the default strategy's; other strategies bring their own)
@@ -73,6 +77,7 @@ class PropagationParams:
     select: str = "raw_iou"
     seed_select: str = "iou"
     converge_iou: float = 0.9
+    smooth_z: bool = True
 
     def spec(self) -> dict:
         """The prompt recipe of the strategy: {"box": bool, "logits": bool, "point": bool}."""
@@ -113,6 +118,27 @@ def raw_candidate_ious(model, ious: np.ndarray) -> np.ndarray:
 def mask_iou(a: np.ndarray, b: np.ndarray) -> float:
     union = np.count_nonzero(a | b)
     return float(np.count_nonzero(a & b) / union) if union else 0.0
+
+
+def smooth_z(slices: Mapping[int, np.ndarray], keep=()) -> dict[int, np.ndarray]:
+    """One object's slices {z: (Y, X) bool} -> the same with each pixel of a slice kept only where at least 2 of
+    the slices z - 1, z, z + 1 have it (a majority along z; a missing slice counts as empty). Slices in ``keep``
+    (the prompted ones) are returned unchanged; slices left empty are dropped. On GoNuclear this removes
+    slice-to-slice flicker and trims the ends a little: mean 3D IoU +0.01-0.02 on both crops, raw and denoised."""
+    keep = set(int(z) for z in keep)
+    out = {}
+    for z, m in slices.items():
+        if z in keep:
+            out[z] = m
+            continue
+        votes = m.astype(np.uint8)
+        for nz in (z - 1, z + 1):
+            if nz in slices:
+                votes += slices[nz]
+        sm = votes >= 2
+        if sm.any():
+            out[z] = sm
+    return out
 
 
 def mask_box(mask: np.ndarray) -> np.ndarray:
@@ -334,13 +360,22 @@ def propagate_masks(volume: np.ndarray, seeds: Sequence[Mapping[int, np.ndarray]
                 sl[np.asarray(m, bool) & (sl == 0)] = i + 1
                 scores[i, z] = 1.0
     done = 0
+    slices: list[dict[int, np.ndarray]] = [dict() for _ in seeds]
     for i, z, m, s in iter_propagate_masks(vol, seeds, model, embeddings, cancel, **params):
-        sl = labels[z]
-        sl[m & (sl == 0)] = i + 1
+        slices[i][z] = m
         scores[i, z] = s
         done += 1
         if progress is not None:
             progress(i, z, done)
+    smooth = make_params(params).smooth_z
+    for i, obj in enumerate(slices):
+        if smooth:
+            kept = smooth_z({**{int(z): np.asarray(m, bool) for z, m in seeds[i].items()}, **obj}, keep=seeds[i])
+            scores[i, [z for z in obj if z not in kept]] = np.nan
+            obj = {z: m for z, m in kept.items() if z in obj}
+        for z, m in obj.items():
+            sl = labels[z]
+            sl[m & (sl == 0)] = i + 1
     return labels, scores
 
 
@@ -417,9 +452,16 @@ def propagate_object(volume: np.ndarray, z: int, points=None, point_labels=None,
     vol = validate_stack(volume)
     mask = np.zeros(vol.shape[:3], bool)
     scores = np.full(vol.shape[0], np.nan, np.float32)
+    slices = {}
     for zz, m, s in iter_propagate_object(vol, z, points, point_labels, box, model, embeddings, **params):
-        mask[zz] = m
+        slices[zz] = m
         scores[zz] = s
+    if slices and make_params({k: v for k, v in params.items() if k != "cancel"}).smooth_z:
+        kept = smooth_z(slices, keep=[_check_z(z, vol.shape[0])])
+        scores[[zz for zz in slices if zz not in kept]] = np.nan
+        slices = kept
+    for zz, m in slices.items():
+        mask[zz] = m
     return mask, scores
 
 
