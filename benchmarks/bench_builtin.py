@@ -54,7 +54,8 @@ def bench(model, image: np.ndarray, repeats: int, point: tuple[float, float] | N
     point_new = _median_ms(new_window, repeats)
     box = _median_ms(lambda: pred.predict(box=np.array([h / 4, w / 4, h / 2, w / 2]), multimask=False), repeats * 3)
     return {"encoder_ms": enc, "set_image_ms": embed, "point_ms": point, "point_multimask_ms": point3,
-            "point_new_window_ms": point_new, "box_ms": box, "params_M": sum(p.numel() for p in model.parameters()) / 1e6}
+            "point_new_window_ms": point_new, "box_ms": box,
+            "params_M": sum(p.numel() for p in model.parameters()) / 1e6}
 
 
 def real_image() -> tuple[np.ndarray, tuple[float, float] | None, str]:
@@ -93,7 +94,8 @@ def main() -> None:
     flat = bench(load_model(args.model, device="cpu", zoom_window=0), image, args.repeats, point)
     ref = bench(build_sam("vit_t").eval(), image, max(3, args.repeats // 3), point)
     print(f"threads={args.threads}, {what}, median of repeats")
-    print("| metric | built-in (nsam_t, 512 px) | built-in, zoom off | MobileSAM vit_t (1024 px) | ratio built-in / vit_t |")
+    print("| metric | built-in (nsam_t, 512 px) | built-in, zoom off | MobileSAM vit_t (1024 px) "
+          "| ratio built-in / vit_t |")
     print("|---|---|---|---|---|")
     for k in ours:
         print(f"| {k} | {ours[k]:.1f} | {flat[k]:.1f} | {ref[k]:.1f} | {ours[k] / ref[k]:.2f} |")
