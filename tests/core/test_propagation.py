@@ -276,3 +276,44 @@ def test_propagate_object_and_masks_finish_with_z_smoothing(volume, emb):
     labels, _ = propagate_masks(volume, [{4: raw[4]}], embeddings=emb, strategy="point", iou_threshold=0.0,
                                 overlap_threshold=0.0, min_area=1)
     assert np.array_equal(labels == 1, sm)
+
+
+class _DiskPredictor:
+    """Exact reference for the stop rules: on slice z it returns a disk of radius RADII[z] around (32, 32)."""
+
+    RADII = {0: 9, 1: 5, 2: 6, 3: 8, 4: 10, 5: 8, 6: 6, 7: 9, 8: 12}
+
+    def __init__(self):
+        self.z, self.model = None, None
+        yy, xx = np.mgrid[:64, :64]
+        self.dist = np.hypot(yy - 32, xx - 32)
+
+    def set_embedding(self, z):
+        self.z = z
+
+    def predict(self, points=None, point_labels=None, box=None, mask_input=None, multimask=True):
+        from napari_sam.core.predictor import Prediction
+
+        b = len(points)
+        m = np.broadcast_to(self.dist <= self.RADII[self.z], (b, 3, 64, 64))
+        return Prediction(m, np.full((b, 3), 0.9, np.float32), np.zeros((b, 3, 16, 16), np.float32))
+
+
+def test_regrowth_stop_exact_reference():
+    """From slice 4 (radius 10) the disk narrows both ways, then grows back: with max_regrowth 0.5 each direction
+    stops at the first slice whose area exceeds 1.5x its smallest so far (z 7: r 9 vs r 6; z 0: r 9 vs r 5)."""
+    from napari_sam.core.propagation import _seed_tracks, iter_tracks
+
+    pred = _DiskPredictor()
+    seed = pred.dist <= 10
+
+    def run(**kw):
+        p = make_params({"strategy": "point", "iou_threshold": 0.0, "overlap_threshold": 0.0, **kw})
+        tracks = _seed_tracks(0, {4: (seed, None)}, 9, (1, -1))
+        return sorted(z for _o, z, _m, _s in iter_tracks(pred, list(range(9)), tracks, p, p.spec()))
+
+    assert run(max_regrowth=0.5) == [1, 2, 3, 5, 6]
+    assert run(max_regrowth=None) == [0, 1, 2, 3, 5, 6, 7, 8]
+    assert run(max_regrowth=1.5) == [1, 2, 3, 5, 6, 7]  # up: r 9 vs 6 is 2.25x (kept), r 12 vs 6 4x; down: 3.2x
+    with pytest.raises(ValueError, match="max_regrowth"):
+        make_params({"max_regrowth": -1})

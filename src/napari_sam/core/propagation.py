@@ -30,7 +30,7 @@ from .predictor import SamPredictor
 # candidates by the model's uncalibrated IoU head and also stops below predicted IoU 0.4 (chosen on GoNuclear crop
 # 1135 among 0 / 0.3 / 0.4 / 0.5, raw and denoised; benchmarks/eval_propagation.py). "microsam" is micro-sam's
 # default as is (one positive point at the previous mask's interior maximum, stop at IoU with the previous slice
-# < 0.5, no predicted-IoU stop, no z smoothing).
+# < 0.5, no predicted-IoU stop, no z smoothing, no regrowth stop).
 _BOX_STOP = dict(iou_threshold=0.6, overlap_threshold=0.3, select="iou")
 STRATEGIES: dict[str, dict] = {
     "point_raw": dict(box=False, logits=False, point=True, overlap_threshold=0.5, iou_threshold=0.4,
@@ -42,7 +42,7 @@ STRATEGIES: dict[str, dict] = {
     "point_logits": dict(box=False, logits=True, point=True, **_BOX_STOP),
     "point_box_logits": dict(box=True, logits=True, point=True, **_BOX_STOP),
     "microsam": dict(box=False, logits=False, point=True, overlap_threshold=0.5, iou_threshold=0.0, select="iou",
-                     smooth_z=False),
+                     smooth_z=False, max_regrowth=None),
 }
 DIRECTIONS = {"both": (1, -1), "forward": (1,), "up": (1,), "backward": (-1,), "down": (-1,)}
 SEED_SELECT = ("consistency", "iou")
@@ -65,7 +65,10 @@ class PropagationParams:
     converge_iou (:func:`repropagate` only): a direction ends where the new mask has this IoU with the old one.
     smooth_z: the finished 3D object keeps a pixel of a propagated slice only where at least 2 of the slices z - 1,
     z, z + 1 have it (:func:`smooth_z`; prompted slices are kept as they are). :func:`propagate_object`,
-    :func:`propagate_masks` and the widget apply it; the generators yield the slices as decoded."""
+    :func:`propagate_masks` and the widget apply it; the generators yield the slices as decoded.
+    max_regrowth: moving away from its prompted slice, an object stops where its mask grows to more than
+    (1 + max_regrowth) times the smallest it has been on the way (a nucleus narrows toward its ends; growing back,
+    the mask has run into the next one). Not applied between two prompted slices; None: off."""
 
     strategy: str = "point_raw"
     iou_threshold: float = 0.4  # (the defaults are the default strategy's; other strategies bring their own)
@@ -78,6 +81,7 @@ class PropagationParams:
     seed_select: str = "iou"
     converge_iou: float = 0.9
     smooth_z: bool = True
+    max_regrowth: float | None = 0.5
 
     def spec(self) -> dict:
         """The prompt recipe of the strategy: {"box": bool, "logits": bool, "point": bool}."""
@@ -102,7 +106,11 @@ def make_params(params: Mapping) -> PropagationParams:
     if direction not in DIRECTIONS:
         raise ValueError(f"unknown direction {direction!r}; choose one of {sorted(DIRECTIONS)}")
     over = {k: v for k, v in STRATEGIES[strategy].items() if k in names}
-    return PropagationParams(**{**over, **params})
+    p = PropagationParams(**{**over, **params})
+    if p.max_regrowth is not None and not (np.isfinite(p.max_regrowth) and p.max_regrowth >= 0):
+        raise ValueError(f"max_regrowth={p.max_regrowth!r} must be a number >= 0 (0.5: stop where the mask grows "
+                         "to 1.5x its smallest so far), or None for no such stop")
+    return p
 
 
 def raw_candidate_ious(model, ious: np.ndarray) -> np.ndarray:
@@ -174,6 +182,7 @@ class _Track:
         self.partner: _Track | None = None
         self.stopped = False  # by a stop rule (not by reaching its end)
         self.count = 0
+        self.min_area = int(np.count_nonzero(mask))  # the smallest mask so far (max_regrowth)
 
     def next_z(self, max_slices: int | None) -> int | None:
         nz = self.z + self.step
@@ -264,14 +273,17 @@ def iter_tracks(predictor: SamPredictor, embeddings: StackEmbeddings, tracks: li
             masks, scores, lows = _predict_step(predictor, group, spec, params)
             for t, m, s, low in zip(group, masks, scores, lows):
                 area = int(np.count_nonzero(m))
+                regrown = (params.max_regrowth is not None and t.partner is None
+                           and area > (1 + params.max_regrowth) * t.min_area)
                 if (area < max(params.min_area, 1) or s < params.iou_threshold
-                        or mask_iou(m, t.mask) < params.overlap_threshold):
+                        or mask_iou(m, t.mask) < params.overlap_threshold or regrown):
                     t.stopped = True
                     p = t.partner
                     if p is not None and not p.stopped:  # the other end fills the rest of the gap
                         p.end = t.z + t.step
                     continue
                 t.z, t.mask, t.logits, t.count = nz, m, low, t.count + 1
+                t.min_area = min(t.min_area, area)
                 yield t.obj, nz, m, float(s)
 
 
