@@ -21,7 +21,7 @@ from napari_sam.core.propagation import (
     smooth_z,
 )
 
-NO_STOP = dict(iou_threshold=0.0, overlap_threshold=0.0, min_area=1, smooth_z=False)
+NO_STOP = dict(iou_threshold=0.0, overlap_threshold=0.0, min_area=1, max_regrowth=None, smooth_z=False)
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

@@ -11,7 +11,7 @@ napari = pytest.importorskip("napari")
 from conftest import data_dir, read_image  # noqa: E402
 
 pytestmark = [pytest.mark.gui, pytest.mark.usefixtures("one_torch_thread")]
-NO_STOP = dict(iou_threshold=0.0, overlap_threshold=0.0, min_area=1)
+NO_STOP = dict(iou_threshold=0.0, overlap_threshold=0.0, min_area=1, max_regrowth=None, smooth_z=False)
 SEED, OTHER = 28, 33  # ground-truth nuclei: 28 annotated on slice 4 only, 33 already on every slice
 
 
