@@ -76,7 +76,7 @@ def evaluate(model, strategies, min_voxels: int, cache, log=print, limit: int | 
 
     from napari_sam.core.embedding_store import StackEmbeddings
     from napari_sam.core.predictor import SamPredictor
-    from napari_sam.core.propagation import choose_seed, iter_propagate_masks, make_params, smooth_z
+    from napari_sam.core.propagation import choose_seed, finish_slices, iter_propagate_masks, make_params
 
     out = {"results": {}, "slices": {}, "times": {}, "seed_iou": [], "crops": {}}
     volumes = []
@@ -114,11 +114,10 @@ def evaluate(model, strategies, min_voxels: int, cache, log=print, limit: int | 
                 n += 1
             if make_params({"strategy": strategy, **extra}).smooth_z:  # as propagate_masks finishes an object
                 for i, s in enumerate(seeds):
-                    zs = np.flatnonzero(masks[i].any(axis=(1, 2)))
-                    kept = smooth_z({int(z): masks[i][z].copy() for z in zs}, keep=s)
-                    masks[i][:] = False
-                    for z, m in kept.items():
-                        masks[i][z] = m
+                    zs = [int(z) for z in np.flatnonzero(masks[i].any(axis=(1, 2))) if z not in s]
+                    kept = finish_slices(s, {z: masks[i][z] for z in zs})
+                    for z in zs:
+                        masks[i][z] = kept.get(z, False)
             t += time.perf_counter() - t0
             ious += [iou3d(masks[i], gt == lab) for i, lab in enumerate(objs)] + [0.0] * failed
         out["results"][name], out["slices"][name], out["times"][name] = ious, n, t

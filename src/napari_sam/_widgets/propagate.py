@@ -27,7 +27,7 @@ from qtpy.QtWidgets import (
 
 from ..core.embedding_store import EmbeddingCacheWarning, StackEmbeddings, select_volume
 from ..core.propagation import (
-    STRATEGIES, PropagationParams, iter_propagate_masks, make_params, repropagate, smooth_z,
+    STRATEGIES, PropagationParams, finish_slices, iter_propagate_masks, make_params, repropagate,
 )
 from ..core.propagation_labels import confidence_text, plan_write, seeds_from_labels
 from ._annotator_ui import bind_denoise, denoise_spin_box
@@ -84,9 +84,7 @@ def run_propagation(volume, labels3d, z, ids, model, params, cancel, report, den
         report(done, total)
     if make_params(params).smooth_z:  # as propagate_masks does
         for i, obj in results.items():
-            kept = smooth_z({**seeds[i], **obj}, keep=seeds[i])
-            scores[i, [zz for zz in obj if zz not in kept]] = np.nan
-            results[i] = {zz: m for zz, m in kept.items() if zz in obj}
+            results[i] = finish_slices(seeds[i], obj, scores[i])
     return {"model": model, "ids": ids, "results": results, "scores": scores, "notes": notes,
             "cancelled": cancel(), "range": None}
 

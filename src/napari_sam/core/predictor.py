@@ -251,11 +251,9 @@ class SamPredictor:
             nb = mask_t.shape[0] if pts is None and bx is None else nb
         if emb.source is None or not self.zoom or (pts is None and bx is None):
             if emb.source is not None and mask_windows is not None and mask_t is not None:  # zoomed logits
-                whole = (0, 0) + tuple(emb.original_size)
                 wins = np.asarray(mask_windows, np.int64).reshape(-1, 4)
                 wins = np.repeat(wins, mask_t.shape[0], 0) if len(wins) == 1 else wins
-                mask_t = torch.cat([self._reframe(emb, mask_t[j:j + 1], tuple(int(v) for v in wins[j]), whole)
-                                    for j in range(mask_t.shape[0])])
+                mask_t = self._reframe_each(emb, mask_t, wins, (0, 0) + tuple(emb.original_size))
             masks, ious, low = self._predict_frame(emb, pts, lab, bx, mask_t, multimask, return_logits)
             windows = None if emb.source is None else np.tile(np.array((0, 0) + tuple(emb.original_size)),
                                                               (masks.shape[0], 1))
@@ -272,19 +270,17 @@ class SamPredictor:
             windows = None if windows is None else windows[0]
         return Prediction(masks, ious, low, windows)
 
-    def _predict_frame(self, emb: ImageEmbedding, pts, lab, bx, mask_t, multimask: bool, return_logits: bool,
-                       origin: tuple[int, int] = (0, 0)):
-        """Decode prompts given in image (row, col) pixels from one frame: ``emb`` of the image region starting at
-        ``origin``. Returns masks (B, K, h, w) of that region, IoU (B, K) and low-res logits (B, K, L, L)."""
+    def _decode_low(self, emb: ImageEmbedding, pts, lab, bx, mask_t, multimask: bool,
+                    origin: tuple[int, int] = (0, 0)) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prompts in image (row, col) pixels, decoded from ``emb`` of the image region starting at ``origin``
+        -> low-res logits (B, K, L, L) and IoU (B, K) tensors."""
         coords = boxes = None
         off = np.array(origin, np.float64)
         if pts is not None:
-            rc = pts if not origin[0] and not origin[1] else pts - off
-            coords = scale_coords(rc_to_xy(rc), emb.original_size, emb.input_size)
+            coords = scale_coords(rc_to_xy(pts - off), emb.original_size, emb.input_size)
         if bx is not None:
-            rc = bx if not origin[0] and not origin[1] else bx - np.tile(off, 2)
-            boxes = scale_boxes(boxes_rc_to_xy(rc), emb.original_size, emb.input_size)
-        low_res, iou = self._run(
+            boxes = scale_boxes(boxes_rc_to_xy(bx - np.tile(off, 2)), emb.original_size, emb.input_size)
+        return self._run(
             emb,
             None if coords is None else torch.as_tensor(coords, dtype=torch.float32, device=self.device),
             None if lab is None else torch.as_tensor(lab, dtype=torch.int64, device=self.device),
@@ -292,6 +288,12 @@ class SamPredictor:
             mask_t,
             multimask,
         )
+
+    def _predict_frame(self, emb: ImageEmbedding, pts, lab, bx, mask_t, multimask: bool, return_logits: bool,
+                       origin: tuple[int, int] = (0, 0)):
+        """Decode prompts given in image (row, col) pixels from one frame: ``emb`` of the image region starting at
+        ``origin``. Returns masks (B, K, h, w) of that region, IoU (B, K) and low-res logits (B, K, L, L)."""
+        low_res, iou = self._decode_low(emb, pts, lab, bx, mask_t, multimask, origin)
         b, k, L, _ = low_res.shape
         if return_logits:
             masks = upsample_logits(low_res, self.model.img_size, emb.input_size, emb.original_size).cpu().numpy()
@@ -332,8 +334,7 @@ class SamPredictor:
             if mask_t is not None:
                 m_t = mask_t[torch.as_tensor(idx, device=mask_t.device)]
                 if prev is not None:
-                    m_t = torch.cat([self._reframe(emb, m_t[j:j + 1], tuple(int(v) for v in prev[i]), win)
-                                     for j, i in enumerate(idx)])
+                    m_t = self._reframe_each(emb, m_t, prev[idx], win)
             m, io, lo = self._predict_frame(sub, None if pts is None else pts[idx], None if lab is None else lab[idx],
                                             None if bx is None else bx[idx], m_t, multimask, return_logits,
                                             origin=(win[0], win[1]))
@@ -369,16 +370,8 @@ class SamPredictor:
         """The largest side, in image pixels, of the top-ranked whole-image mask of objects ``idx`` for their points
         and box (no mask input), measured on the low-res logits (no upsampling)."""
         i = np.array(idx)
-        coords = None if pts is None else scale_coords(rc_to_xy(pts[i]), emb.original_size, emb.input_size)
-        boxes = None if bx is None else scale_boxes(boxes_rc_to_xy(bx[i]), emb.original_size, emb.input_size)
-        low, iou = self._run(
-            emb,
-            None if coords is None else torch.as_tensor(coords, dtype=torch.float32, device=self.device),
-            None if lab is None else torch.as_tensor(lab[i], dtype=torch.int64, device=self.device),
-            None if boxes is None else torch.as_tensor(boxes, dtype=torch.float32, device=self.device),
-            None,
-            multimask,
-        )
+        low, iou = self._decode_low(emb, None if pts is None else pts[i], None if lab is None else lab[i],
+                                    None if bx is None else bx[i], None, multimask)
         top = low[torch.arange(len(i)), iou.argmax(1)] > self.model.mask_threshold  # (n, L, L)
         cell = self.model.img_size / top.shape[-1]  # input pixels per low-res cell
         fr, fc = emb.original_size[0] / emb.input_size[0], emb.original_size[1] / emb.input_size[1]
@@ -388,6 +381,12 @@ class SamPredictor:
             if rows.size:
                 spans[j] = max((rows[-1] - rows[0] + 1) * cell * fr, (cols[-1] - cols[0] + 1) * cell * fc)
         return spans
+
+    def _reframe_each(self, emb: ImageEmbedding, low: torch.Tensor, srcs: np.ndarray, dst: Window) -> torch.Tensor:
+        """Low-res logits (n, 1, L, L), object j's decoded in window ``srcs[j]`` ((n, 4) int) -> the frame of
+        ``dst``."""
+        return torch.cat([self._reframe(emb, low[j:j + 1], tuple(int(v) for v in srcs[j]), dst)
+                          for j in range(low.shape[0])])
 
     def _reframe(self, emb: ImageEmbedding, low: torch.Tensor, src: Window, dst: Window) -> torch.Tensor:
         """Low-res logits (1, 1, L, L) decoded in window ``src`` -> the frame of window ``dst``."""

@@ -149,6 +149,16 @@ def smooth_z(slices: Mapping[int, np.ndarray], keep=()) -> dict[int, np.ndarray]
     return out
 
 
+def finish_slices(seeds: Mapping[int, np.ndarray], propagated: Mapping[int, np.ndarray],
+                  scores: np.ndarray | None = None) -> dict[int, np.ndarray]:
+    """One object's propagated slices {z: (Y, X) bool} after :func:`smooth_z` beside its prompted ``seeds`` {z: mask}
+    (kept as drawn): the propagated slices that remain. ``scores`` (Z,), if given, get NaN on the dropped ones."""
+    kept = smooth_z({**{int(z): np.asarray(m, bool) for z, m in seeds.items()}, **propagated}, keep=seeds)
+    if scores is not None:
+        scores[[z for z in propagated if z not in kept]] = np.nan
+    return {z: m for z, m in kept.items() if z in propagated}
+
+
 def mask_box(mask: np.ndarray) -> np.ndarray:
     """(4,) (min_row, min_col, max_row, max_col), inclusive, of a non-empty 2D mask."""
     rows = np.flatnonzero(mask.any(1))
@@ -382,9 +392,7 @@ def propagate_masks(volume: np.ndarray, seeds: Sequence[Mapping[int, np.ndarray]
     smooth = make_params(params).smooth_z
     for i, obj in enumerate(slices):
         if smooth:
-            kept = smooth_z({**{int(z): np.asarray(m, bool) for z, m in seeds[i].items()}, **obj}, keep=seeds[i])
-            scores[i, [z for z in obj if z not in kept]] = np.nan
-            obj = {z: m for z, m in kept.items() if z in obj}
+            obj = finish_slices(seeds[i], obj, scores[i])
         for z, m in obj.items():
             sl = labels[z]
             sl[m & (sl == 0)] = i + 1
@@ -469,9 +477,9 @@ def propagate_object(volume: np.ndarray, z: int, points=None, point_labels=None,
         slices[zz] = m
         scores[zz] = s
     if slices and make_params({k: v for k, v in params.items() if k != "cancel"}).smooth_z:
-        kept = smooth_z(slices, keep=[_check_z(z, vol.shape[0])])
-        scores[[zz for zz in slices if zz not in kept]] = np.nan
-        slices = kept
+        seed = _check_z(z, vol.shape[0])
+        slices = {seed: slices[seed], **finish_slices({seed: slices[seed]},
+                                                      {zz: m for zz, m in slices.items() if zz != seed}, scores)}
     for zz, m in slices.items():
         mask[zz] = m
     return mask, scores
