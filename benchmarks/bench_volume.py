@@ -68,7 +68,8 @@ def main(argv=None) -> int:
 
     model = load_model(args.model, device="cpu")
     strategy = args.strategy or PropagationParams.strategy
-    extra = dict(iou_threshold=0.0, overlap_threshold=0.0, min_area=1, max_slices=10) if args.no_stop else {}
+    no_stop = dict(iou_threshold=0.0, overlap_threshold=0.0, min_area=1, max_regrowth=None, max_slices=10)
+    extra = no_stop if args.no_stop else {}
     raw = tifffile.imread(DATA / "1135_crop_image.tif")[: args.slices]
     gt = tifffile.imread(DATA / "1135_crop_label.tif")[: args.slices]
     stack = upsampled(raw, args.size, 1)
