@@ -69,7 +69,7 @@ def load_split(split: str, limit: int | None) -> list[tuple[str, np.ndarray, np.
     return [(i, iio.imread(DATA / "images" / f"{i}.png"), tifffile.imread(DATA / "labels" / f"{i}.tif")) for i in ids]
 
 
-def tune(gen, images, min_area_choices=(0, 16, 48)) -> dict:
+def tune(gen, images, min_area_choices=(0, 16, 48), parts_choices=(False, True)) -> dict:
     """Grid over the live thresholds on kept model outputs (one model run per image): best F1 on ``images``."""
     from napari_sam.core.labels import records_to_labels
 
@@ -78,28 +78,29 @@ def tune(gen, images, min_area_choices=(0, 16, 48)) -> dict:
     for piou in (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.88):
         for stab in (0.5, 0.7, 0.85, 0.95):
             for nms in (0.5, 0.7):
-                for ma in min_area_choices:
-                    stats = []
-                    for pr, gt in props:
-                        recs = pr.filter(pred_iou_thresh=piou, stability_score_thresh=stab, box_nms_thresh=nms)
-                        stats.append(match_stats(gt, records_to_labels(recs, gt.shape, ma)))
-                    f1 = summarize(stats)["F1@0.5"]
-                    if best is None or f1 > best[0]:
-                        best = (f1, dict(pred_iou_thresh=piou, stability_score_thresh=stab, box_nms_thresh=nms,
-                                         min_object_area=ma))
+                for parts in parts_choices:
+                    recs = [(pr.filter(pred_iou_thresh=piou, stability_score_thresh=stab, box_nms_thresh=nms,
+                                       resolve_parts=parts), gt) for pr, gt in props]
+                    for ma in min_area_choices:
+                        stats = [match_stats(gt, records_to_labels(r, gt.shape, ma)) for r, gt in recs]
+                        f1 = summarize(stats)["F1@0.5"]
+                        if best is None or f1 > best[0]:
+                            best = (f1, dict(pred_iou_thresh=piou, stability_score_thresh=stab, box_nms_thresh=nms,
+                                             resolve_parts=parts, min_object_area=ma))
     print(f"tuned on {len(images)} val images: F1@0.5 {best[0]:.4f} with {best[1]}", file=sys.stderr)
     return {**best[1], "F1@0.5": best[0]}
 
 
 def store_thresholds(path: Path, params: dict, source: str, crop_n_layers: int = 0) -> None:
-    """Write tuned live thresholds (``amg_thresholds``) and the crop layers they were tuned with (``amg_settings``)
-    into a checkpoint's metadata, atomically."""
+    """Write tuned live thresholds (``amg_thresholds``), the crop layers they were tuned with and the tuned
+    part / merge resolution (``amg_settings``) into a checkpoint's metadata, atomically."""
     import torch
 
     obj = torch.load(path, map_location="cpu", weights_only=False)
     obj["amg_thresholds"] = {k: float(params[k]) for k in ("pred_iou_thresh", "stability_score_thresh",
                                                              "box_nms_thresh")}
-    obj["amg_settings"] = {"crop_n_layers": int(crop_n_layers)}
+    obj["amg_settings"] = {"crop_n_layers": int(crop_n_layers), "resolve_parts": int(bool(params["resolve_parts"])),
+                           "min_object_area": int(params["min_object_area"])}
     obj["amg_thresholds_source"] = source
     tmp = path.with_suffix(path.suffix + ".tmp")
     torch.save(obj, tmp)
@@ -137,7 +138,10 @@ def main(argv: list[str] | None = None) -> int:
     from napari_sam.core.amg import recommended_settings, recommended_thresholds
 
     crop = recommended_settings(model).get("crop_n_layers", 0) if args.crop_n_layers is None else args.crop_n_layers
-    ours_params = dict(recommended_thresholds(model), min_object_area=16)  # what segment_everything uses
+    # what segment_everything uses
+    rec = recommended_settings(model)
+    ours_params = dict(recommended_thresholds(model), min_object_area=rec.get("min_object_area", 16),
+                       resolve_parts=bool(rec.get("resolve_parts", 0)))
     if args.tune_on:
         ours_params = tune(AutomaticMaskGenerator(model, pred_iou_thresh=0.3, stability_score_thresh=0.5,
                                                   crop_n_layers=crop), load_split(args.tune_on, args.tune_limit))

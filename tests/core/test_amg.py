@@ -155,19 +155,23 @@ def test_recommended_thresholds_come_from_the_checkpoint():
 def test_recommended_crop_layers_come_from_the_checkpoint(tiny_model):
     """A checkpoint can store generator settings beside its thresholds (``amg_settings``); for_model builds its point
     grids with them unless the caller says otherwise. The built-in model stores 0 crop layers: one was tried (val
-    F1 0.734 vs 0.645) and not adopted (first 24 test images 0.641 vs 0.667, with 5 model views per image)."""
+    F1 0.734 vs 0.645) and not adopted (first 24 test images 0.641 vs 0.667, with 5 model views per image); it
+    stores part / merge resolution on and the label clean-up's min_object_area, both tuned on val."""
     from napari_sam.core.amg import recommended_settings
     from napari_sam.core.build import builtin_checkpoint_path
 
     if builtin_checkpoint_path().is_file():
-        assert recommended_settings(None) == {"crop_n_layers": 0}
-    tiny_model.checkpoint_meta = {"amg_settings": {"crop_n_layers": 1}}
+        assert recommended_settings(None) == {"crop_n_layers": 0, "resolve_parts": 1, "min_object_area": 48}
+    tiny_model.checkpoint_meta = {"amg_settings": {"crop_n_layers": 1, "resolve_parts": 1, "min_object_area": 30}}
     try:
-        assert recommended_settings(tiny_model) == {"crop_n_layers": 1}
+        assert recommended_settings(tiny_model) == {"crop_n_layers": 1, "resolve_parts": 1, "min_object_area": 30}
         gen = AutomaticMaskGenerator.for_model(tiny_model)
         assert gen.crop_n_layers == 1 and len(gen.point_grids) == 2 and gen.pred_iou_thresh == 0.88
+        assert gen.resolve_parts and gen.thresholds()["resolve_parts"]
+        assert not AutomaticMaskGenerator.for_model(tiny_model, resolve_parts=False).resolve_parts
         plain = AutomaticMaskGenerator.for_model(tiny_model, crop_n_layers=0)
         assert plain.crop_n_layers == 0 and len(plain.point_grids) == 1
-        assert AutomaticMaskGenerator(tiny_model).crop_n_layers == 0  # the constructor keeps the reference's
+        ref = AutomaticMaskGenerator(tiny_model)  # the constructor keeps the reference's
+        assert ref.crop_n_layers == 0 and not ref.resolve_parts
     finally:
         del tiny_model.checkpoint_meta

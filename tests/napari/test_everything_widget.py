@@ -34,7 +34,8 @@ def _core(widget):
     th = widget.thresholds()
     recs = widget.proposals.filter(pred_iou_thresh=th["pred_iou_thresh"],
                                    stability_score_thresh=th["stability_score_thresh"],
-                                   box_nms_thresh=th["box_nms_thresh"])
+                                   box_nms_thresh=th["box_nms_thresh"],
+                                   resolve_parts=widget.parts_check.isChecked())
     return records_to_labels(recs, widget.proposals.image_shape, int(th["min_object_area"]))
 
 
@@ -60,6 +61,13 @@ def test_run_live_thresholds_and_undo(scene, monkeypatch):
     assert len(np.unique(second)) == len(np.unique(expected))
     assert not np.array_equal(first, second)
     out.undo()  # each write is one undo step
+    assert np.array_equal(np.asarray(out.data), first)
+    w.set_thresholds(box_nms_thresh=1.0, min_object_area=0)  # (the first run's: nested masks overlap)
+    w.parts_check.setChecked(True)  # parts / merges resolved: live too, from the kept outputs
+    w.refilter()
+    resolved = np.asarray(out.data).copy()
+    assert np.array_equal(resolved, _core(w)) and not np.array_equal(resolved, first)
+    out.undo()
     assert np.array_equal(np.asarray(out.data), first)
 
 
@@ -99,11 +107,13 @@ def test_sliders_follow_the_models_recommended_thresholds_while_the_widget_lives
     state = get_state(viewer)
     n_before = len(state._callbacks)
     _, widget = viewer.window.add_plugin_dock_widget("napari-sam", "Segment everything")
-    tiny_model.checkpoint_meta = {"amg_thresholds": {"pred_iou_thresh": 0.42}, "amg_settings": {"crop_n_layers": 1}}
+    tiny_model.checkpoint_meta = {"amg_thresholds": {"pred_iou_thresh": 0.42},
+                                  "amg_settings": {"crop_n_layers": 1, "resolve_parts": 1, "min_object_area": 30}}
     try:
         state.set_model(tiny_model)
         assert widget.sliders["pred_iou_thresh"].value() == pytest.approx(0.42)
         assert widget.crop_spin.value() == 1 and widget.points_spin.value() == 32  # (points: none stored)
+        assert widget.parts_check.isChecked() and widget.sliders["min_object_area"].value() == 30
         assert widget.sliders["stability_score_thresh"].value() == pytest.approx(
             REFERENCE_THRESHOLDS["stability_score_thresh"])
         assert len(state._callbacks) == n_before + 1

@@ -91,6 +91,8 @@ class SegmentEverythingWidget(QWidget):
             self.sliders[k].setValue(v)
         self.crop_spin.setValue(settings.get("crop_n_layers", 0))
         self.points_spin.setValue(settings.get("points_per_side", 32))
+        self.parts_check.setChecked(bool(settings.get("resolve_parts", 0)))
+        self.sliders["min_object_area"].setValue(settings.get("min_object_area", 16))
 
     # ----------------------------------------------------------------- UI
     def _build_ui(self) -> None:
@@ -116,6 +118,10 @@ class SegmentEverythingWidget(QWidget):
         area.setValue(16)
         area.valueChanged.connect(self._schedule)
         self.sliders["min_object_area"] = area
+        self.parts_check = QCheckBox("drop parts of objects and merges of several")
+        self.parts_check.setToolTip("A grid of points gives both a nucleus and pieces of it, and both two touching "
+                                    "nuclei and their union: keep the whole nuclei (live, no model run)")
+        self.parts_check.toggled.connect(self._schedule)
         self.denoise_spin = denoise_spin_box()
         bind_denoise(self, self.denoise_spin, self.state)
         self.overwrite_check = QCheckBox("overwrite existing labels")
@@ -133,6 +139,7 @@ class SegmentEverythingWidget(QWidget):
                         ("stability ≥", self.sliders["stability_score_thresh"]),
                         ("box NMS IoU", self.sliders["box_nms_thresh"]),
                         ("min object area (px)", self.sliders["min_object_area"]),
+                        ("parts / merges", self.parts_check),
                         ("denoise σ", self.denoise_spin)):
             form.addRow(name, w)
         buttons = QHBoxLayout()
@@ -217,7 +224,7 @@ class SegmentEverythingWidget(QWidget):
             self._message(str(e), "error")
             return False
         p = {"points_per_side": self.points_spin.value(), "crop_n_layers": self.crop_spin.value(),
-             "min_mask_region_area": self.min_region_spin.value()}
+             "min_mask_region_area": self.min_region_spin.value(), "resolve_parts": self.parts_check.isChecked()}
         p.update({k: v for k, v in self.thresholds().items() if k != "min_object_area"})
         p.update(params)
         try:
@@ -259,7 +266,8 @@ class SegmentEverythingWidget(QWidget):
         recs = self.proposals.filter(pred_iou_thresh=th["pred_iou_thresh"],
                                      stability_score_thresh=th["stability_score_thresh"],
                                      box_nms_thresh=th["box_nms_thresh"], crop_nms_thresh=g.crop_nms_thresh,
-                                     min_mask_region_area=g.min_mask_region_area)
+                                     min_mask_region_area=g.min_mask_region_area,
+                                     resolve_parts=self.parts_check.isChecked())
         labels = records_to_labels(recs, self.proposals.image_shape, int(th["min_object_area"]))
         self._write(labels)
         self.last_refilter_s = time.perf_counter() - t0

@@ -34,11 +34,13 @@ class Cancelled(RuntimeError):
 
 DECODER_BYTES = 64 * 2**20  # cap on one image-sized decoder tensor per sub-batch (vit_*: 16 points, nsam_t: 128)
 THRESHOLDS = ("pred_iou_thresh", "stability_score_thresh", "box_nms_thresh", "crop_nms_thresh",
-              "min_mask_region_area")
+              "min_mask_region_area", "resolve_parts")
 
 
 REFERENCE_THRESHOLDS = {"pred_iou_thresh": 0.88, "stability_score_thresh": 0.95, "box_nms_thresh": 0.7}
-RECOMMENDABLE_SETTINGS = ("crop_n_layers", "points_per_side")
+#: what a checkpoint's ``amg_settings`` may recommend: generator settings, and the label clean-up's min_object_area
+GENERATOR_SETTINGS = ("crop_n_layers", "points_per_side", "resolve_parts")
+RECOMMENDABLE_SETTINGS = (*GENERATOR_SETTINGS, "min_object_area")
 
 
 def recommended_thresholds(model: Sam | None = None) -> dict[str, float]:
@@ -55,7 +57,8 @@ def recommended_thresholds(model: Sam | None = None) -> dict[str, float]:
 
 def recommended_settings(model: Sam | None = None) -> dict[str, int]:
     """Generator settings a checkpoint recommends beside its thresholds (``amg_settings`` in its metadata, chosen
-    on its validation data), e.g. {"crop_n_layers": 0} for the built-in model; {} when it stores none.
+    on its validation data), e.g. {"crop_n_layers": 0, "resolve_parts": 1, "min_object_area": 48}; {} when it
+    stores none.
 
     ``model``: a loaded :class:`Sam`, or None for the built-in model."""
     from .build import checkpoint_meta
@@ -70,6 +73,10 @@ class AutomaticMaskGenerator:
     model: a :class:`Sam` (any of ours: vit_b/l/h, vit_t, nsam_t), a model name / checkpoint path, or None for
     the built-in model. point_grids: optional list of (N, 2) (row, col) grids normalised to [0, 1], one per
     crop layer, exclusive with points_per_side.
+
+    resolve_parts (not in the reference; off by default): after NMS, drop masks that are parts of a larger mask,
+    or the larger mask when several masks inside it cover it (:func:`~napari_sam.core.amg_proposals.resolve_parts_of`).
+    A grid of points gives both a nucleus and pieces of it; box NMS keeps both.
     """
 
     def __init__(
@@ -87,6 +94,7 @@ class AutomaticMaskGenerator:
         crop_n_points_downscale_factor: int = 1,
         point_grids: list[np.ndarray] | None = None,
         min_mask_region_area: int = 0,
+        resolve_parts: bool = False,
     ) -> None:
         _check_int("points_per_batch", points_per_batch, 1)
         _check_int("crop_n_layers", crop_n_layers, 0)
@@ -122,6 +130,7 @@ class AutomaticMaskGenerator:
         self.crop_overlap_ratio = crop_overlap_ratio
         self.crop_n_points_downscale_factor = crop_n_points_downscale_factor
         self.min_mask_region_area = min_mask_region_area
+        self.resolve_parts = bool(resolve_parts)
 
     @classmethod
     def for_model(cls, model: Sam | str | os.PathLike | None = None, **params) -> "AutomaticMaskGenerator":
@@ -130,7 +139,8 @@ class AutomaticMaskGenerator:
         What ``segment_everything``, the CLI and the widget use; the plain constructor keeps the reference's
         defaults exactly."""
         gen = cls(model, **params)
-        settings = {k: v for k, v in recommended_settings(gen.model).items() if k not in params}
+        settings = {k: v for k, v in recommended_settings(gen.model).items()
+                    if k in GENERATOR_SETTINGS and k not in params}
         if settings and "point_grids" not in params:
             gen = cls(gen.model, **params, **settings)
         for k, v in recommended_thresholds(gen.model).items():
@@ -312,8 +322,8 @@ def segment_everything(image: np.ndarray, model: Sam | str | os.PathLike | None 
     model: a Sam, a model name / checkpoint path, None (built-in), or an :class:`AutomaticMaskGenerator`
     (then ``params`` must be empty). ``params`` are :class:`AutomaticMaskGenerator` parameters; thresholds not
     given are the model's recommended ones (:func:`recommended_thresholds`). Overlaps go to
-    the smaller mask (deterministic); islands and holes smaller than ``min_object_area`` (default:
-    max(min_mask_region_area, 16) px) are cleaned. Images with a side over ``max_untiled`` px are segmented in
+    the smaller mask (deterministic); islands and holes smaller than ``min_object_area`` (default: the model's
+    recommended value, else max(min_mask_region_area, 16) px) are cleaned. Images with a side over ``max_untiled`` px are segmented in
     ``tile_size`` tiles with a ``halo`` and stitched (objects cut by a tile border are merged).
     progress(done, total) counts points (or tiles when tiled). A constant image gives all zeros.
     """
@@ -327,7 +337,9 @@ def segment_everything(image: np.ndarray, model: Sam | str | os.PathLike | None 
     else:
         gen = AutomaticMaskGenerator.for_model(model, **params)
     rgb = to_rgb_uint8(image)
-    min_area = max(gen.min_mask_region_area, 16) if min_object_area is None else int(min_object_area)
+    if min_object_area is None:
+        min_object_area = recommended_settings(gen.model).get("min_object_area", max(gen.min_mask_region_area, 16))
+    min_area = int(min_object_area)
     if min_area < 0:
         raise ValueError(f"min_object_area={min_object_area!r} must be >= 0 (pixels)")
     if not (16 <= tile_size and 0 < halo < tile_size and max_untiled >= tile_size):

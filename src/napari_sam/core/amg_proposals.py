@@ -5,6 +5,8 @@ its stability score (computed on the low-res logits) and a small window of its l
 masks are upsampled lazily, only for candidates that survive the current thresholds, and cached as tight
 bool patches. :meth:`MaskProposals.filter` applies the reference pipeline (IoU, stability, crop-edge filter,
 box NMS per crop, NMS across crops, small-region clean-up) in milliseconds, so thresholds can change live.
+Optionally (``resolve_parts``, not in the reference) a mask lying inside a larger one is resolved as a part of it or
+the larger one as a merge of several (:func:`resolve_parts_of`).
 """
 
 from __future__ import annotations
@@ -97,8 +99,11 @@ class MaskProposals:
 
     def filter(self, pred_iou_thresh: float = 0.88, stability_score_thresh: float = 0.95,
                box_nms_thresh: float = 0.7, crop_nms_thresh: float = 0.7,
-               min_mask_region_area: int = 0) -> list[dict]:
+               min_mask_region_area: int = 0, resolve_parts: bool = False) -> list[dict]:
         """Records of the masks passing these thresholds (the reference's meaning), best first.
+
+        resolve_parts: after the reference's steps, drop the parts of objects and the merges of several objects
+        (:func:`resolve_parts_of`); off by default, as in the reference.
 
         Each record: segmentation_patch (Mask), area, bbox (min_row, min_col, max_row, max_col) max exclusive,
         predicted_iou, stability_score, point (row, col), crop_box. Thresholds below the floors the
@@ -144,6 +149,10 @@ class MaskProposals:
             keep, masks, boxes = _clean_small_regions(masks, (h, w), min_mask_region_area,
                                                       max(box_nms_thresh, crop_nms_thresh))
             iou, stab, pts, crop_idx = iou[keep], stab[keep], pts[keep], crop_idx[keep]
+        if resolve_parts:
+            keep = np.flatnonzero(resolve_parts_of(masks))
+            masks = [masks[i] for i in keep]
+            iou, stab, pts, crop_idx = iou[keep], stab[keep], pts[keep], crop_idx[keep]
         records = []
         for k, m in enumerate(masks):
             r0, c0, r1, c1 = (int(v) for v in m.box)
@@ -182,3 +191,65 @@ def _clean_small_regions(masks: list[Mask], shape: tuple[int, int], min_area: in
     boxes = np.stack([m.box for m in new])
     keep = nms(boxes, np.asarray(scores), nms_thresh)
     return keep, [new[i] for i in keep], boxes[keep]
+
+
+#: a mask lies inside another when at least this fraction of its pixels does
+PART_CONTAINED = 0.85
+#: two or more masks inside a larger one that together cover at least this fraction of it replace it
+PARTS_COVER = 0.5
+
+
+def _overlap(a: Mask, b: Mask) -> tuple[np.ndarray, np.ndarray] | None:
+    """The views of ``a.patch`` and ``b.patch`` on the intersection of their boxes (None if disjoint)."""
+    r0, c0 = max(a.box[0], b.box[0]), max(a.box[1], b.box[1])
+    r1, c1 = min(a.box[2], b.box[2]), min(a.box[3], b.box[3])
+    if r1 < r0 or c1 < c0:
+        return None
+    va = a.patch[r0 - a.box[0]: r1 - a.box[0] + 1, c0 - a.box[1]: c1 - a.box[1] + 1]
+    vb = b.patch[r0 - b.box[0]: r1 - b.box[0] + 1, c0 - b.box[1]: c1 - b.box[1] + 1]
+    return va, vb
+
+
+def resolve_parts_of(masks: list[Mask], contained: float = PART_CONTAINED, cover: float = PARTS_COVER) -> np.ndarray:
+    """Part / whole resolution of a mask set: bool keep (N,).
+
+    A grid of point prompts gives, for one nucleus, both the whole nucleus and (from a point on a bright spot or
+    an edge) a part of it; and for two touching nuclei both of them and their union. Box NMS keeps all of
+    these, since a part's box overlaps the whole's box little. Going from the largest mask to the smallest, each
+    still-kept mask B with kept smaller masks inside it (at least ``contained`` of their pixels in B):
+
+    - if there are two or more and together they cover at least ``cover`` of B, B is a merge of them: B goes;
+    - otherwise they are parts of B: they go.
+
+    Deterministic: ties in area keep the input order (larger first). Masks with no larger mask around them are
+    always kept.
+    """
+    n = len(masks)
+    keep = np.ones(n, dtype=bool)
+    if n < 2:
+        return keep
+    boxes = np.stack([np.asarray(m.box, dtype=np.int64) for m in masks])
+    area = np.array([m.area for m in masks], dtype=np.int64)
+    # i may lie inside j only if i is smaller and their boxes overlap
+    cand = ((area[:, None] < area[None, :])
+            & (np.maximum(boxes[:, None, 0], boxes[None, :, 0]) <= np.minimum(boxes[:, None, 2], boxes[None, :, 2]))
+            & (np.maximum(boxes[:, None, 1], boxes[None, :, 1]) <= np.minimum(boxes[:, None, 3], boxes[None, :, 3])))
+    for j in sorted(range(n), key=lambda k: (-area[k], k)):
+        if not keep[j]:
+            continue
+        big = masks[j]
+        kids, covered = [], np.zeros_like(big.patch)
+        for i in np.flatnonzero(cand[:, j] & keep):
+            va, vb = _overlap(masks[i], big)
+            inside = va & vb
+            if inside.sum() >= contained * area[i]:
+                kids.append(i)
+                r0, c0 = max(masks[i].box[0], big.box[0]) - big.box[0], max(masks[i].box[1], big.box[1]) - big.box[1]
+                covered[r0: r0 + inside.shape[0], c0: c0 + inside.shape[1]] |= inside
+        if not kids:
+            continue
+        if len(kids) >= 2 and covered.sum() >= cover * area[j]:
+            keep[j] = False
+        else:
+            keep[kids] = False
+    return keep
