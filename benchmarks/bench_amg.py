@@ -11,7 +11,8 @@ Each (model, implementation) runs in a fresh subprocess (peak RSS does not mix),
 ``builtin``: the trained nsam_t; the reference generator is given our model object (our modules are drop-in
 compatible; Meta's predictor then runs our plain MaskDecoder, not the fast one). Three parameter sets: the
 reference defaults, thresholds at 0 (every candidate is upsampled: our worst case), and "recommended" (the
-model's own thresholds from its checkpoint, e.g. the built-in model's; else the reference's defaults). Also
+model's own thresholds from its checkpoint, e.g. the built-in model's; else the reference's defaults; ours also
+applies the part / merge resolution the model recommends, which the reference lacks). Also
 times the live re-filter (new thresholds on kept outputs + label image). One run each.
 """
 
@@ -73,7 +74,12 @@ def worker(name: str, impl: str, pset: str, image_path: str, threads: int, check
         from napari_sam.core.amg import AutomaticMaskGenerator
         from napari_sam.core.labels import records_to_labels
 
-        gen = AutomaticMaskGenerator(ours, **params)
+        extra = {}
+        if pset == "recommended":  # and the model's recommended part / merge resolution (ours only; not in Meta's)
+            from napari_sam.core.amg import recommended_settings
+
+            extra = {"resolve_parts": bool(recommended_settings(ours).get("resolve_parts", 0))}
+        gen = AutomaticMaskGenerator(ours, **params, **extra)
         with PeakRSS() as mem:
             t0 = time.perf_counter()
             props = gen.propose(rgb)
