@@ -6,6 +6,7 @@ falls outside), propagate through the volume, and score the 3D IoU with the grou
 propagate in one batched pass per strategy (identical to one propagate_object call each, up to float noise).
 
     python benchmarks/eval_propagation.py --model src/napari_sam/models/builtin_nuclei.pt [--json out.json]
+    python benchmarks/eval_propagation.py --click-side 0.4 --strategies point_raw   # clicks near a nucleus end
 
 Prints one markdown table (mean / median 3D IoU, slices per nucleus, time per object-slice) and the best strategy.
 """
@@ -43,8 +44,10 @@ RUNS = [  # most informative first: a time-boxed run (--strategies) still compar
 ]
 
 
-def nucleus_prompts(gt: np.ndarray, min_voxels: int):
-    """[(label, z of the largest slice, (row, col) center)] for nuclei with >= min_voxels voxels."""
+def nucleus_prompts(gt: np.ndarray, min_voxels: int, side: float | None = None):
+    """[(label, z of the largest slice, (row, col) center)] for nuclei with >= min_voxels voxels. With ``side``
+    (e.g. 0.4), z is instead the first slice (lowest z) where the nucleus reaches that fraction of its largest
+    slice's area: a click near one end of the nucleus."""
     from napari_sam.core.propagation import interior_point
 
     ids, counts = np.unique(gt, return_counts=True)
@@ -54,7 +57,7 @@ def nucleus_prompts(gt: np.ndarray, min_voxels: int):
             continue
         obj = gt == lab
         areas = obj.sum(axis=(1, 2))
-        z = int(np.argmax(areas))
+        z = int(np.argmax(areas)) if side is None else int(np.flatnonzero(areas >= side * areas.max())[0])
         rr, cc = np.nonzero(obj[z])
         center = np.array([rr.mean(), cc.mean()])
         r, c = np.round(center).astype(int)
@@ -70,7 +73,7 @@ def iou3d(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def evaluate(model, strategies, min_voxels: int, cache, log=print, limit: int | None = None,
-             on_strategy=None, crops=VOLUMES, seed_select: str = "iou") -> dict:
+             on_strategy=None, crops=VOLUMES, seed_select: str = "iou", side: float | None = None) -> dict:
     """Embed both volumes, prompt every nucleus once, then run each strategy over all nuclei."""
     from tifffile import imread
 
@@ -87,7 +90,7 @@ def evaluate(model, strategies, min_voxels: int, cache, log=print, limit: int | 
         log(f"{vid}: embeddings of {vol.shape[0]} slices in {time.perf_counter() - t0:.1f} s")
         pred = SamPredictor(model)
         seeds, objs, failed = [], [], 0
-        for lab, z, center in nucleus_prompts(gt, min_voxels)[:limit]:  # one point, one of 3 candidates
+        for lab, z, center in nucleus_prompts(gt, min_voxels, side)[:limit]:  # one point, one of 3 candidates
             pred.set_embedding(emb[z])
             p = pred.predict(points=center[None], multimask=True)
             k = choose_seed(pred, emb, z, p.masks, p.iou, center[None], None, seed_select)
@@ -158,9 +161,14 @@ def main(argv=None) -> int:
     ap.add_argument("--volumes", default=",".join(VOLUMES), help="comma-separated crops to use")
     ap.add_argument("--seed-select", default="iou", choices=("consistency", "iou"),
                     help="which of the 3 candidates of the click starts the object (see propagation.choose_seed)")
+    ap.add_argument("--click-side", type=float, default=None, metavar="FRACTION",
+                    help="click each nucleus on the first slice where it reaches FRACTION (e.g. 0.4) of its largest "
+                         "slice's area, near one end, instead of on its largest slice (the issue's protocol)")
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--out", type=Path, default=None, help="also write the table here, updated after each strategy")
     args = ap.parse_args(argv)
+    if args.click_side is not None and not 0 < args.click_side <= 1:
+        ap.error(f"--click-side {args.click_side} must lie in (0, 1]")
     torch.set_num_threads(args.threads)
     from napari_sam.core.build import load_model
 
@@ -173,7 +181,9 @@ def main(argv=None) -> int:
     def report(out, final=False):
         n = len(next(iter(out["results"].values())))
         text = (f"GoNuclear 3D ({', '.join(volumes)}), {n} nuclei >= {args.min_voxels} voxels, model {model_name}, "
-                f"denoise {model.denoise:g} px, max upscale {model.max_upscale or 'none'}, seed by {args.seed_select}; "
+                f"denoise {model.denoise:g} px, max upscale {model.max_upscale or 'none'}, seed by {args.seed_select}, "
+                + ("clicked on the largest slice" if args.click_side is None else
+                   f"clicked on the first slice at {args.click_side:g} of the largest area") + "; "
                 f"prompted-slice 2D IoU {np.mean(out['seed_iou']):.3f}\n\n"
                 f"{table(out)}\n")
         best = max(out["results"], key=lambda k: np.mean(out["results"][k]))
@@ -185,13 +195,14 @@ def main(argv=None) -> int:
                 "results": {k: [float(x) for x in v] for k, v in out["results"].items()},
                 "slices": out["slices"], "times": out["times"], "seed_iou": [float(x) for x in out["seed_iou"]],
                 "crops": out["crops"], "denoise": model.denoise, "max_upscale": model.max_upscale,
-                "seed_select": args.seed_select,
+                "seed_select": args.seed_select, "click_side": args.click_side,
             }, indent=1))
         if final:
             print(text)
 
     out = evaluate(model, runs, args.min_voxels, cache=not args.no_cache, log=lambda s: print(s, file=sys.stderr),
-                   limit=args.limit, on_strategy=report, crops=volumes, seed_select=args.seed_select)
+                   limit=args.limit, on_strategy=report, crops=volumes, seed_select=args.seed_select,
+                   side=args.click_side)
     report(out, final=True)
     return 0
 

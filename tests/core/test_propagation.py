@@ -301,19 +301,22 @@ class _DiskPredictor:
 
 def test_regrowth_stop_exact_reference():
     """From slice 4 (radius 10) the disk narrows both ways, then grows back: with max_regrowth 0.5 each direction
-    stops at the first slice whose area exceeds 1.5x its smallest so far (z 7: r 9 vs r 6; z 0: r 9 vs r 5)."""
+    stops at the first slice whose area exceeds 1.5x its smallest since the widest, once it has narrowed to 1 / 1.5
+    of the widest (z 7: r 9 vs r 6; z 0: r 9 vs r 5). From slice 1 (r 5, near an end) the disk grows to r 10 at z 4:
+    that is no regrowth; it narrows to r 6 at z 6 and grows back at z 7. Down, z 0 (r 9) only grows: kept."""
     from napari_sam.core.propagation import _seed_tracks, iter_tracks
 
     pred = _DiskPredictor()
-    seed = pred.dist <= 10
 
-    def run(**kw):
+    def run(z=4, **kw):
         p = make_params({"strategy": "point", "iou_threshold": 0.0, "overlap_threshold": 0.0, **kw})
-        tracks = _seed_tracks(0, {4: (seed, None)}, 9, (1, -1))
+        tracks = _seed_tracks(0, {z: (pred.dist <= pred.RADII[z], None)}, 9, (1, -1))
         return sorted(z for _o, z, _m, _s in iter_tracks(pred, list(range(9)), tracks, p, p.spec()))
 
     assert run(max_regrowth=0.5) == [1, 2, 3, 5, 6]
     assert run(max_regrowth=None) == [0, 1, 2, 3, 5, 6, 7, 8]
     assert run(max_regrowth=1.5) == [1, 2, 3, 5, 6, 7]  # up: r 9 vs 6 is 2.25x (kept), r 12 vs 6 4x; down: 3.2x
+    assert run(z=1, max_regrowth=0.5) == [0, 2, 3, 4, 5, 6]
+    assert run(z=1, max_regrowth=None) == [0, 2, 3, 4, 5, 6, 7, 8]
     with pytest.raises(ValueError, match="max_regrowth"):
         make_params({"max_regrowth": -1})

@@ -87,3 +87,31 @@ def test_propagate_object_starts_from_the_chosen_seed(crop):
     assert choose_seed(pred, one, 0, q.masks, q.iou, c[None]) == int(np.argmax(q.iou))
     with pytest.raises(ValueError, match="seed_select"):
         propagate_object(vol, z, points=c[None], embeddings=emb, seed_select="largest")
+
+
+def test_a_click_near_one_end_of_a_nucleus_propagates_through_it(crop):
+    """A microscopist clicks a nucleus on whatever slice is shown, often near one of its ends. Propagating toward
+    the nucleus's middle the mask grows; the regrowth stop must not take that for running into the next nucleus
+    (it did when it compared with the smallest mask so far: mean 3D IoU 0.415 here). Clicked on the first slice
+    where each nucleus reaches 40 % of its largest area, with the default rules: mean 3D IoU 0.654 on this crop
+    (0.685 when clicked on the largest slice; benchmarks/eval_propagation.py --denoise 2 --click-side 0.4)."""
+    from napari_sam.core.propagation import interior_point, propagate_object
+
+    vol, gt, model, emb = crop
+    ious, through = [], []
+    for lab in np.unique(gt)[1:]:
+        obj = gt == lab
+        if obj.sum() < 1000:
+            continue
+        areas = obj.sum(axis=(1, 2))
+        z = int(np.flatnonzero(areas >= 0.4 * areas.max())[0])
+        c = np.round(np.argwhere(obj[z]).mean(0))
+        if not obj[z, int(c[0]), int(c[1])]:
+            c = interior_point(obj[z])
+        mask, _ = propagate_object(vol, z, points=[c], embeddings=emb, model=model)
+        ious.append((mask & obj).sum() / (mask | obj).sum())
+        zl = int(np.argmax(areas))
+        through.append((mask[zl] & obj[zl]).sum() / (mask[zl] | obj[zl]).sum() > 0.5)
+    assert len(ious) >= 30
+    assert np.mean(through) >= 0.7, np.mean(through)  # the widest slice is reached and segmented
+    assert np.mean(ious) >= 0.6, np.mean(ious)

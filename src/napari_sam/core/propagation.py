@@ -66,9 +66,11 @@ class PropagationParams:
     smooth_z: the finished 3D object keeps a pixel of a propagated slice only where at least 2 of the slices z - 1,
     z, z + 1 have it (:func:`smooth_z`; prompted slices are kept as they are). :func:`propagate_object`,
     :func:`propagate_masks` and the widget apply it; the generators yield the slices as decoded.
-    max_regrowth: moving away from its prompted slice, an object stops where its mask grows to more than
-    (1 + max_regrowth) times the smallest it has been on the way (a nucleus narrows toward its ends; growing back,
-    the mask has run into the next one). Not applied between two prompted slices; None: off."""
+    max_regrowth: moving away from its prompted slice, an object whose mask has narrowed to 1 / (1 + max_regrowth)
+    of its widest so far stops where the mask grows back to more than (1 + max_regrowth) times its narrowest since
+    that widest slice (a nucleus narrows toward its ends; growing back, the mask has run into the next one). A mask
+    that only grows, from a click near a nucleus's end toward its middle, is never stopped by it. Not applied
+    between two prompted slices; None: off."""
 
     strategy: str = "point_raw"
     iou_threshold: float = 0.4  # (the defaults are the default strategy's; other strategies bring their own)
@@ -192,7 +194,8 @@ class _Track:
         self.partner: _Track | None = None
         self.stopped = False  # by a stop rule (not by reaching its end)
         self.count = 0
-        self.min_area = int(np.count_nonzero(mask))  # the smallest mask so far (max_regrowth)
+        # max_regrowth: the widest mask so far, and the narrowest since that one
+        self.peak_area = self.low_area = int(np.count_nonzero(mask))
 
     def next_z(self, max_slices: int | None) -> int | None:
         nz = self.z + self.step
@@ -284,7 +287,8 @@ def iter_tracks(predictor: SamPredictor, embeddings: StackEmbeddings, tracks: li
             for t, m, s, low in zip(group, masks, scores, lows):
                 area = int(np.count_nonzero(m))
                 regrown = (params.max_regrowth is not None and t.partner is None
-                           and area > (1 + params.max_regrowth) * t.min_area)
+                           and (1 + params.max_regrowth) * t.low_area <= t.peak_area  # it had narrowed ...
+                           and area > (1 + params.max_regrowth) * t.low_area)  # ... and grows back
                 if (area < max(params.min_area, 1) or s < params.iou_threshold
                         or mask_iou(m, t.mask) < params.overlap_threshold or regrown):
                     t.stopped = True
@@ -293,7 +297,10 @@ def iter_tracks(predictor: SamPredictor, embeddings: StackEmbeddings, tracks: li
                         p.end = t.z + t.step
                     continue
                 t.z, t.mask, t.logits, t.count = nz, m, low, t.count + 1
-                t.min_area = min(t.min_area, area)
+                if area > t.peak_area:
+                    t.peak_area = t.low_area = area
+                else:
+                    t.low_area = min(t.low_area, area)
                 yield t.obj, nz, m, float(s)
 
 
