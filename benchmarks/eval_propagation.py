@@ -28,9 +28,9 @@ VOLUMES = ("1135", "1136")
 
 # (name, strategy, extra params): the strategies of napari_sam.core.propagation plus micro-sam's default
 RUNS = [  # most informative first: a time-boxed run (--strategies) still compares the main ones
-    ("point, uncalibrated ranking, micro-sam's stop, regrowth stop, z smoothing (default)", "point_raw", {}),
-    ("the same without the regrowth stop", "point_raw", {"max_regrowth": None}),
-    ("the same without either", "point_raw", {"max_regrowth": None, "smooth_z": False}),
+    ("point, uncalibrated ranking, micro-sam's stop, z smoothing (default)", "point_raw", {}),
+    ("the same with the regrowth stop (max_regrowth 0.5)", "point_raw", {"max_regrowth": 0.5}),
+    ("the same without z smoothing", "point_raw", {"smooth_z": False}),
     ("box + logits", "box_logits", {}),
     ("point", "point", {}),
     ("micro-sam default (point, stop IoU<0.5)", "microsam", {}),

@@ -42,6 +42,11 @@ $PY benchmarks/eval_propagation.py --threads 2 "${M[@]}" --json $R/propagation_g
     --out $R/propagation_gonuclear.md
 $PY benchmarks/eval_propagation.py --threads 2 "${M[@]}" --denoise 2 --json $R/propagation_gonuclear_denoised.json \
     --out $R/propagation_gonuclear_denoised.md
+# the same with each nucleus clicked near one end (first slice at 40 % of its largest area), not on its widest slice
+$PY benchmarks/eval_propagation.py --threads 2 "${M[@]}" --click-side 0.4 --strategies point_raw,microsam \
+    --json $R/propagation_gonuclear_side.json --out $R/propagation_gonuclear_side.md
+$PY benchmarks/eval_propagation.py --threads 2 "${M[@]}" --denoise 2 --click-side 0.4 --strategies point_raw,microsam \
+    --json $R/propagation_gonuclear_side_denoised.json --out $R/propagation_gonuclear_side_denoised.md
 
 # Fine-tuning on EM (issue 3, item 9).
 $PY benchmarks/finetune_isbi.py --threads 2 "${M[@]}" --out $R/isbi_finetune

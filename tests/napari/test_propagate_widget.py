@@ -174,7 +174,7 @@ def test_object_drawn_on_two_slices_is_filled_between_them(scene):
 
 
 def test_the_widget_job_finishes_objects_like_propagate_masks(tmp_path, monkeypatch):
-    """The widget's thread job applies the default rules (regrowth stop, z smoothing) exactly as
+    """The widget's thread job applies the default rules (z smoothing; the regrowth stop when asked) exactly as
     propagate_masks does: the built-in model on GoNuclear crop 1135, every nucleus of slice 50."""
     monkeypatch.setenv("NAPARI_SAM_CACHE_DIR", str(tmp_path / "cache"))
     from napari_sam._widgets.propagate import run_propagation
@@ -188,9 +188,10 @@ def test_the_widget_job_finishes_objects_like_propagate_masks(tmp_path, monkeypa
     labels = np.zeros_like(gt)
     labels[20] = gt[20]
     model = load_model(device="cpu")
-    out = run_propagation(img, labels, 20, None, model, {"strategy": "point_raw"}, lambda: False, lambda *a: None)
+    params = {"strategy": "point_raw", "max_regrowth": 0.5}
+    out = run_propagation(img, labels, 20, None, model, params, lambda: False, lambda *a: None)
     ids, seeds = seeds_from_labels(labels, 20)
-    ref, ref_scores = propagate_masks(img, seeds, model, strategy="point_raw")
+    ref, ref_scores = propagate_masks(img, seeds, model, **params)
     assert len(ids) >= 5 and out["ids"] == ids
     for i in range(len(ids)):
         zs = sorted(out["results"][i])

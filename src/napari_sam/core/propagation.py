@@ -70,7 +70,8 @@ class PropagationParams:
     of its widest so far stops where the mask grows back to more than (1 + max_regrowth) times its narrowest since
     that widest slice (a nucleus narrows toward its ends; growing back, the mask has run into the next one). A mask
     that only grows, from a click near a nucleus's end toward its middle, is never stopped by it. Not applied
-    between two prompted slices; None: off."""
+    between two prompted slices; None (the default): off. On GoNuclear, 0.5 helps clicks on a nucleus's widest
+    slice a little (+0.013 mean 3D IoU, denoise 2) and hurts clicks near its end (-0.026), so it is off."""
 
     strategy: str = "point_raw"
     iou_threshold: float = 0.4  # (the defaults are the default strategy's; other strategies bring their own)
@@ -83,7 +84,7 @@ class PropagationParams:
     seed_select: str = "iou"
     converge_iou: float = 0.9
     smooth_z: bool = True
-    max_regrowth: float | None = 0.5
+    max_regrowth: float | None = None
 
     def spec(self) -> dict:
         """The prompt recipe of the strategy: {"box": bool, "logits": bool, "point": bool}."""
