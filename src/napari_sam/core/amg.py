@@ -323,8 +323,9 @@ def segment_everything(image: np.ndarray, model: Sam | str | os.PathLike | None 
     (then ``params`` must be empty). ``params`` are :class:`AutomaticMaskGenerator` parameters; thresholds not
     given are the model's recommended ones (:func:`recommended_thresholds`). Overlaps go to
     the smaller mask (deterministic); islands and holes smaller than ``min_object_area`` (default: the model's
-    recommended value, else max(min_mask_region_area, 16) px) are cleaned. Images with a side over ``max_untiled`` px are segmented in
-    ``tile_size`` tiles with a ``halo`` and stitched (objects cut by a tile border are merged).
+    recommended value, else max(min_mask_region_area, 16) px) are cleaned. Images with a side over ``max_untiled``
+    px are segmented in ``tile_size`` tiles with a ``halo`` and stitched (objects cut by a tile border are merged).
+    With the model's recommended ``resolve_parts``, parts of objects and merges of several are dropped first.
     progress(done, total) counts points (or tiles when tiled). A constant image gives all zeros.
     """
     from .labels import records_to_labels
