@@ -137,9 +137,9 @@ def main(argv: list[str] | None = None) -> int:
     images = load_split(args.split, args.limit)
     from napari_sam.core.amg import recommended_settings, recommended_thresholds
 
-    crop = recommended_settings(model).get("crop_n_layers", 0) if args.crop_n_layers is None else args.crop_n_layers
-    # what segment_everything uses
     rec = recommended_settings(model)
+    crop = rec.get("crop_n_layers", 0) if args.crop_n_layers is None else args.crop_n_layers
+    # what segment_everything uses
     ours_params = dict(recommended_thresholds(model), min_object_area=rec.get("min_object_area", 16),
                        resolve_parts=bool(rec.get("resolve_parts", 0)))
     if args.tune_on:

@@ -199,15 +199,14 @@ PART_CONTAINED = 0.85
 PARTS_COVER = 0.5
 
 
-def _overlap(a: Mask, b: Mask) -> tuple[np.ndarray, np.ndarray] | None:
-    """The views of ``a.patch`` and ``b.patch`` on the intersection of their boxes (None if disjoint)."""
+def _inside(a: Mask, b: Mask) -> tuple[np.ndarray, int, int]:
+    """The pixels of ``a`` that ``b`` also has, on the intersection of their boxes (which must overlap), and that
+    intersection's origin (row, col) in ``b.patch``."""
     r0, c0 = max(a.box[0], b.box[0]), max(a.box[1], b.box[1])
     r1, c1 = min(a.box[2], b.box[2]), min(a.box[3], b.box[3])
-    if r1 < r0 or c1 < c0:
-        return None
     va = a.patch[r0 - a.box[0]: r1 - a.box[0] + 1, c0 - a.box[1]: c1 - a.box[1] + 1]
     vb = b.patch[r0 - b.box[0]: r1 - b.box[0] + 1, c0 - b.box[1]: c1 - b.box[1] + 1]
-    return va, vb
+    return va & vb, int(r0 - b.box[0]), int(c0 - b.box[1])
 
 
 def resolve_parts_of(masks: list[Mask], contained: float = PART_CONTAINED, cover: float = PARTS_COVER) -> np.ndarray:
@@ -240,11 +239,9 @@ def resolve_parts_of(masks: list[Mask], contained: float = PART_CONTAINED, cover
         big = masks[j]
         kids, covered = [], np.zeros_like(big.patch)
         for i in np.flatnonzero(cand[:, j] & keep):
-            va, vb = _overlap(masks[i], big)
-            inside = va & vb
+            inside, r0, c0 = _inside(masks[i], big)
             if inside.sum() >= contained * area[i]:
                 kids.append(i)
-                r0, c0 = max(masks[i].box[0], big.box[0]) - big.box[0], max(masks[i].box[1], big.box[1]) - big.box[1]
                 covered[r0: r0 + inside.shape[0], c0: c0 + inside.shape[1]] |= inside
         if not kids:
             continue
