@@ -51,6 +51,24 @@ def test_refilter_equals_a_fresh_run(tiny_model, image, proposals, th):
         assert np.array_equal(a["segmentation_patch"].full(image.shape[:2]), b["segmentation"])
 
 
+def test_decoder_sub_batches_do_not_change_the_outputs(tiny_model, image, proposals, monkeypatch):
+    """The decoder runs in cache-sized sub-batches (amg.DECODER_BYTES); one point per sub-batch gives the same
+    candidates (up to float rounding) and the same masks as the default."""
+    import napari_sam.core.amg as amg
+
+    monkeypatch.setattr(amg, "DECODER_BYTES", 1)
+    one = AutomaticMaskGenerator(tiny_model, **OPEN).propose(image)
+    for a, b in zip(one.crops, proposals.crops, strict=True):
+        np.testing.assert_allclose(a.iou, b.iou, atol=1e-5)
+        assert np.array_equal(a.points, b.points)
+    kw = dict(pred_iou_thresh=0.0, stability_score_thresh=0.0, box_nms_thresh=1.0)
+    ra, rb = one.filter(**kw), proposals.filter(**kw)
+    assert len(ra) == len(rb) > 1
+    same = [np.array_equal(x["segmentation_patch"].full(image.shape[:2]), y["segmentation_patch"].full(image.shape[:2]))
+            for x, y in zip(ra, rb)]
+    assert np.mean(same) >= 0.98
+
+
 def test_thresholds_drop_candidates(proposals):
     iou = np.concatenate([c.iou for c in proposals.crops])
     cut = float(np.median(iou))

@@ -32,7 +32,7 @@ class Cancelled(RuntimeError):
     """Raised inside generation when the ``cancel`` callback returns True."""
 
 
-DECODER_BYTES = 64 * 2**20  # cap on one image-sized decoder tensor per sub-batch (vit_*: 16 points, nsam_t: 128)
+DECODER_BYTES = 8 * 2**20  # cap on one image-sized decoder tensor per sub-batch (vit_*: 2 points, nsam_t: 16)
 THRESHOLDS = ("pred_iou_thresh", "stability_score_thresh", "box_nms_thresh", "crop_nms_thresh",
               "min_mask_region_area", "resolve_parts")
 
