@@ -77,7 +77,7 @@ def tune(gen, images, min_area_choices=(0, 16, 48), parts_choices=(False, True))
     best = None
     for piou in (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.88):
         for stab in (0.5, 0.7, 0.85, 0.95):
-            for nms in (0.5, 0.7):
+            for nms in (0.3, 0.4, 0.5, 0.7):
                 for parts in parts_choices:
                     recs = [(pr.filter(pred_iou_thresh=piou, stability_score_thresh=stab, box_nms_thresh=nms,
                                        resolve_parts=parts), gt) for pr, gt in props]
