@@ -32,7 +32,9 @@ class Cancelled(RuntimeError):
     """Raised inside generation when the ``cancel`` callback returns True."""
 
 
-DECODER_BYTES = 8 * 2**20  # cap on one image-sized decoder tensor per sub-batch (vit_*: 2 points, nsam_t: 16)
+# cap on one image-sized decoder tensor per sub-batch (vit_*: 2 points, nsam_t: 16). The decoder is memory-bound;
+# tensors this small stay in the CPU cache and reuse freed blocks (64 MB ones page-faulted: 1.4-1.6x slower)
+DECODER_BYTES = 8 * 2**20
 THRESHOLDS = ("pred_iou_thresh", "stability_score_thresh", "box_nms_thresh", "crop_nms_thresh",
               "min_mask_region_area", "resolve_parts")
 
