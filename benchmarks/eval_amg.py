@@ -135,12 +135,12 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     model = load_model(args.model)
     images = load_split(args.split, args.limit)
-    from napari_sam.core.amg import recommended_settings, recommended_thresholds
+    from napari_sam.core.amg import default_min_object_area, recommended_settings, recommended_thresholds
 
     rec = recommended_settings(model)
     crop = rec.get("crop_n_layers", 0) if args.crop_n_layers is None else args.crop_n_layers
     # what segment_everything uses
-    ours_params = dict(recommended_thresholds(model), min_object_area=rec.get("min_object_area", 16),
+    ours_params = dict(recommended_thresholds(model), min_object_area=default_min_object_area(model),
                        resolve_parts=bool(rec.get("resolve_parts", 0)))
     if args.tune_on:
         ours_params = tune(AutomaticMaskGenerator(model, pred_iou_thresh=0.3, stability_score_thresh=0.5,

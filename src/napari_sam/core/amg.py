@@ -69,6 +69,12 @@ def recommended_settings(model: Sam | None = None) -> dict[str, int]:
     return {k: int(v) for k, v in settings.items() if k in RECOMMENDABLE_SETTINGS}
 
 
+def default_min_object_area(model: Sam | None = None, min_mask_region_area: int = 0) -> int:
+    """The label clean-up's ``min_object_area`` (px) when none is given: the checkpoint's recommended value, else
+    max(min_mask_region_area, 16). ``model``: a loaded :class:`Sam`, or None for the built-in model."""
+    return int(recommended_settings(model).get("min_object_area", max(min_mask_region_area, 16)))
+
+
 class AutomaticMaskGenerator:
     """Masks for everything in an image from a grid of point prompts (the reference's parameters).
 
@@ -341,7 +347,7 @@ def segment_everything(image: np.ndarray, model: Sam | str | os.PathLike | None 
         gen = AutomaticMaskGenerator.for_model(model, **params)
     rgb = to_rgb_uint8(image)
     if min_object_area is None:
-        min_object_area = recommended_settings(gen.model).get("min_object_area", max(gen.min_mask_region_area, 16))
+        min_object_area = default_min_object_area(gen.model, gen.min_mask_region_area)
     min_area = int(min_object_area)
     if min_area < 0:
         raise ValueError(f"min_object_area={min_object_area!r} must be >= 0 (pixels)")
