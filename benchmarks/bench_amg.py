@@ -12,7 +12,8 @@ Each (model, implementation) runs in a fresh subprocess (peak RSS does not mix),
 compatible; Meta's predictor then runs our plain MaskDecoder, not the fast one). Three parameter sets: the
 reference defaults, thresholds at 0 (every candidate is upsampled: our worst case), and "recommended" (the
 model's own thresholds from its checkpoint, e.g. the built-in model's; else the reference's defaults; ours also
-applies the part / merge resolution the model recommends, which the reference lacks). Also
+applies the part / merge resolution and the learned candidate scorer the model recommends, which the reference
+lacks; the scorer's features are computed inside the timed run). Also
 times the live re-filter (new thresholds on kept outputs + label image). One run each, twice: times from a run
 with the default allocator (as users run it), peak RSS from a run with a fixed mmap threshold (see bench_engine).
 """
@@ -76,10 +77,11 @@ def worker(name: str, impl: str, pset: str, image_path: str, threads: int, check
         from napari_sam.core.labels import records_to_labels
 
         extra = {}
-        if pset == "recommended":  # and the model's recommended part / merge resolution (ours only; not in Meta's)
-            from napari_sam.core.amg import recommended_settings
+        if pset == "recommended":  # and the model's recommended part / merge resolution and learned candidate
+            from napari_sam.core.amg import recommended_settings  # scorer (ours only; not in Meta's)
 
-            extra = {"resolve_parts": bool(recommended_settings(ours).get("resolve_parts", 0))}
+            rec = recommended_settings(ours)
+            extra = {k: bool(rec.get(k, 0)) for k in ("resolve_parts", "rescore")}
         gen = AutomaticMaskGenerator(ours, **params, **extra)
         with PeakRSS() as mem:
             t0 = time.perf_counter()

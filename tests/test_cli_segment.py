@@ -65,6 +65,8 @@ def test_bad_arguments(ckpt, tmp_path, capsys):
     assert main(["segment", str(img), "--out", str(tmp_path / "o"), "--model", str(ckpt),
                  "--pred-iou-thresh", "2"]) == 2
     assert "pred_iou_thresh" in capsys.readouterr().err
+    assert main(["segment", str(img), "--out", str(tmp_path / "o"), "--model", str(ckpt), "--rescore"]) == 2
+    assert "rescore=True needs a candidate scorer" in capsys.readouterr().err
 
 
 def test_demo_writes_labels_and_overlay(ckpt, tmp_path, capsys):

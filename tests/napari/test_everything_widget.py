@@ -35,7 +35,8 @@ def _core(widget):
     recs = widget.proposals.filter(pred_iou_thresh=th["pred_iou_thresh"],
                                    stability_score_thresh=th["stability_score_thresh"],
                                    box_nms_thresh=th["box_nms_thresh"],
-                                   resolve_parts=widget.parts_check.isChecked())
+                                   resolve_parts=widget.parts_check.isChecked(),
+                                   rescore=widget.rescore_check.isChecked())
     return records_to_labels(recs, widget.proposals.image_shape, int(th["min_object_area"]))
 
 
@@ -69,6 +70,39 @@ def test_run_live_thresholds_and_undo(scene, monkeypatch):
     assert np.array_equal(resolved, _core(w)) and not np.array_equal(resolved, first)
     out.undo()
     assert np.array_equal(np.asarray(out.data), first)
+
+
+def test_quality_score_switches_live(scene, tiny_model, monkeypatch):
+    """The learned quality score (rescore) is a live switch: it re-filters the kept outputs (one undo step); with a
+    model that has no scorer it says so and changes nothing."""
+    from napari_sam.core.amg_quality import candidate_scorer
+
+    viewer, w = scene
+    assert not w.rescore_check.isChecked()  # the random model recommends nothing
+    assert w.run(**OPEN)
+    assert w.wait(120)
+    out = viewer.layers["SAM everything"]
+    first = np.asarray(out.data).copy()
+    w.rescore_check.setChecked(True)
+    assert w.refilter() == 0 and "rescore needs a candidate scorer" in w.status_label.text()
+    assert np.array_equal(np.asarray(out.data), first)
+    w.rescore_check.setChecked(False)
+    # the built-in model's scorer on the random model, judging every candidate (random IoUs are near 0)
+    state = candidate_scorer(None).state()
+    monkeypatch.setattr(tiny_model, "checkpoint_meta", {"amg_quality": {**state, "floors": {
+        k: 0.0 for k in state["floors"]}}}, raising=False)
+    viewer.layers.remove(out)
+    assert w.run(**{**OPEN, "box_nms_thresh": 0.3})
+    assert w.wait(120)
+    out = viewer.layers["SAM everything"]
+    plain = np.asarray(out.data).copy()
+    monkeypatch.setattr(w.generator.predictor, "predict_torch", None)  # the model must not run again
+    w.rescore_check.setChecked(True)
+    w.refilter()
+    rescored = np.asarray(out.data).copy()
+    assert np.array_equal(rescored, _core(w)) and not np.array_equal(rescored, plain)
+    out.undo()
+    assert np.array_equal(np.asarray(out.data), plain)
 
 
 def test_user_labels_are_kept(scene, nuclei_sample):

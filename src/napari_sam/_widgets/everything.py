@@ -48,8 +48,12 @@ def run_generation(model, image: np.ndarray, params: dict, cancel, report, denoi
 
         model = load_model(denoise=denoise)
     gen = AutomaticMaskGenerator(model, **params)
-    proposals = gen.propose(image, progress=report, cancel=cancel, iou_floor=min(FLOOR, gen.pred_iou_thresh),
-                            stability_floor=min(FLOOR, gen.stability_score_thresh))
+    floors = {"pred_iou_thresh": FLOOR, "stability_score_thresh": FLOOR}
+    if gen.scorer is not None:  # keep what the scorer judges, so that rescoring can be switched on live
+        floors = {k: min(v, gen.scorer.floors[k]) for k, v in floors.items()}
+    proposals = gen.propose(image, progress=report, cancel=cancel,
+                            iou_floor=min(floors["pred_iou_thresh"], gen.pred_iou_thresh),
+                            stability_floor=min(floors["stability_score_thresh"], gen.stability_score_thresh))
     return {"model": model, "proposals": proposals, "generator": gen}
 
 
@@ -92,6 +96,7 @@ class SegmentEverythingWidget(QWidget):
         self.crop_spin.setValue(settings.get("crop_n_layers", 0))
         self.points_spin.setValue(settings.get("points_per_side", 32))
         self.parts_check.setChecked(bool(settings.get("resolve_parts", 0)))
+        self.rescore_check.setChecked(bool(settings.get("rescore", 0)))
         self.sliders["min_object_area"].setValue(settings.get("min_object_area", 16))
 
     # ----------------------------------------------------------------- UI
@@ -122,6 +127,12 @@ class SegmentEverythingWidget(QWidget):
         self.parts_check.setToolTip("A grid of points gives both a nucleus and pieces of it, and both two touching "
                                     "nuclei and their union: keep the whole nuclei (live, no model run)")
         self.parts_check.toggled.connect(self._schedule)
+        self.rescore_check = QCheckBox("rank by the learned quality score")
+        self.rescore_check.setToolTip("Threshold and rank candidates by the model's learned candidate scorer (its "
+                                      "estimate of each mask's IoU, from the mask, its neighbours and the image) "
+                                      "instead of the decoder's predicted IoU; 'pred IoU' then applies to it. "
+                                      "Needs a model that has one (the built-in model does). Live, no model run")
+        self.rescore_check.toggled.connect(self._schedule)
         self.denoise_spin = denoise_spin_box()
         bind_denoise(self, self.denoise_spin, self.state)
         self.overwrite_check = QCheckBox("overwrite existing labels")
@@ -140,6 +151,7 @@ class SegmentEverythingWidget(QWidget):
                         ("box NMS IoU", self.sliders["box_nms_thresh"]),
                         ("min object area (px)", self.sliders["min_object_area"]),
                         ("parts / merges", self.parts_check),
+                        ("quality score", self.rescore_check),
                         ("denoise σ", self.denoise_spin)):
             form.addRow(name, w)
         buttons = QHBoxLayout()
@@ -224,7 +236,8 @@ class SegmentEverythingWidget(QWidget):
             self._message(str(e), "error")
             return False
         p = {"points_per_side": self.points_spin.value(), "crop_n_layers": self.crop_spin.value(),
-             "min_mask_region_area": self.min_region_spin.value(), "resolve_parts": self.parts_check.isChecked()}
+             "min_mask_region_area": self.min_region_spin.value(), "resolve_parts": self.parts_check.isChecked(),
+             "rescore": self.rescore_check.isChecked()}
         p.update({k: v for k, v in self.thresholds().items() if k != "min_object_area"})
         p.update(params)
         try:
@@ -257,17 +270,22 @@ class SegmentEverythingWidget(QWidget):
 
     def refilter(self) -> int:
         """Apply the current thresholds to the kept model outputs and rewrite the result (one undo step).
-        Returns the number of objects."""
+        Returns the number of objects (0, with an error message and the layer unchanged, if they cannot apply)."""
         if self.proposals is None or self._target is None:
             return 0
         t0 = time.perf_counter()
         th = self.thresholds()
         g = self.generator
-        recs = self.proposals.filter(pred_iou_thresh=th["pred_iou_thresh"],
-                                     stability_score_thresh=th["stability_score_thresh"],
-                                     box_nms_thresh=th["box_nms_thresh"], crop_nms_thresh=g.crop_nms_thresh,
-                                     min_mask_region_area=g.min_mask_region_area,
-                                     resolve_parts=self.parts_check.isChecked())
+        try:
+            recs = self.proposals.filter(pred_iou_thresh=th["pred_iou_thresh"],
+                                         stability_score_thresh=th["stability_score_thresh"],
+                                         box_nms_thresh=th["box_nms_thresh"], crop_nms_thresh=g.crop_nms_thresh,
+                                         min_mask_region_area=g.min_mask_region_area,
+                                         resolve_parts=self.parts_check.isChecked(),
+                                         rescore=self.rescore_check.isChecked())
+        except ValueError as e:  # rescoring with a model that has no scorer: the result stays as it was
+            self._message(str(e), "error")
+            return 0
         labels = records_to_labels(recs, self.proposals.image_shape, int(th["min_object_area"]))
         self._write(labels)
         self.last_refilter_s = time.perf_counter() - t0

@@ -50,6 +50,10 @@ def add_amg_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--resolve-parts", action=argparse.BooleanOptionalAction, default=None,
                    help="drop masks that are parts of a larger one, or a larger one that several masks inside it "
                         "cover (not in the reference; default: the model's recommended setting, else off)")
+    g.add_argument("--rescore", action=argparse.BooleanOptionalAction, default=None,
+                   help="threshold and rank candidates by the model's learned quality score instead of the "
+                        "decoder's predicted IoU (not in the reference; needs a model that has one, as the "
+                        "built-in model does; default: the model's recommended setting, else off)")
     g.add_argument("--min-object-area", type=int, default=None,
                    help="label clean-up: islands/holes below this many px (default: the model's recommended value, "
                         "else max(min-mask-region-area, 16))")
@@ -58,7 +62,7 @@ def add_amg_args(p: argparse.ArgumentParser) -> None:
 def amg_params(args: argparse.Namespace) -> dict:
     keys = ("points_per_side", "points_per_batch", "pred_iou_thresh", "stability_score_thresh",
             "stability_score_offset", "box_nms_thresh", "crop_n_layers", "crop_nms_thresh", "crop_overlap_ratio",
-            "crop_n_points_downscale_factor", "min_mask_region_area", "resolve_parts")
+            "crop_n_points_downscale_factor", "min_mask_region_area", "resolve_parts", "rescore")
     return {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
 
 

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from .amg_proposals import CropProposals, MaskProposals
+from .amg_quality import candidate_scorer
 from .amg_utils import build_all_layer_point_grids, generate_crop_boxes, stability_score
 from .image import to_rgb_uint8
 from .modeling.sam import Sam
@@ -36,12 +37,12 @@ class Cancelled(RuntimeError):
 # tensors this small stay in the CPU cache and reuse freed blocks (64 MB ones page-faulted: 1.4-1.6x slower)
 DECODER_BYTES = 8 * 2**20
 THRESHOLDS = ("pred_iou_thresh", "stability_score_thresh", "box_nms_thresh", "crop_nms_thresh",
-              "min_mask_region_area", "resolve_parts")
+              "min_mask_region_area", "resolve_parts", "rescore")
 
 
 REFERENCE_THRESHOLDS = {"pred_iou_thresh": 0.88, "stability_score_thresh": 0.95, "box_nms_thresh": 0.7}
 #: what a checkpoint's ``amg_settings`` may recommend: generator settings, and the label clean-up's min_object_area
-GENERATOR_SETTINGS = ("crop_n_layers", "points_per_side", "resolve_parts")
+GENERATOR_SETTINGS = ("crop_n_layers", "points_per_side", "resolve_parts", "rescore")
 RECOMMENDABLE_SETTINGS = (*GENERATOR_SETTINGS, "min_object_area")
 
 
@@ -59,8 +60,8 @@ def recommended_thresholds(model: Sam | None = None) -> dict[str, float]:
 
 def recommended_settings(model: Sam | None = None) -> dict[str, int]:
     """Generator settings a checkpoint recommends beside its thresholds (``amg_settings`` in its metadata, chosen
-    on its validation data), e.g. {"crop_n_layers": 0, "resolve_parts": 1, "min_object_area": 48}; {} when it
-    stores none.
+    on its validation data), e.g. {"crop_n_layers": 0, "resolve_parts": 1, "rescore": 1, "min_object_area": 48};
+    {} when it stores none.
 
     ``model``: a loaded :class:`Sam`, or None for the built-in model."""
     from .build import checkpoint_meta
@@ -85,6 +86,11 @@ class AutomaticMaskGenerator:
     resolve_parts (not in the reference; off by default): after NMS, drop masks that are parts of a larger mask,
     or the larger mask when several masks inside it cover it (:func:`~napari_sam.core.amg_proposals.resolve_parts_of`).
     A grid of points gives both a nucleus and pieces of it; box NMS keeps both.
+
+    rescore (not in the reference; off by default): threshold and rank candidates by the learned candidate
+    scorer the model's checkpoint stores (:mod:`~napari_sam.core.amg_quality`) instead of the decoder's
+    predicted IoU; ``pred_iou_thresh`` then applies to the scorer's IoU estimate. Candidates are then kept down
+    to the scorer's floors (predicted IoU 0.3, stability 0.5 for the built-in model), which it was fitted on.
     """
 
     def __init__(
@@ -103,6 +109,7 @@ class AutomaticMaskGenerator:
         point_grids: list[np.ndarray] | None = None,
         min_mask_region_area: int = 0,
         resolve_parts: bool = False,
+        rescore: bool = False,
     ) -> None:
         _check_int("points_per_batch", points_per_batch, 1)
         _check_int("crop_n_layers", crop_n_layers, 0)
@@ -127,6 +134,11 @@ class AutomaticMaskGenerator:
                 raise ValueError(f"point_grids has {len(self.point_grids)} grid(s); crop_n_layers={crop_n_layers} "
                                  f"needs {crop_n_layers + 1}")
         self.predictor = model if isinstance(model, SamPredictor) else SamPredictor(model)
+        self.scorer = candidate_scorer(self.model)
+        if rescore and self.scorer is None:
+            raise ValueError("rescore=True needs a candidate scorer in the model's checkpoint ('amg_quality' "
+                             "metadata; the built-in model has one): use rescore=False, or fit a scorer with "
+                             "benchmarks/eval_amg.py --fit-scorer")
         self.points_per_side = points_per_side
         self.points_per_batch = points_per_batch
         self.pred_iou_thresh = pred_iou_thresh
@@ -139,6 +151,7 @@ class AutomaticMaskGenerator:
         self.crop_n_points_downscale_factor = crop_n_points_downscale_factor
         self.min_mask_region_area = min_mask_region_area
         self.resolve_parts = bool(resolve_parts)
+        self.rescore = bool(rescore)
 
     @classmethod
     def for_model(cls, model: Sam | str | os.PathLike | None = None, **params) -> "AutomaticMaskGenerator":
@@ -182,17 +195,21 @@ class AutomaticMaskGenerator:
     def propose(self, image: np.ndarray, progress: Progress | None = None, cancel: Cancel | None = None,
                 iou_floor: float | None = None, stability_floor: float | None = None) -> MaskProposals:
         """Run the model and keep every candidate with predicted IoU > ``iou_floor`` and stability >=
-        ``stability_floor`` (default: this generator's thresholds). Call ``.filter(**thresholds)`` on the
-        result as often as you like. progress(done_points, total_points); cancel() -> True stops with
-        :class:`Cancelled`."""
+        ``stability_floor`` (default: this generator's thresholds; with ``rescore``, at most the scorer's
+        floors). Call ``.filter(**thresholds)`` on the result as often as you like.
+        progress(done_points, total_points); cancel() -> True stops with :class:`Cancelled`."""
         iou_floor = self.pred_iou_thresh if iou_floor is None else min(iou_floor, self.pred_iou_thresh)
         stab_floor = (self.stability_score_thresh if stability_floor is None
                       else min(stability_floor, self.stability_score_thresh))
+        if self.rescore:
+            iou_floor = min(iou_floor, self.scorer.floors["pred_iou_thresh"])
+            stab_floor = min(stab_floor, self.scorer.floors["stability_score_thresh"])
         floors = {"pred_iou_thresh": iou_floor, "stability_score_thresh": stab_floor}
         rgb = to_rgb_uint8(image)
         h, w = rgb.shape[:2]
+        gray = rgb.mean(-1, dtype=np.float32)  # for a candidate scorer's intensity features
         if rgb.min() == rgb.max():  # constant image: nothing to segment
-            return MaskProposals((h, w), [], floors)
+            return MaskProposals((h, w), [], floors, self.scorer, gray)
         crop_boxes, layers = generate_crop_boxes((h, w), self.crop_n_layers, self.crop_overlap_ratio)
         total = sum(len(self.point_grids[lay]) for lay in layers)
         done = 0
@@ -202,7 +219,7 @@ class AutomaticMaskGenerator:
                                       lambda n, d0=done: progress and progress(d0 + n, total))
             done += len(self.point_grids[layer])
             crops.append(crop)
-        return MaskProposals((h, w), crops, floors)
+        return MaskProposals((h, w), crops, floors, self.scorer, gray)
 
     # ------------------------------------------------------------------ internals
     def _process_crop(self, rgb, box, layer, iou_floor, stab_floor, cancel, progress) -> CropProposals:

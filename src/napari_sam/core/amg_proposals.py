@@ -6,7 +6,8 @@ masks are upsampled lazily, only for candidates that survive the current thresho
 bool patches. :meth:`MaskProposals.filter` applies the reference pipeline (IoU, stability, crop-edge filter,
 box NMS per crop, NMS across crops, small-region clean-up) in milliseconds, so thresholds can change live.
 Optionally (``resolve_parts``, not in the reference) a mask lying inside a larger one is resolved as a part of it or
-the larger one as a merge of several (:func:`resolve_parts_of`).
+the larger one as a merge of several (:func:`resolve_parts_of`), and (``rescore``, not in the reference) a learned
+candidate scorer (:mod:`napari_sam.core.amg_quality`) replaces the predicted IoU for thresholding and ranking.
 """
 
 from __future__ import annotations
@@ -89,21 +90,57 @@ class CropProposals:
 class MaskProposals:
     """All kept candidates of one image; :meth:`filter` turns them into the final mask set."""
 
-    def __init__(self, image_shape: tuple[int, int], crops: list[CropProposals], floors: dict[str, float]):
+    def __init__(self, image_shape: tuple[int, int], crops: list[CropProposals], floors: dict[str, float],
+                 scorer=None, gray: np.ndarray | None = None):
         self.image_shape = tuple(image_shape)
         self.crops = crops
         self.floors = dict(floors)  # thresholds the candidates were kept at; filter() cannot go below
+        self.scorer = scorer  # a CandidateScorer (the model checkpoint's) or None
+        self.gray = gray  # (H, W) float32 grayscale image, for a candidate scorer's intensity features
+        self._quality: dict[int, np.ndarray] = {}
+        self._maps = None
+
+    def maps(self) -> tuple[np.ndarray, ...]:
+        """The scorer's image maps (:func:`~napari_sam.core.amg_quality.image_maps`), computed once."""
+        if self._maps is None:
+            from .amg_quality import image_maps
+
+            if self.gray is None:
+                raise ValueError("these proposals kept no grayscale image for the scorer's intensity features")
+            self._maps = image_maps(self.gray)
+        return self._maps
 
     def __len__(self) -> int:
         return sum(len(c) for c in self.crops)
 
+    def quality(self, ci: int) -> np.ndarray:
+        """(len(crop),) float32: the learned scorer's IoU estimate for each candidate of crop ``ci`` (computed once
+        and cached), 0 for candidates below the scorer's floors or with an empty mask."""
+        if self.scorer is None:
+            raise ValueError("rescore needs a candidate scorer, and this model's checkpoint has none ('amg_quality'"
+                             " metadata; the built-in model has one): turn rescore off, or fit a scorer with "
+                             "benchmarks/eval_amg.py --fit-scorer")
+        if ci not in self._quality:
+            from .amg_quality import candidate_features, scored_candidates
+
+            crop = self.crops[ci]
+            q = np.zeros(len(crop), dtype=np.float32)
+            idx = scored_candidates(crop, self.scorer.floors)
+            if len(idx):
+                q[idx] = self.scorer(candidate_features(crop, idx, self.maps()))
+            self._quality[ci] = q
+        return self._quality[ci]
+
     def filter(self, pred_iou_thresh: float = 0.88, stability_score_thresh: float = 0.95,
                box_nms_thresh: float = 0.7, crop_nms_thresh: float = 0.7,
-               min_mask_region_area: int = 0, resolve_parts: bool = False) -> list[dict]:
+               min_mask_region_area: int = 0, resolve_parts: bool = False, rescore: bool = False) -> list[dict]:
         """Records of the masks passing these thresholds (the reference's meaning), best first.
 
         resolve_parts: after the reference's steps, drop the parts of objects and the merges of several objects
         (:func:`resolve_parts_of`); off by default, as in the reference.
+        rescore: threshold (``pred_iou_thresh``) and rank (NMS) by the learned scorer's IoU estimate
+        (:meth:`quality`) instead of the decoder's predicted IoU; records then carry it as ``predicted_iou``.
+        Off by default, as in the reference; needs a model whose checkpoint has a scorer.
 
         Each record: segmentation_patch (Mask), area, bbox (min_row, min_col, max_row, max_col) max exclusive,
         predicted_iou, stability_score, point (row, col), crop_box. Thresholds below the floors the
@@ -114,9 +151,10 @@ class MaskProposals:
         for ci, crop in enumerate(self.crops):
             if len(crop) == 0:
                 continue
+            score = self.quality(ci) if rescore else crop.iou
             sel = np.ones(len(crop), dtype=bool)
             if pred_iou_thresh > 0:
-                sel &= crop.iou > pred_iou_thresh
+                sel &= score > pred_iou_thresh
             if stability_score_thresh > 0:
                 sel &= crop.stability >= stability_score_thresh
             idx = [i for i in np.flatnonzero(sel) if crop.mask(i) is not None]
@@ -127,11 +165,11 @@ class MaskProposals:
             if crop.crop_box != (0, 0, h, w):
                 idx_keep = ~is_box_near_crop_edge(boxes, crop.crop_box, (0, 0, h, w))
                 idx, boxes = idx[idx_keep], boxes[idx_keep]
-            keep = nms(boxes, crop.iou[idx], box_nms_thresh)
+            keep = nms(boxes, score[idx], box_nms_thresh)
             idx, boxes = idx[keep], boxes[keep]
             all_masks += [crop.mask(i) for i in idx]
             all_boxes.append(boxes)
-            iou.append(crop.iou[idx])
+            iou.append(score[idx])
             stab.append(crop.stability[idx])
             pts.append(crop.points[idx])
             crop_idx.append(np.full(len(idx), ci))
