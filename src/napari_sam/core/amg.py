@@ -350,7 +350,8 @@ def segment_everything(image: np.ndarray, model: Sam | str | os.PathLike | None 
     the smaller mask (deterministic); islands and holes smaller than ``min_object_area`` (default: the model's
     recommended value, else max(min_mask_region_area, 16) px) are cleaned. Images with a side over ``max_untiled``
     px are segmented in ``tile_size`` tiles with a ``halo`` and stitched (objects cut by a tile border are merged).
-    With the model's recommended ``resolve_parts``, parts of objects and merges of several are dropped first.
+    With the model's recommended ``resolve_parts``, parts of objects and merges of several are dropped first; with
+    its recommended ``rescore``, candidates are thresholded and ranked by its learned candidate scorer.
     progress(done, total) counts points (or tiles when tiled). A constant image gives all zeros.
     """
     from .labels import records_to_labels

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+from scipy import ndimage
 from skimage.measure import label as cc_label
 from skimage.segmentation import relabel_sequential
 
@@ -45,29 +46,66 @@ def records_to_labels(records: list[dict], shape: tuple[int, int], min_area: int
         view[m.patch] = lab
         boxes[lab] = (r0, c0, r1, c1)
     if min_area > 0:
+        needs_islands, fillable = _cleanup_candidates(out, len(items), min_area)
+        dirty = np.zeros((h, w), dtype=bool)  # pixels that island removal set to 0 (new holes for later objects)
         for lab, (r0, c0, r1, c1) in boxes.items():
-            _clean_object(out, lab, (r0, c0, r1, c1), min_area)
+            # an object changes only if it has islands or a small enclosed zero region lies strictly inside its box
+            inner = (slice(r0 + 1, r1), slice(c0 + 1, c1))
+            if needs_islands[lab]:
+                _remove_islands(out, lab, (r0, c0, r1, c1), min_area, dirty)
+            if fillable[inner].any() or dirty[inner].any():
+                _fill_holes(out, lab, (r0, c0, r1, c1), min_area)
     return _raster_relabel(out)
 
 
-def _clean_object(out: np.ndarray, lab: int, box, min_area: int) -> None:
+def _cleanup_candidates(out: np.ndarray, n: int, min_area: int) -> tuple[np.ndarray, np.ndarray]:
+    """For the painted label image before clean-up: per label (n + 1,) bool, whether it has more than one piece
+    (8-connectivity) or a piece smaller than ``min_area``; and (H, W) bool, the zero pixels of 4-connected zero
+    regions smaller than ``min_area`` away from the image border (the only zeros a hole filling can reach,
+    besides pixels that island removal frees). Labelling happens once for the whole image."""
+    pieces = cc_label(out, connectivity=2)  # by value: one piece never mixes two labels
+    size = np.bincount(pieces.ravel())
+    owner = np.zeros(len(size), dtype=np.int64)
+    owner[pieces.ravel()] = out.ravel()
+    size[0], owner[0] = 0, 0
+    n_pieces = np.bincount(owner[1:], minlength=n + 1)
+    small = np.bincount(owner[1:], weights=size[1:] < min_area, minlength=n + 1) > 0
+    needs = (n_pieces > 1) | small
+    zeros, _ = ndimage.label(out == 0)  # 4-connectivity
+    zsize = np.bincount(zeros.ravel())
+    zsize[0] = min_area  # not a zero region
+    edge = np.unique(np.concatenate([zeros[0], zeros[-1], zeros[:, 0], zeros[:, -1]]))
+    ok = zsize < min_area
+    ok[edge] = False
+    return needs, ok[zeros]
+
+
+_EIGHT = np.ones((3, 3), dtype=bool)
+
+
+def _remove_islands(out: np.ndarray, lab: int, box, min_area: int, dirty: np.ndarray) -> None:
+    """Drop the object's pieces (8-connectivity) smaller than ``min_area``, marking them in ``dirty``."""
+    r0, c0, r1, c1 = box
+    view = out[r0 : r1 + 1, c0 : c1 + 1]
+    cc = ndimage.label(view == lab, structure=_EIGHT)[0]  # (scipy's labelling: ~10x faster than skimage's here)
+    sizes = np.bincount(cc.ravel())
+    small = sizes < min_area
+    small[0] = False
+    if small.any():
+        gone = small[cc]
+        view[gone] = 0
+        dirty[r0 : r1 + 1, c0 : c1 + 1] |= gone
+
+
+def _fill_holes(out: np.ndarray, lab: int, box, min_area: int) -> None:
+    """Give the object the zero pixels of its holes: regions of ~object (4-connectivity) in its box smaller than
+    ``min_area`` that do not touch the box's border."""
     r0, c0, r1, c1 = box
     view = out[r0 : r1 + 1, c0 : c1 + 1]
     obj = view == lab
     if not obj.any():
         return
-    cc = cc_label(obj, connectivity=2)
-    sizes = np.bincount(cc.ravel())
-    sizes[0] = 0
-    small = sizes < min_area
-    small[0] = False
-    if small.any():
-        view[small[cc]] = 0
-        obj = view == lab
-        if not obj.any():
-            return
-    holes = cc_label(~obj, connectivity=1)
-    n = holes.max()
+    holes, n = ndimage.label(~obj)
     if n == 0:
         return
     border = np.unique(np.concatenate([holes[0], holes[-1], holes[:, 0], holes[:, -1]]))
