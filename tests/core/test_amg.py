@@ -174,12 +174,14 @@ def test_recommended_crop_layers_come_from_the_checkpoint(tiny_model):
     """A checkpoint can store generator settings beside its thresholds (``amg_settings``); for_model builds its point
     grids with them unless the caller says otherwise. The built-in model stores 0 crop layers: one was tried (val
     F1 0.734 vs 0.645) and not adopted (first 24 test images 0.641 vs 0.667, with 5 model views per image); it
-    stores part / merge resolution on and the label clean-up's min_object_area, both tuned on val."""
+    stores part / merge resolution and its learned candidate scorer on and the label clean-up's min_object_area, all
+    tuned on val."""
     from napari_sam.core.amg import recommended_settings
     from napari_sam.core.build import builtin_checkpoint_path
 
     if builtin_checkpoint_path().is_file():
-        assert recommended_settings(None) == {"crop_n_layers": 0, "resolve_parts": 1, "min_object_area": 48}
+        assert recommended_settings(None) == {"crop_n_layers": 0, "resolve_parts": 1, "rescore": 1,
+                                                 "min_object_area": 16}
     tiny_model.checkpoint_meta = {"amg_settings": {"crop_n_layers": 1, "resolve_parts": 1, "min_object_area": 30}}
     try:
         assert recommended_settings(tiny_model) == {"crop_n_layers": 1, "resolve_parts": 1, "min_object_area": 30}
