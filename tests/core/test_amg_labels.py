@@ -71,3 +71,21 @@ def test_islands_and_holes_cleaned(nuclei_sample):
 
 def test_no_records():
     assert not records_to_labels([], (5, 7)).any()
+
+
+def test_cleanup_skips_only_objects_it_cannot_change(nuclei_sample, monkeypatch):
+    """The clean-up labels the whole image once to find the objects that have islands or may have holes; cleaning
+    every object instead gives the same label image (the built-in model's dense, overlapping candidates on a real
+    image, where painting cuts many objects into pieces)."""
+    import napari_sam.core.labels as L
+    from napari_sam.core.amg import AutomaticMaskGenerator
+    from napari_sam.core.build import load_model
+
+    image = nuclei_sample[0]
+    th = dict(pred_iou_thresh=0.3, stability_score_thresh=0.5, box_nms_thresh=1.0)
+    recs = AutomaticMaskGenerator(load_model(device="cpu"), points_per_side=16, **th).propose(image).filter(**th)
+    assert len(recs) > 50
+    fast = {a: L.records_to_labels(recs, image.shape[:2], a) for a in (16, 48, 300)}
+    monkeypatch.setattr(L, "_cleanup_candidates", lambda out, n, a: (np.ones(n + 1, bool), np.ones(out.shape, bool)))
+    for a, lab in fast.items():
+        assert np.array_equal(lab, L.records_to_labels(recs, image.shape[:2], a)), a
