@@ -3,7 +3,8 @@
 For every ground-truth nucleus of at least ``--min-voxels`` voxels in ../shared/data/gonuclear_3d_nuclei, one
 positive point at the center of its largest slice (the centroid, or the deepest interior pixel when the centroid
 falls outside), propagate through the volume, and score the 3D IoU with the ground truth. All nuclei of a volume
-propagate in one batched pass per strategy (identical to one propagate_object call each, up to float noise).
+propagate in one batched pass per strategy (identical to one propagate_object call each, up to float noise). The
+voxel size (for the orthogonal views) is read from each tif.
 
     python benchmarks/eval_propagation.py --model src/napari_sam/models/builtin_nuclei.pt [--json out.json]
     python benchmarks/eval_propagation.py --click-side 0.4 --strategies point_raw   # clicks near a nucleus end
@@ -28,7 +29,10 @@ VOLUMES = ("1135", "1136")
 
 # (name, strategy, extra params): the strategies of napari_sam.core.propagation plus micro-sam's default
 RUNS = [  # most informative first: a time-boxed run (--strategies) still compares the main ones
-    ("point, uncalibrated ranking, micro-sam's stop, z smoothing (default)", "point_raw", {}),
+    ("point, uncalibrated ranking, micro-sam's stop, z smoothing, orthogonal views (default)", "point_raw", {}),
+    ("the same in XY slices only (views='xy')", "point_raw", {"views": "xy"}),
+    ("the same, orthogonal views at every row and column (view_step 1)", "point_raw", {"view_step": 1}),
+    ("the same, orthogonal views without smoothing them (view_denoise 0)", "point_raw", {"view_denoise": 0}),
     ("the same with the regrowth stop (max_regrowth 0.5)", "point_raw", {"max_regrowth": 0.5}),
     ("the same without z smoothing", "point_raw", {"smooth_z": False}),
     ("box + logits", "box_logits", {}),
@@ -67,6 +71,16 @@ def nucleus_prompts(gt: np.ndarray, min_voxels: int, side: float | None = None):
     return out
 
 
+def tif_spacing(path: Path) -> tuple[float, float, float]:
+    """(z, y, x) voxel size of an ImageJ tif (its ``spacing`` and X/Y resolution tags), in its unit."""
+    from tifffile import TiffFile
+
+    with TiffFile(path) as tif:
+        page, meta = tif.pages[0], tif.imagej_metadata or {}
+        y, x = (page.tags[k].value for k in ("YResolution", "XResolution"))
+        return float(meta.get("spacing", 1.0)), y[1] / y[0], x[1] / x[0]
+
+
 def iou3d(a: np.ndarray, b: np.ndarray) -> float:
     union = np.count_nonzero(a | b)
     return float(np.count_nonzero(a & b) / union) if union else 0.0
@@ -79,17 +93,18 @@ def evaluate(model, strategies, min_voxels: int, cache, log=print, limit: int | 
 
     from napari_sam.core.embedding_store import StackEmbeddings
     from napari_sam.core.predictor import SamPredictor
-    from napari_sam.core.propagation import choose_seed, finish_slices, iter_propagate_masks, make_params
+    from napari_sam.core.propagation import choose_seed, finish_slices, fuse_views, iter_propagate_masks, make_params
 
     out = {"results": {}, "slices": {}, "times": {}, "seed_iou": [], "crops": {}}
-    volumes = []
+    volumes, spacing = [], {}
     for vid in crops:
         vol, gt = imread(DATA / f"{vid}_crop_image.tif"), imread(DATA / f"{vid}_crop_label.tif")
+        spacing[vid] = tif_spacing(DATA / f"{vid}_crop_image.tif")
         t0 = time.perf_counter()
         emb = StackEmbeddings(vol, model, cache=cache).compute_all()
         log(f"{vid}: embeddings of {vol.shape[0]} slices in {time.perf_counter() - t0:.1f} s")
         pred = SamPredictor(model)
-        seeds, objs, failed = [], [], 0
+        seeds, objs, clicks, failed = [], [], [], 0
         for lab, z, center in nucleus_prompts(gt, min_voxels, side)[:limit]:  # one point, one of 3 candidates
             pred.set_embedding(emb[z])
             p = pred.predict(points=center[None], multimask=True)
@@ -99,29 +114,30 @@ def evaluate(model, strategies, min_voxels: int, cache, log=print, limit: int | 
                 failed += 1
                 continue
             seeds.append({z: p.masks[k]})
+            clicks.append([(z, tuple(center))])
             objs.append(lab)
         if failed:
             log(f"{vid}: {failed} nuclei got an empty mask on their prompted slice (3D IoU 0)")
-        volumes.append((vol, gt, emb, seeds, objs, failed))
+        volumes.append((vol, gt, emb, seeds, objs, clicks, failed))
         out["crops"][vid] = len(objs) + failed  # nuclei of this crop, in order in every result list
     for name, strategy, extra in strategies:
         ious, n, t = [], 0, 0.0
-        for vol, gt, emb, seeds, objs, failed in volumes:
+        for vid, (vol, gt, emb, seeds, objs, clicks, failed) in zip(crops, volumes):
+            params = make_params({"strategy": strategy, "spacing": spacing[vid], **extra})
+            slices = [{} for _ in objs]
+            scores = np.full((len(objs), gt.shape[0]), np.nan, np.float32)
+            t0 = time.perf_counter()
+            for i, z, m, s in iter_propagate_masks(vol, seeds, embeddings=emb, **params.__dict__):
+                slices[i][z], scores[i, z] = m, s
+                n += 1
+            if params.smooth_z:  # as propagate_masks finishes an object
+                slices = [finish_slices(s, obj) for s, obj in zip(seeds, slices)]
+            slices = fuse_views(emb, seeds, slices, scores, params, points=clicks)  # as propagate_object
+            t += time.perf_counter() - t0
             masks = [np.zeros(gt.shape, bool) for _ in objs]
             for i, s in enumerate(seeds):
-                for z, m in s.items():
+                for z, m in {**slices[i], **s}.items():
                     masks[i][z] = m
-            t0 = time.perf_counter()
-            for i, z, m, _s in iter_propagate_masks(vol, seeds, embeddings=emb, strategy=strategy, **extra):
-                masks[i][z] = m
-                n += 1
-            if make_params({"strategy": strategy, **extra}).smooth_z:  # as propagate_masks finishes an object
-                for i, s in enumerate(seeds):
-                    zs = [int(z) for z in np.flatnonzero(masks[i].any(axis=(1, 2))) if z not in s]
-                    kept = finish_slices(s, {z: masks[i][z] for z in zs})
-                    for z in zs:
-                        masks[i][z] = kept.get(z, False)
-            t += time.perf_counter() - t0
             ious += [iou3d(masks[i], gt == lab) for i, lab in enumerate(objs)] + [0.0] * failed
         out["results"][name], out["slices"][name], out["times"][name] = ious, n, t
         log(f"{name}: mean 3D IoU {np.mean(ious):.3f} over {len(ious)} nuclei ({t:.0f} s)")

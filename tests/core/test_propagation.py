@@ -44,7 +44,7 @@ def emb(volume, tiny_model):
 
 
 def test_propagate_object_shapes_seed_and_generator(volume, emb, tiny_model):
-    mask, scores = propagate_object(volume, 4, points=[[48, 48]], embeddings=emb, strategy="point", **NO_STOP)
+    mask, scores = propagate_object(volume, 4, points=[[48, 48]], embeddings=emb, views="xy", strategy="point", **NO_STOP)
     assert mask.shape == (8, 96, 96) and mask.dtype == bool
     assert scores.shape == (8,) and scores.dtype == np.float32
     # the prompted slice is exactly what the predictor gives for that prompt
@@ -54,33 +54,33 @@ def test_propagate_object_shapes_seed_and_generator(volume, emb, tiny_model):
     k = int(np.argmax(ref.iou))
     assert np.array_equal(mask[4], ref.masks[k]) and scores[4] == pytest.approx(float(ref.iou[k]))
     assert np.isfinite(scores).all() and mask.any(axis=(1, 2)).all()  # no stop rule: every slice
-    steps = list(iter_propagate_object(volume, 4, points=[[48, 48]], embeddings=emb, strategy="point", **NO_STOP))
+    steps = list(iter_propagate_object(volume, 4, points=[[48, 48]], embeddings=emb, views="xy", strategy="point", **NO_STOP))
     assert [z for z, _, _ in steps] == [4, 3, 5, 2, 6, 1, 7, 0]  # lock-step, both directions
     for z, m, s in steps:
         assert np.array_equal(m, mask[z]) and s == pytest.approx(float(scores[z]), rel=1e-4)
 
 
 def test_every_strategy_and_direction(volume, emb):
-    seed = propagate_object(volume, 3, points=[[48, 48]], embeddings=emb, strategy="point", max_slices=0)[0][3]
+    seed = propagate_object(volume, 3, points=[[48, 48]], embeddings=emb, views="xy", strategy="point", max_slices=0)[0][3]
     for strategy in STRATEGIES:
-        labels, scores = propagate_masks(volume, [{3: seed}], embeddings=emb, strategy=strategy, max_slices=1,
+        labels, scores = propagate_masks(volume, [{3: seed}], embeddings=emb, views="xy", strategy=strategy, max_slices=1,
                                          **NO_STOP)
         assert scores[0, 3] == 1.0 and np.isnan(scores[0, [0, 1, 5, 6, 7]]).all(), strategy
         assert set(np.unique(labels)) <= {0, 1}
     for extra in ({"select": "overlap"}, {"box_extension": 0.2}):
-        labels, scores = propagate_masks(volume, [{3: seed}], embeddings=emb, strategy="point_box" if
+        labels, scores = propagate_masks(volume, [{3: seed}], embeddings=emb, views="xy", strategy="point_box" if
                                          "box_extension" in extra else "point", max_slices=1, **extra, **NO_STOP)
         assert scores[0, 3] == 1.0 and np.isnan(scores[0, [0, 1, 5, 6, 7]]).all()
     # choosing the candidate by overlap keeps the one closest to the previous slice's mask
-    by_iou = propagate_masks(volume, [{3: seed}], embeddings=emb, strategy="point", max_slices=1, **NO_STOP)[0]
-    by_overlap = propagate_masks(volume, [{3: seed}], embeddings=emb, strategy="point", max_slices=1,
+    by_iou = propagate_masks(volume, [{3: seed}], embeddings=emb, views="xy", strategy="point", max_slices=1, **NO_STOP)[0]
+    by_overlap = propagate_masks(volume, [{3: seed}], embeddings=emb, views="xy", strategy="point", max_slices=1,
                                  select="overlap", **NO_STOP)[0]
     for z in (2, 4):
         iou = [float(((lab[z] == 1) & seed).sum() / ((lab[z] == 1) | seed).sum()) for lab in (by_iou, by_overlap)]
         assert iou[1] >= iou[0]
-    up = list(iter_propagate_object(volume, 3, points=[[48, 48]], embeddings=emb, strategy="point",
+    up = list(iter_propagate_object(volume, 3, points=[[48, 48]], embeddings=emb, views="xy", strategy="point",
                                     direction="up", **NO_STOP))
-    down = list(iter_propagate_object(volume, 3, points=[[48, 48]], embeddings=emb, strategy="point",
+    down = list(iter_propagate_object(volume, 3, points=[[48, 48]], embeddings=emb, views="xy", strategy="point",
                                       direction="down", **NO_STOP))
     assert [z for z, _, _ in up] == [3, 4, 5, 6, 7] and [z for z, _, _ in down] == [3, 2, 1, 0]
 
@@ -90,8 +90,8 @@ def test_uncalibrated_ranking_undoes_the_checkpoints_candidate_bias(volume, emb,
     scripts/calibrate_candidates.py added ``candidate_bias`` to it."""
     import torch
 
-    seed = propagate_object(volume, 3, points=[[48, 48]], embeddings=emb, strategy="point", max_slices=0)[0][3]
-    run = dict(embeddings=emb, strategy="point", max_slices=2, **NO_STOP)
+    seed = propagate_object(volume, 3, points=[[48, 48]], embeddings=emb, views="xy", strategy="point", max_slices=0)[0][3]
+    run = dict(embeddings=emb, views="xy", strategy="point", max_slices=2, **NO_STOP)
     ref_labels, ref_scores = propagate_masks(volume, [{3: seed}], **run)
     head = tiny_model.mask_decoder.iou_prediction_head.layers[-1].bias
     saved = getattr(tiny_model, "checkpoint_meta", None)
@@ -111,7 +111,7 @@ def test_uncalibrated_ranking_undoes_the_checkpoints_candidate_bias(volume, emb,
 
 
 def test_stop_rules(volume, emb):
-    kw = dict(points=[[48, 48]], embeddings=emb, strategy="point")
+    kw = dict(points=[[48, 48]], embeddings=emb, views="xy", strategy="point")
     mask, scores = propagate_object(volume, 4, iou_threshold=1.01, **kw)  # predicted IoU never reaches it
     assert mask.any(axis=(1, 2)).tolist() == [False] * 4 + [True] + [False] * 3
     mask, _ = propagate_object(volume, 4, min_area=volume.shape[1] * volume.shape[2] + 1, iou_threshold=0, **kw)
@@ -159,12 +159,12 @@ def test_prompt_helpers():
 
 
 def test_batched_objects_equal_single_runs(volume, emb):
-    first = propagate_object(volume, 2, points=[[30, 30]], embeddings=emb, strategy="point", max_slices=0)[0][2]
-    second = propagate_object(volume, 5, points=[[70, 60]], embeddings=emb, strategy="point", max_slices=0)[0][5]
+    first = propagate_object(volume, 2, points=[[30, 30]], embeddings=emb, views="xy", strategy="point", max_slices=0)[0][2]
+    second = propagate_object(volume, 5, points=[[70, 60]], embeddings=emb, views="xy", strategy="point", max_slices=0)[0][5]
     seeds = [{2: first}, {5: second}]
-    labels, scores = propagate_masks(volume, seeds, embeddings=emb, strategy="point_box", **NO_STOP)
+    labels, scores = propagate_masks(volume, seeds, embeddings=emb, views="xy", strategy="point_box", **NO_STOP)
     for i, s in enumerate(seeds):
-        lab1, sc1 = propagate_masks(volume, [s], embeddings=emb, strategy="point_box", **NO_STOP)
+        lab1, sc1 = propagate_masks(volume, [s], embeddings=emb, views="xy", strategy="point_box", **NO_STOP)
         np.testing.assert_allclose(scores[i], sc1[0], atol=1e-4)
         valid = np.isfinite(sc1[0])
         assert (np.isfinite(scores[i]) == valid).all()
@@ -175,13 +175,13 @@ def test_batched_objects_equal_single_runs(volume, emb):
 
 
 def test_fill_between_two_prompted_slices_from_both_ends(volume, emb):
-    seed1 = propagate_object(volume, 1, points=[[48, 48]], embeddings=emb, strategy="point", max_slices=0)[0][1]
-    big6 = propagate_object(volume, 6, points=[[48, 48]], embeddings=emb, strategy="point", max_slices=0)[0][6]
-    labels, scores = propagate_masks(volume, [{1: seed1, 6: big6}], embeddings=emb, strategy="point", **NO_STOP)
+    seed1 = propagate_object(volume, 1, points=[[48, 48]], embeddings=emb, views="xy", strategy="point", max_slices=0)[0][1]
+    big6 = propagate_object(volume, 6, points=[[48, 48]], embeddings=emb, views="xy", strategy="point", max_slices=0)[0][6]
+    labels, scores = propagate_masks(volume, [{1: seed1, 6: big6}], embeddings=emb, views="xy", strategy="point", **NO_STOP)
     assert np.isfinite(scores[0]).all()  # gap 2..5 filled, and outward 0 and 7
     tiny6 = np.zeros_like(seed1)
     tiny6[90:93, 90:93] = True  # a seed the model's masks never overlap with: its end stops at once
-    labels, scores = propagate_masks(volume, [{1: seed1, 6: tiny6}], embeddings=emb, strategy="point",
+    labels, scores = propagate_masks(volume, [{1: seed1, 6: tiny6}], embeddings=emb, views="xy", strategy="point",
                                      overlap_threshold=0.3, iou_threshold=0.0, min_area=1)
     # the lower end went on past the middle (3) up to the slice next to the stopped end
     assert np.isfinite(scores[0, [0, 1, 2, 3, 4, 5, 6]]).all() and np.isnan(scores[0, 7])
@@ -189,7 +189,7 @@ def test_fill_between_two_prompted_slices_from_both_ends(volume, emb):
 
 
 def test_repropagation_redoes_only_the_affected_range(volume, emb):
-    kw = dict(embeddings=emb, strategy="point", **NO_STOP)
+    kw = dict(embeddings=emb, views="xy", strategy="point", **NO_STOP)
     mask, _ = propagate_object(volume, 4, points=[[48, 48]], **kw)
     corrected = mask[4].copy()
     corrected[:10] = False  # a small correction: the next slices agree with the old ones again
@@ -205,15 +205,15 @@ def test_bad_input(volume, emb, tiny_model):
     with pytest.raises(ValueError, match="2D image"):
         propagate_object(volume[0], 0, points=[[5, 5]], model=tiny_model)
     with pytest.raises(ValueError, match=r"slice z=8 is outside the volume, which has 8 slice\(s\)"):
-        propagate_object(volume, 8, points=[[5, 5]], embeddings=emb)
+        propagate_object(volume, 8, points=[[5, 5]], embeddings=emb, views="xy")
     with pytest.raises(ValueError, match="outside the volume"):
-        propagate_object(volume, -1, points=[[5, 5]], embeddings=emb)
+        propagate_object(volume, -1, points=[[5, 5]], embeddings=emb, views="xy")
     with pytest.raises(ValueError, match="give a prompt"):
-        propagate_object(volume, 2, embeddings=emb)
+        propagate_object(volume, 2, embeddings=emb, views="xy")
     with pytest.raises(ValueError, match="another stack"):
-        propagate_object(volume[:, ::-1], 2, points=[[5, 5]], embeddings=emb)
+        propagate_object(volume[:, ::-1], 2, points=[[5, 5]], embeddings=emb, views="xy")
     with pytest.raises(ValueError, match="seed mask of object 0 on slice 1 is empty"):
-        propagate_masks(volume, [{1: np.zeros((96, 96), bool)}], embeddings=emb)
+        propagate_masks(volume, [{1: np.zeros((96, 96), bool)}], embeddings=emb, views="xy")
 
 
 def test_single_slice_and_anisotropic_volumes(volume, tiny_model):
@@ -266,14 +266,14 @@ def test_z_smoothing_exact_reference():
 
 
 def test_propagate_object_and_masks_finish_with_z_smoothing(volume, emb):
-    raw, raw_scores = propagate_object(volume, 4, points=[[48, 48]], embeddings=emb, strategy="point",
+    raw, raw_scores = propagate_object(volume, 4, points=[[48, 48]], embeddings=emb, views="xy", strategy="point",
                                        iou_threshold=0.0, overlap_threshold=0.0, min_area=1, smooth_z=False)
-    sm, scores = propagate_object(volume, 4, points=[[48, 48]], embeddings=emb, strategy="point",
+    sm, scores = propagate_object(volume, 4, points=[[48, 48]], embeddings=emb, views="xy", strategy="point",
                                   iou_threshold=0.0, overlap_threshold=0.0, min_area=1)
     ref = smooth_z({z: raw[z] for z in range(8) if raw[z].any()}, keep=[4])
     assert all(np.array_equal(sm[z], ref.get(z, np.zeros_like(raw[z]))) for z in range(8))
     assert np.array_equal(np.isfinite(scores), [z in ref for z in range(8)])
-    labels, _ = propagate_masks(volume, [{4: raw[4]}], embeddings=emb, strategy="point", iou_threshold=0.0,
+    labels, _ = propagate_masks(volume, [{4: raw[4]}], embeddings=emb, views="xy", strategy="point", iou_threshold=0.0,
                                 overlap_threshold=0.0, min_area=1)
     assert np.array_equal(labels == 1, sm)
 

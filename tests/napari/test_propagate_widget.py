@@ -34,6 +34,7 @@ def scene(make_napari_viewer, qtbot, tiny_model, tmp_path, monkeypatch):
     dw, widget = viewer.window.add_plugin_dock_widget("napari-sam", "3D propagation")
     qtbot.waitUntil(dw.isVisible, timeout=5000)
     widget.set_layers("stack", "SAM labels")
+    widget.views_check.setChecked(False)  # these tests check the slice-by-slice machinery; the views have their own
     return viewer, widget, lay, labels.copy()
 
 
@@ -200,3 +201,34 @@ def test_the_widget_job_finishes_objects_like_propagate_masks(tmp_path, monkeypa
         for z in zs:  # the same masks (where objects overlap, propagate_masks gives the voxel to the first one)
             assert not ((ref[z] == i + 1) & ~out["results"][i][z]).any()
     assert any(out["results"][i] for i in range(len(ids)))  # something was propagated
+
+
+def test_orthogonal_views_use_the_layer_scale_and_stay_off_for_time(scene, tiny_model):
+    """With "orthogonal views" checked the widget propagates exactly as propagate_masks with the image layer's
+    scale as voxel size (one undo step); a stack whose first axis is labelled t starts with the views off."""
+    from napari_sam.core.propagation import propagate_masks
+    from napari_sam.core.propagation_labels import seeds_from_labels
+
+    viewer, w, lay, before = scene
+    for layer in (viewer.layers["stack"], lay):
+        layer.scale = (2.5, 1.0, 1.0)
+    viewer.dims.set_point(0, 4 * 2.5)  # world z of slice 4
+    w.views_check.setChecked(True)
+    assert w.propagate(direction="both", scope="current", strategy="point", **NO_STOP)
+    assert w.wait(120)
+    after = np.asarray(lay.data)
+    _, seeds = seeds_from_labels(before, 4, [SEED])
+    ref, _ = propagate_masks(viewer.layers["stack"].data, seeds, tiny_model, strategy="point", spacing=(2.5, 1, 1),
+                             **NO_STOP)
+    assert np.array_equal(after == SEED, (ref == 1) & (before != OTHER) | (before == SEED))
+    import zarr
+
+    from napari_sam.core.embedding_store import embeddings_dir
+
+    shapes = sorted(tuple(zarr.open_group(str(d), mode="r").attrs["shape"]) for d in embeddings_dir().iterdir())
+    assert shapes == [(8, 96, 96), (48, 20, 96), (48, 20, 96)]  # the stack and its two views: z 8 -> 20 rows
+    lay.undo()
+    assert np.array_equal(np.asarray(lay.data), before)
+    viewer.dims.axis_labels = ("t", "y", "x")
+    w.image_combo.currentTextChanged.emit("stack")
+    assert not w.views_check.isChecked()

@@ -111,13 +111,15 @@ def model_fingerprint(model: torch.nn.Module) -> str:
     return digest
 
 
-def stack_key(volume: np.ndarray, model: torch.nn.Module) -> str:
-    """Cache key of (data, model, its denoising, napari-sam version, store format)."""
+def stack_key(volume: np.ndarray, model: torch.nn.Module, denoise: float | None = None) -> str:
+    """Cache key of (data, model, its denoising (``denoise``: instead of the model's), napari-sam version, store
+    format)."""
     from napari_sam import __version__
 
     text = f"{volume_hash(volume)}-{model_fingerprint(model)}-{__version__}-{STORE_FORMAT}"
-    if denoise_of(model):
-        text += f"-denoise{denoise_of(model)!r}"
+    denoise = denoise_of(model) if denoise is None else check_denoise(denoise)
+    if denoise:
+        text += f"-denoise{denoise!r}"
     if max_upscale_of(model):
         text += f"-max_upscale{max_upscale_of(model)!r}"
     return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
@@ -206,10 +208,11 @@ class StackEmbeddings:
     :func:`embeddings_dir`, falling back to memory with a warning if it cannot be used), False (memory only),
     or a folder to hold the stores. max_bytes: size limit of that folder (default :func:`max_cache_bytes`).
     The model's preprocessing (``denoise``, ``max_upscale``; taken when the object is made) is part of the key.
+    denoise: a Gaussian sigma (pixels) for these slices instead of the model's (None: the model's).
     """
 
     def __init__(self, volume: np.ndarray, model: torch.nn.Module, cache: bool | str | os.PathLike = True,
-                 max_bytes: int | None = None) -> None:
+                 max_bytes: int | None = None, denoise: float | None = None) -> None:
         self.volume = validate_stack(volume)
         self.model = model
         self.n_slices = int(self.volume.shape[0])
@@ -218,8 +221,8 @@ class StackEmbeddings:
         self.input_size = input_shape(*self.original_size, model.img_size, self.max_upscale)
         g = model.prompt_encoder.image_embedding_size
         self.feature_shape = (int(model.prompt_encoder.embed_dim), int(g[0]), int(g[1]))
-        self.key = stack_key(self.volume, model)
-        self.denoise = denoise_of(model)
+        self.denoise = denoise_of(model) if denoise is None else check_denoise(denoise)
+        self.key = stack_key(self.volume, model, self.denoise)
         self._slice = volume_to_uint8(self.volume, self.denoise)
         self._mem: dict[int, np.ndarray] = {}  # slices not on disk (memory mode, or not yet written)
         self._read: OrderedDict[int, np.ndarray] = OrderedDict()  # recently read from disk (LRU)
