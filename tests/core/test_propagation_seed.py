@@ -93,9 +93,9 @@ def test_a_click_near_one_end_of_a_nucleus_propagates_through_it(crop):
     """A microscopist clicks a nucleus on whatever slice is shown, often near one of its ends. Propagating toward
     the nucleus's middle the mask grows, and no stop rule may take that for running into the next nucleus (the last
     release's default regrowth stop did: mean 3D IoU 0.415 here, 47 % of the nuclei reaching their widest slice).
-    Clicked on the first slice where each nucleus reaches 40 % of its largest area, with the default rules: mean 3D
-    IoU 0.664 on this crop (0.669 when clicked on the widest slice; benchmarks/eval_propagation.py --denoise 2
-    --click-side 0.4)."""
+    Clicked on the first slice where each nucleus reaches 40 % of its largest area, with the default rules (the
+    orthogonal views at the crop's voxel size): mean 3D IoU 0.732 on this crop (0.758 when clicked on the widest
+    slice; in XY slices alone 0.664 / 0.669; benchmarks/eval_propagation.py --denoise 2 --click-side 0.4)."""
     from napari_sam.core.propagation import interior_point, propagate_object
 
     vol, gt, model, emb = crop
@@ -109,10 +109,10 @@ def test_a_click_near_one_end_of_a_nucleus_propagates_through_it(crop):
         c = np.round(np.argwhere(obj[z]).mean(0))
         if not obj[z, int(c[0]), int(c[1])]:
             c = interior_point(obj[z])
-        mask, _ = propagate_object(vol, z, points=[c], embeddings=emb, model=model)
+        mask, _ = propagate_object(vol, z, points=[c], embeddings=emb, model=model, spacing=(0.2837, 0.1268, 0.1268))
         ious.append((mask & obj).sum() / (mask | obj).sum())
         zl = int(np.argmax(areas))
         through.append((mask[zl] & obj[zl]).sum() / (mask[zl] | obj[zl]).sum() > 0.5)
     assert len(ious) >= 30
     assert np.mean(through) >= 0.7, np.mean(through)  # the widest slice is reached and segmented
-    assert np.mean(ious) >= 0.6, np.mean(ious)
+    assert np.mean(ious) >= 0.68, np.mean(ious)

@@ -112,7 +112,7 @@ def test_too_large_views_fall_back_to_xy_with_a_warning(tiny_model, monkeypatch)
     vol[:, 14:34, 14:34] = 200
     xy = propagate_object(vol, 3, points=[[24, 24]], model=tiny_model, views="xy")
     monkeypatch.setattr(propagation_views, "MAX_VIEW_BYTES", 100)
-    with pytest.warns(UserWarning, match="propagated in XY slices only"):
+    with pytest.warns(propagation_views.ViewsWarning, match="propagated in XY slices only"):
         got = propagate_object(vol, 3, points=[[24, 24]], model=tiny_model)
     assert np.array_equal(got[0], xy[0])
     np.testing.assert_array_equal(got[1], xy[1])

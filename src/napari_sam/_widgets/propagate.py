@@ -9,7 +9,9 @@ The image is (Z, Y, X) (or (T, Z, Y, X): the displayed volume at the current T).
 image's shape. Objects are those of the labels layer on the current slice: the selected label ("current")
 or every label there ("all"). A current object drawn on several slices with gaps is filled between them from
 both ends; one that already spans a run of slices (a correction of a 3D object) is re-propagated: only the
-range the correction affects is redone. Work runs in a thread worker (progress,
+range the correction affects is redone. With "orthogonal views" checked (the default, except for a stack whose
+first axis is labelled t or time) each object is also propagated through the XZ and YZ planes, z resampled to the
+image layer's scale, and a voxel is kept where 2 of the 3 views have it. Work runs in a thread worker (progress,
 cancel); the result is written into the labels layer as ONE undoable step, and never over other objects'
 voxels unless "overwrite" is checked.
 """
@@ -30,6 +32,7 @@ from ..core.propagation import (
     STRATEGIES, PropagationParams, finish_slices, fuse_views, iter_propagate_masks, make_params, repropagate,
 )
 from ..core.propagation_labels import confidence_text, plan_write, seeds_from_labels
+from ..core.propagation_views import ViewsWarning
 from ._annotator_ui import bind_denoise, denoise_spin_box
 from ._state import get_state
 from ._workers import CancelToken, ProgressRelay, process_events_until, run_in_thread
@@ -91,7 +94,7 @@ def run_propagation(volume, labels3d, z, ids, model, params, cancel, report, den
             warnings.simplefilter("always")
             fused = fuse_views(emb, seeds, [results[i] for i in range(len(ids))], scores, p, cancel,
                                lambda d, t: report(total + d, total + t))
-        notes += [str(w.message) for w in caught if issubclass(w.category, (UserWarning, EmbeddingCacheWarning))]
+        notes += [str(w.message) for w in caught if issubclass(w.category, (ViewsWarning, EmbeddingCacheWarning))]
         results = dict(enumerate(fused))
     return {"model": model, "ids": ids, "results": results, "scores": scores, "notes": notes,
             "cancelled": cancel(), "range": None}

@@ -5,7 +5,9 @@ From each prompted slice outward, the next slice is prompted from the previous s
 A direction stops when the predicted IoU falls below ``iou_threshold``, the IoU with the previous slice's mask
 below ``overlap_threshold``, or the mask has fewer than ``min_area`` pixels. Between two prompted slices of one
 object, both ends propagate toward the middle; if one stops early, the other goes on. All objects (and all
-directions) step in lock-step, so every slice runs one batched decoder call for all objects on it.
+directions) step in lock-step, so every slice runs one batched decoder call for all objects on it. By default
+(``views="orthogonal"``) each object is then propagated the same way through the stack's XZ and YZ planes too,
+and a voxel is kept where 2 of the 3 views have it (:mod:`napari_sam.core.propagation_views`).
 
 Axis order: volumes (Z, Y, X) or (Z, Y, X, C); points (row, col) on slice z; boxes (min_row, min_col, max_row,
 max_col) inclusive. "forward"/"up" is increasing z, "backward"/"down" decreasing z.

@@ -31,6 +31,12 @@ from .image import check_denoise, denoise_of
 from .predictor import SamPredictor
 
 VIEWS = ("orthogonal", "xy")
+
+
+class ViewsWarning(UserWarning):
+    """The orthogonal views were skipped (the stack is too large for them)."""
+
+
 VIEW_AXES = (1, 2)  # reslice along Y (planes (Z, X)), then along X (planes (Z, Y))
 MAX_VIEW_BYTES = 2 << 30  # both resliced views together; a larger stack propagates in XY only (with a warning)
 
@@ -191,7 +197,7 @@ def orthogonal_views(embeddings: StackEmbeddings, seeds: Sequence[Mapping[int, n
     if size > MAX_VIEW_BYTES:
         warnings.warn(f"the orthogonal views of this {vol.shape} stack would take {size / 2**30:.1f} GiB; it is "
                       "propagated in XY slices only. Crop the stack, or pass views='xy' to skip this warning",
-                      UserWarning, stacklevel=3)
+                      ViewsWarning, stacklevel=3)
         return [dict(s) for s in slices]
     model = embeddings.model
     sigma = max(denoise_of(model), check_denoise(params.view_denoise))
