@@ -21,7 +21,9 @@ from napari_sam.core.propagation import (
     smooth_z,
 )
 
-NO_STOP = dict(iou_threshold=0.0, overlap_threshold=0.0, min_area=1, max_regrowth=None, smooth_z=False)
+NO_STOP = dict(iou_threshold=0.0, overlap_threshold=0.0, min_area=1, max_regrowth=None, smooth_z=False,
+               views="xy")  # no stop rules, no finishing: the XY machinery alone (the views: test_propagation_views)
+SEED_ONLY = dict(views="xy", strategy="point", max_slices=0)  # the prompted slice only
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -44,7 +46,7 @@ def emb(volume, tiny_model):
 
 
 def test_propagate_object_shapes_seed_and_generator(volume, emb, tiny_model):
-    mask, scores = propagate_object(volume, 4, points=[[48, 48]], embeddings=emb, views="xy", strategy="point", **NO_STOP)
+    mask, scores = propagate_object(volume, 4, points=[[48, 48]], embeddings=emb, strategy="point", **NO_STOP)
     assert mask.shape == (8, 96, 96) and mask.dtype == bool
     assert scores.shape == (8,) and scores.dtype == np.float32
     # the prompted slice is exactly what the predictor gives for that prompt
@@ -54,33 +56,33 @@ def test_propagate_object_shapes_seed_and_generator(volume, emb, tiny_model):
     k = int(np.argmax(ref.iou))
     assert np.array_equal(mask[4], ref.masks[k]) and scores[4] == pytest.approx(float(ref.iou[k]))
     assert np.isfinite(scores).all() and mask.any(axis=(1, 2)).all()  # no stop rule: every slice
-    steps = list(iter_propagate_object(volume, 4, points=[[48, 48]], embeddings=emb, views="xy", strategy="point", **NO_STOP))
+    steps = list(iter_propagate_object(volume, 4, points=[[48, 48]], embeddings=emb, strategy="point", **NO_STOP))
     assert [z for z, _, _ in steps] == [4, 3, 5, 2, 6, 1, 7, 0]  # lock-step, both directions
     for z, m, s in steps:
         assert np.array_equal(m, mask[z]) and s == pytest.approx(float(scores[z]), rel=1e-4)
 
 
 def test_every_strategy_and_direction(volume, emb):
-    seed = propagate_object(volume, 3, points=[[48, 48]], embeddings=emb, views="xy", strategy="point", max_slices=0)[0][3]
+    seed = propagate_object(volume, 3, points=[[48, 48]], embeddings=emb, **SEED_ONLY)[0][3]
     for strategy in STRATEGIES:
-        labels, scores = propagate_masks(volume, [{3: seed}], embeddings=emb, views="xy", strategy=strategy, max_slices=1,
+        labels, scores = propagate_masks(volume, [{3: seed}], embeddings=emb, strategy=strategy, max_slices=1,
                                          **NO_STOP)
         assert scores[0, 3] == 1.0 and np.isnan(scores[0, [0, 1, 5, 6, 7]]).all(), strategy
         assert set(np.unique(labels)) <= {0, 1}
     for extra in ({"select": "overlap"}, {"box_extension": 0.2}):
-        labels, scores = propagate_masks(volume, [{3: seed}], embeddings=emb, views="xy", strategy="point_box" if
+        labels, scores = propagate_masks(volume, [{3: seed}], embeddings=emb, strategy="point_box" if
                                          "box_extension" in extra else "point", max_slices=1, **extra, **NO_STOP)
         assert scores[0, 3] == 1.0 and np.isnan(scores[0, [0, 1, 5, 6, 7]]).all()
     # choosing the candidate by overlap keeps the one closest to the previous slice's mask
-    by_iou = propagate_masks(volume, [{3: seed}], embeddings=emb, views="xy", strategy="point", max_slices=1, **NO_STOP)[0]
-    by_overlap = propagate_masks(volume, [{3: seed}], embeddings=emb, views="xy", strategy="point", max_slices=1,
+    by_iou = propagate_masks(volume, [{3: seed}], embeddings=emb, strategy="point", max_slices=1, **NO_STOP)[0]
+    by_overlap = propagate_masks(volume, [{3: seed}], embeddings=emb, strategy="point", max_slices=1,
                                  select="overlap", **NO_STOP)[0]
     for z in (2, 4):
         iou = [float(((lab[z] == 1) & seed).sum() / ((lab[z] == 1) | seed).sum()) for lab in (by_iou, by_overlap)]
         assert iou[1] >= iou[0]
-    up = list(iter_propagate_object(volume, 3, points=[[48, 48]], embeddings=emb, views="xy", strategy="point",
+    up = list(iter_propagate_object(volume, 3, points=[[48, 48]], embeddings=emb, strategy="point",
                                     direction="up", **NO_STOP))
-    down = list(iter_propagate_object(volume, 3, points=[[48, 48]], embeddings=emb, views="xy", strategy="point",
+    down = list(iter_propagate_object(volume, 3, points=[[48, 48]], embeddings=emb, strategy="point",
                                       direction="down", **NO_STOP))
     assert [z for z, _, _ in up] == [3, 4, 5, 6, 7] and [z for z, _, _ in down] == [3, 2, 1, 0]
 
@@ -90,8 +92,8 @@ def test_uncalibrated_ranking_undoes_the_checkpoints_candidate_bias(volume, emb,
     scripts/calibrate_candidates.py added ``candidate_bias`` to it."""
     import torch
 
-    seed = propagate_object(volume, 3, points=[[48, 48]], embeddings=emb, views="xy", strategy="point", max_slices=0)[0][3]
-    run = dict(embeddings=emb, views="xy", strategy="point", max_slices=2, **NO_STOP)
+    seed = propagate_object(volume, 3, points=[[48, 48]], embeddings=emb, **SEED_ONLY)[0][3]
+    run = dict(embeddings=emb, strategy="point", max_slices=2, **NO_STOP)
     ref_labels, ref_scores = propagate_masks(volume, [{3: seed}], **run)
     head = tiny_model.mask_decoder.iou_prediction_head.layers[-1].bias
     saved = getattr(tiny_model, "checkpoint_meta", None)
@@ -116,7 +118,7 @@ def test_stop_rules(volume, emb):
     assert mask.any(axis=(1, 2)).tolist() == [False] * 4 + [True] + [False] * 3
     mask, _ = propagate_object(volume, 4, min_area=volume.shape[1] * volume.shape[2] + 1, iou_threshold=0, **kw)
     assert mask.any(axis=(1, 2)).sum() == 1  # "vanished" under min_area
-    mask, _ = propagate_object(volume, 4, max_slices=2, **NO_STOP, **kw)
+    mask, _ = propagate_object(volume, 4, max_slices=2, **{**NO_STOP, **kw})
     assert mask.any(axis=(1, 2)).tolist() == [False, False, True, True, True, True, True, False]
 
 
@@ -159,12 +161,12 @@ def test_prompt_helpers():
 
 
 def test_batched_objects_equal_single_runs(volume, emb):
-    first = propagate_object(volume, 2, points=[[30, 30]], embeddings=emb, views="xy", strategy="point", max_slices=0)[0][2]
-    second = propagate_object(volume, 5, points=[[70, 60]], embeddings=emb, views="xy", strategy="point", max_slices=0)[0][5]
+    first = propagate_object(volume, 2, points=[[30, 30]], embeddings=emb, **SEED_ONLY)[0][2]
+    second = propagate_object(volume, 5, points=[[70, 60]], embeddings=emb, **SEED_ONLY)[0][5]
     seeds = [{2: first}, {5: second}]
-    labels, scores = propagate_masks(volume, seeds, embeddings=emb, views="xy", strategy="point_box", **NO_STOP)
+    labels, scores = propagate_masks(volume, seeds, embeddings=emb, strategy="point_box", **NO_STOP)
     for i, s in enumerate(seeds):
-        lab1, sc1 = propagate_masks(volume, [s], embeddings=emb, views="xy", strategy="point_box", **NO_STOP)
+        lab1, sc1 = propagate_masks(volume, [s], embeddings=emb, strategy="point_box", **NO_STOP)
         np.testing.assert_allclose(scores[i], sc1[0], atol=1e-4)
         valid = np.isfinite(sc1[0])
         assert (np.isfinite(scores[i]) == valid).all()
@@ -175,9 +177,9 @@ def test_batched_objects_equal_single_runs(volume, emb):
 
 
 def test_fill_between_two_prompted_slices_from_both_ends(volume, emb):
-    seed1 = propagate_object(volume, 1, points=[[48, 48]], embeddings=emb, views="xy", strategy="point", max_slices=0)[0][1]
-    big6 = propagate_object(volume, 6, points=[[48, 48]], embeddings=emb, views="xy", strategy="point", max_slices=0)[0][6]
-    labels, scores = propagate_masks(volume, [{1: seed1, 6: big6}], embeddings=emb, views="xy", strategy="point", **NO_STOP)
+    seed1 = propagate_object(volume, 1, points=[[48, 48]], embeddings=emb, **SEED_ONLY)[0][1]
+    big6 = propagate_object(volume, 6, points=[[48, 48]], embeddings=emb, **SEED_ONLY)[0][6]
+    labels, scores = propagate_masks(volume, [{1: seed1, 6: big6}], embeddings=emb, strategy="point", **NO_STOP)
     assert np.isfinite(scores[0]).all()  # gap 2..5 filled, and outward 0 and 7
     tiny6 = np.zeros_like(seed1)
     tiny6[90:93, 90:93] = True  # a seed the model's masks never overlap with: its end stops at once
@@ -189,7 +191,7 @@ def test_fill_between_two_prompted_slices_from_both_ends(volume, emb):
 
 
 def test_repropagation_redoes_only_the_affected_range(volume, emb):
-    kw = dict(embeddings=emb, views="xy", strategy="point", **NO_STOP)
+    kw = dict(embeddings=emb, strategy="point", **NO_STOP)
     mask, _ = propagate_object(volume, 4, points=[[48, 48]], **kw)
     corrected = mask[4].copy()
     corrected[:10] = False  # a small correction: the next slices agree with the old ones again

@@ -118,6 +118,26 @@ def test_too_large_views_fall_back_to_xy_with_a_warning(tiny_model, monkeypatch)
     np.testing.assert_array_equal(got[1], xy[1])
 
 
+def test_thin_stacks_and_the_direction(tiny_model):
+    """One slice: no views (the prompted slice only). Three slices of 96 x 32: the views run. Propagating only up
+    (+z), the views add nothing below the prompted slice, and max_slices bounds them as it bounds XY."""
+    from napari_sam.core.propagation import propagate_object
+
+    d = data_dir("gonuclear_3d_nuclei")
+    vol = np.ascontiguousarray(read_image(d / "1135_crop_image.tif")[40:48, :96, :96])
+    one = vol[3:4]
+    mask, scores = propagate_object(one, 0, points=[[48, 48]], model=tiny_model)
+    assert mask.shape == (1, 96, 96) and np.isfinite(scores).all()
+    flat = np.ascontiguousarray(vol[2:5, :, ::3])
+    mask, scores = propagate_object(flat, 1, points=[[48, 16]], model=tiny_model, spacing=(3, 1, 1))
+    assert mask.shape == (3, 96, 32) and np.array_equal(np.isfinite(scores), mask.any(axis=(1, 2)))
+    no_stop = dict(iou_threshold=0.0, overlap_threshold=0.0, min_area=1)
+    up, _ = propagate_object(vol, 4, points=[[48, 48]], model=tiny_model, direction="up", **no_stop)
+    assert up.any(axis=(1, 2))[4] and not up[:4].any()
+    near, _ = propagate_object(vol, 4, points=[[48, 48]], model=tiny_model, max_slices=1, **no_stop)
+    assert not near[:3].any() and not near[6:].any()
+
+
 @pytest.fixture(scope="module")
 def crop():
     from napari_sam.core import load_model
@@ -130,7 +150,8 @@ def crop():
 
 
 def _clicks(gt, n):
-    """The first n (None: all) nuclei of >= 1000 voxels: (label, z of the largest slice, (row, col) centroid inside it)."""
+    """The first n (None: all) nuclei of >= 1000 voxels: (label, z of the largest slice, (row, col) centroid inside
+    it)."""
     out = []
     for lab in np.unique(gt)[1:]:
         obj = gt == lab
