@@ -168,7 +168,7 @@ def test_orthogonal_views_raise_3d_iou_on_real_nuclei(crop):
     """One click on the widest slice of each GoNuclear nucleus of crop 1135 (>= 1000 voxels), the built-in model
     without denoising, the crop's own voxel size, all nuclei in one propagate_masks pass (seeded from masks, as the
     widget is): the views raise mean 3D IoU by at least 0.08 over XY slices alone, to at least 0.68
-    (benchmarks/eval_propagation.py, clicks, both crops: 0.569 -> 0.711)."""
+    (benchmarks/eval_propagation.py, clicks, both crops: 0.569 -> 0.704)."""
     from napari_sam.core.predictor import SamPredictor
     from napari_sam.core.propagation import propagate_masks
 

@@ -78,7 +78,7 @@ class PropagationParams:
     slice a little (+0.013 mean 3D IoU, denoise 2) and hurts clicks near its end (-0.026), so it is off.
     views: "orthogonal" (the default; not for ``microsam``) also propagates each object through the stack's XZ and
     YZ planes and keeps a voxel where 2 of the 3 views have it (:mod:`napari_sam.core.propagation_views`; on
-    GoNuclear mean 3D IoU 0.569 -> 0.711); "xy": slices only (for time-lapse (T, Y, X) stacks). spacing: the
+    GoNuclear mean 3D IoU 0.569 -> 0.704); "xy": slices only (for time-lapse (T, Y, X) stacks). spacing: the
     (z, y, x) voxel size (None: isotropic), to resample z in those views. view_step: every how many rows/columns
     a view plane is taken. view_denoise: Gaussian sigma (pixels) smoothing the view planes (at least; the model's
     own sigma if larger). :func:`propagate_object`, :func:`propagate_masks` and the widget apply the views; the

@@ -8,7 +8,7 @@ propagates it through that view's planes with the same strategy and stop rules, 
 2 of the 3 views (XY, XZ, YZ) have it. Prompted slices stay as drawn.
 
 On GoNuclear (benchmarks/eval_propagation.py, one click on each nucleus's widest slice) mean 3D IoU goes from
-0.569 (XY only) to 0.711, and with ``denoise=2`` from 0.618 to 0.726. The resliced planes are interpolated in z,
+0.569 (XY only) to 0.704, and with ``denoise=2`` from 0.618 to 0.724. The resliced planes are interpolated in z,
 which turns pixel noise into streaks the model takes for texture; they are smoothed with ``view_denoise`` (sigma 2
 px, or the model's own sigma if larger). Every ``view_step``-th plane is used (2: half the decoder calls, the same
 quality there); a voxel between two planes takes the nearer one.
