@@ -208,6 +208,16 @@ def test_cli_embed_precomputes_the_cache(stack, model, tmp_path, capsys):
     assert reopened.missing() == [] and torch.equal(reopened[4].features, fresh)
     assert main(["embed", str(tmp_path / "nope.tif")]) == 2  # a clear error, no traceback
     assert "does not exist" in capsys.readouterr().err
+    from napari_sam.core.propagation_views import view_embeddings
+
+    args = ["embed", str(path), "--model", str(ckpt), "--cache-dir", str(tmp_path / "c"), "--device", "cpu"]
+    assert main(args + ["--views", "--spacing", "2", "1", "1"]) == 0  # the orthogonal views' planes too
+    out = capsys.readouterr().out
+    assert "XZ planes" in out and "YZ planes" in out
+    xz, yz = view_embeddings(StackEmbeddings(stack, model, cache=tmp_path / "c"), (2, 1, 1), 2, 2.0)
+    assert xz.missing() == [] and yz.missing() == [] and xz.volume.shape[1] == 10  # z: 5 slices -> 10 rows
+    assert main(args + ["--views", "--spacing", "0", "1", "1"]) == 2
+    assert "spacing" in capsys.readouterr().err
 
 
 def test_write_failure_midway_keeps_going_in_memory(stack, model):

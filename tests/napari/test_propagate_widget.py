@@ -109,6 +109,19 @@ def test_precompute_embeddings_fills_the_disk_cache(scene, tiny_model):
     emb = StackEmbeddings(np.asarray(viewer.layers["stack"].data), tiny_model)
     assert not emb.in_memory and emb.missing() == []
     assert "0 slice(s) left" in w.status_label.text() and str(emb.path) in w.status_label.text()
+    from napari_sam.core.propagation import PropagationParams
+    from napari_sam.core.propagation_views import view_embeddings
+
+    p = PropagationParams()
+    views = view_embeddings(emb, (1.0, 1.0, 1.0), p.view_step, p.view_denoise)
+    assert [len(v.missing()) for v in views] == [48, 48]  # the views' planes were not embedded ...
+    w.views_check.setChecked(True)
+    assert w.precompute()
+    assert w.wait(120)
+    views = view_embeddings(StackEmbeddings(np.asarray(viewer.layers["stack"].data), tiny_model), (1.0, 1.0, 1.0),
+                            p.view_step, p.view_denoise)
+    assert all(not v.in_memory and v.missing() == [] for v in views)  # ... and now are, on disk
+    assert "0 slice(s) left (with the orthogonal views' planes)" in w.status_label.text()
 
 
 def test_correction_repropagates_only_the_affected_range(scene):

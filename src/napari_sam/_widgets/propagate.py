@@ -32,7 +32,7 @@ from ..core.propagation import (
     STRATEGIES, PropagationParams, finish_slices, fuse_views, iter_propagate_masks, make_params, repropagate,
 )
 from ..core.propagation_labels import confidence_text, plan_write, seeds_from_labels
-from ..core.propagation_views import ViewsWarning
+from ..core.propagation_views import MAX_VIEW_BYTES, ViewsWarning, view_bytes, view_embeddings
 from ._annotator_ui import bind_denoise, denoise_spin_box
 from ._state import get_state
 from ._workers import CancelToken, ProgressRelay, process_events_until, run_in_thread
@@ -100,8 +100,9 @@ def run_propagation(volume, labels3d, z, ids, model, params, cancel, report, den
             "cancelled": cancel(), "range": None}
 
 
-def run_embedding(volume, model, cancel, report, denoise: float = 0.0) -> dict[str, Any]:
-    """Thread job: embed every slice of ``volume`` into the disk cache (progress, cancel)."""
+def run_embedding(volume, model, cancel, report, denoise: float = 0.0, spacing=None) -> dict[str, Any]:
+    """Thread job: embed every slice of ``volume`` into the disk cache (progress, cancel); with ``spacing`` (the
+    orthogonal views are on) every plane of its two views too, as propagation will use them."""
     if model is None:
         from ..core.build import load_model
 
@@ -109,11 +110,19 @@ def run_embedding(volume, model, cancel, report, denoise: float = 0.0) -> dict[s
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", EmbeddingCacheWarning)
         emb = StackEmbeddings(volume, model)
-        for done, total in emb.compute(cancel=cancel):
-            report(done, total)
+        stores = [emb]
+        p = PropagationParams()
+        if spacing is not None and volume.shape[0] >= 3 and view_bytes(volume, spacing, p.view_step) <= MAX_VIEW_BYTES:
+            stores += view_embeddings(emb, spacing, p.view_step, p.view_denoise)
+        offset, grand = 0, sum(len(s.missing()) for s in stores)
+        for store in stores:
+            todo = len(store.missing())
+            for done, _total in store.compute(cancel=cancel):
+                report(offset + done, grand)
+            offset += todo
     notes = [str(w.message) for w in caught if issubclass(w.category, EmbeddingCacheWarning)]
-    return {"model": model, "notes": notes, "cancelled": cancel(), "missing": len(emb.missing()),
-            "where": "memory" if emb.in_memory else str(emb.path)}
+    return {"model": model, "notes": notes, "cancelled": cancel(), "missing": sum(len(s.missing()) for s in stores),
+            "views": len(stores) > 1, "where": "memory" if emb.in_memory else str(emb.path)}
 
 
 class PropagateWidget(QWidget):
@@ -151,7 +160,8 @@ class PropagateWidget(QWidget):
             "time-lapse (T, Y, X) stacks, and by default for layers whose stack axis is labelled t or time")
         self.propagate_button, self.cancel_button = QPushButton("Propagate"), QPushButton("Cancel")
         self.embed_button = QPushButton("Precompute embeddings")
-        self.embed_button.setToolTip("embed every slice now (cached on disk: reopening the stack is instant)")
+        self.embed_button.setToolTip("embed every slice now, and the orthogonal views' planes if they are on "
+                                     "(cached on disk: reopening the stack is instant)")
         self.cancel_button.setEnabled(False)
         self.progress = QProgressBar()
         self.progress.setFormat("idle")
@@ -262,7 +272,8 @@ class PropagateWidget(QWidget):
         return True
 
     def precompute(self) -> bool:
-        """Embed every slice of the displayed volume now, into the disk cache (progress, cancel)."""
+        """Embed every slice of the displayed volume now, into the disk cache (progress, cancel); with "orthogonal
+        views" checked, every plane of its XZ and YZ views too (at the image layer's scale)."""
         if self.busy():
             self._message("busy; wait or cancel first", "warning")
             return False
@@ -275,8 +286,9 @@ class PropagateWidget(QWidget):
         idx = [int(np.clip(np.round(step[i]), 0, image.data.shape[i] - 1)) for i in range(image.ndim)]
         volume = np.asarray(select_volume(image.data, idx))
         self._start("embedding %p%")
+        spacing = tuple(float(s) for s in image.scale[-3:]) if self.views_check.isChecked() else None
         self.worker = run_in_thread(run_embedding, volume, self.state.model, self._token.cancelled,
-                                    self._relay.report, denoise=self.state.denoise,
+                                    self._relay.report, denoise=self.state.denoise, spacing=spacing,
                                     on_return=self._embedded, on_error=self._failed,
                                     on_finish=self._finished)
         return True
@@ -287,7 +299,8 @@ class PropagateWidget(QWidget):
         for note in out["notes"]:
             self._message(note, "warning")
         state = "cancelled" if out["cancelled"] else "done"
-        self._message(f"embedding {state}: {out['missing']} slice(s) left; stored in {out['where']}")
+        views = " (with the orthogonal views' planes)" if out["views"] else ""
+        self._message(f"embedding {state}: {out['missing']} slice(s) left{views}; stored in {out['where']}")
 
     def _start(self, text: str) -> None:
         self._token = CancelToken()

@@ -1,7 +1,8 @@
 """``napari-sam embed STACK.tif``: precompute a stack's embeddings into the disk cache (optional).
 
 Opening the same stack in napari (with the same model) then needs no encoder run. (Z, Y, X) stacks, TYX
-time-lapses (T as Z), and one time point of a (T, Z, Y, X) array (``--t``).
+time-lapses (T as Z), and one time point of a (T, Z, Y, X) array (``--t``). ``--views`` also embeds every plane of
+the stack's XZ and YZ views (3D propagation's orthogonal views), z resampled with ``--spacing Z Y X``.
 """
 
 from __future__ import annotations
@@ -24,6 +25,10 @@ def register(subparsers) -> None:
     p.add_argument("--cache-dir", type=Path, default=None,
                    help="folder for the stores (default: the user cache dir, or $NAPARI_SAM_CACHE_DIR)")
     p.add_argument("--device", default=None, help="cpu, cuda, mps (default: the best available)")
+    p.add_argument("--views", action="store_true",
+                   help="also embed the planes of the XZ and YZ views that 3D propagation uses (not for time-lapses)")
+    p.add_argument("--spacing", type=float, nargs=3, default=None, metavar=("Z", "Y", "X"),
+                   help="voxel size for --views, e.g. 0.28 0.127 0.127 (default: isotropic), as in napari's scale")
     p.set_defaults(func=run)
 
 
@@ -64,9 +69,21 @@ def run(args: argparse.Namespace) -> int:
     if emb.in_memory:
         print("error: the disk cache cannot be used, so precomputing would be lost", file=sys.stderr)
         return 1
+    stores = [("slices", emb)]
+    if args.views:
+        from ..core.propagation import PropagationParams
+        from ..core.propagation_views import MAX_VIEW_BYTES, check_spacing, view_bytes, view_embeddings
+
+        p, spacing = PropagationParams(), check_spacing(args.spacing)
+        if data.shape[0] < 3 or view_bytes(data, spacing, p.view_step) > MAX_VIEW_BYTES:
+            raise ValueError(f"{args.stack} ({data.shape}) gets no orthogonal views: it has fewer than 3 slices, or "
+                             "its views would exceed 2 GiB; drop --views")
+        xz, yz = view_embeddings(emb, spacing, p.view_step, p.view_denoise)
+        stores += [("XZ planes", xz), ("YZ planes", yz)]
     t0 = time.perf_counter()
-    for done, total in emb.compute():
-        print(f"\rembedding {done}/{total} slices", end="", file=sys.stderr, flush=True)
-    print(file=sys.stderr)
-    print(f"{data.shape[0]} slices of {args.stack} cached in {emb.path} ({time.perf_counter() - t0:.1f} s)")
+    for what, store in stores:
+        for done, total in store.compute():
+            print(f"\rembedding {done}/{total} {what}", end="", file=sys.stderr, flush=True)
+        print(file=sys.stderr)
+        print(f"{len(store)} {what} of {args.stack} cached in {store.path} ({time.perf_counter() - t0:.1f} s)")
     return 0

@@ -169,6 +169,34 @@ def _z_range(seeds: Mapping[int, np.ndarray], n_z: int, direction: str, max_slic
     return first, last
 
 
+def view_bytes(volume: np.ndarray, spacing=None, step: int = 2) -> int:
+    """Bytes the two resliced views of ``volume`` (Z, Y, X[, C]) take (compare :data:`MAX_VIEW_BYTES`)."""
+    n_z = volume.shape[0]
+    size = sum(-(-volume.shape[a] // step) * resampled_depth(n_z, spacing, a) * volume.shape[3 - a]
+               for a in VIEW_AXES)
+    return size * volume.itemsize * (volume.shape[3] if volume.ndim == 4 else 1)
+
+
+def view_embeddings(embeddings: StackEmbeddings, spacing=None, step: int = 2,
+                    view_denoise: float = 2.0) -> list[StackEmbeddings]:
+    """The StackEmbeddings of the stack's two views (along Y, then X): planes from :func:`reslice`, smoothed with
+    ``max(model's sigma, view_denoise)``, stored where ``embeddings`` are (disk cache or memory), planes encoded on
+    first use. Kept on ``embeddings`` for its next calls. ``.compute()`` on them precomputes the views."""
+    sp = check_spacing(spacing)
+    model = embeddings.model
+    sigma = max(denoise_of(model), check_denoise(view_denoise))
+    cache = embeddings.path.parent if embeddings.path is not None and not embeddings.in_memory else False
+    known = embeddings.__dict__.setdefault("_views", {})  # the views of this stack, kept for its next objects
+    out = []
+    for axis in VIEW_AXES:
+        key = (axis, sp, int(step), sigma)
+        if key not in known:
+            known[key] = StackEmbeddings(reslice(embeddings.volume, axis, sp, int(step)), model, cache=cache,
+                                         denoise=sigma)
+        out.append(known[key])
+    return out
+
+
 def orthogonal_views(embeddings: StackEmbeddings, seeds: Sequence[Mapping[int, np.ndarray]],
                      slices: Sequence[Mapping[int, np.ndarray]], params, spacing=None,
                      cancel: Callable[[], bool] | None = None,
@@ -192,16 +220,13 @@ def orthogonal_views(embeddings: StackEmbeddings, seeds: Sequence[Mapping[int, n
     if n_z < 3:
         return [dict(s) for s in slices]
     depths = {a: resampled_depth(n_z, sp, a) for a in VIEW_AXES}
-    size = sum(-(-vol.shape[a] // step) * depths[a] * vol.shape[3 - a] for a in VIEW_AXES) * vol.itemsize
-    size *= vol.shape[3] if vol.ndim == 4 else 1
+    size = view_bytes(vol, sp, step)
     if size > MAX_VIEW_BYTES:
         warnings.warn(f"the orthogonal views of this {vol.shape} stack would take {size / 2**30:.1f} GiB; it is "
                       "propagated in XY slices only. Crop the stack, or pass views='xy' to skip this warning",
                       ViewsWarning, stacklevel=3)
         return [dict(s) for s in slices]
     model = embeddings.model
-    sigma = max(denoise_of(model), check_denoise(params.view_denoise))
-    cache = embeddings.path.parent if embeddings.path is not None and not embeddings.in_memory else False
     predictor = SamPredictor(model)
     view_params = {"strategy": params.strategy, "iou_threshold": params.iou_threshold,
                    "overlap_threshold": params.overlap_threshold, "min_area": params.min_area,
@@ -210,12 +235,7 @@ def orthogonal_views(embeddings: StackEmbeddings, seeds: Sequence[Mapping[int, n
     total = len(seeds) * sum(-(-vol.shape[a] // step) for a in VIEW_AXES)
     done = 0
     views = []  # per axis: per object {plane: (Z', W) bool}
-    known = embeddings.__dict__.setdefault("_views", {})  # the views of this stack, kept for its next objects
-    for axis in VIEW_AXES:
-        key = (axis, sp, step, sigma)
-        if key not in known:
-            known[key] = StackEmbeddings(reslice(vol, axis, sp, step), model, cache=cache, denoise=sigma)
-        emb = known[key]
+    for axis, emb in zip(VIEW_AXES, view_embeddings(embeddings, sp, step, params.view_denoise)):
         view = emb.volume
         rows = z_rows(n_z, depths[axis])
         vseeds = _view_seeds(predictor, emb, seeds, axis, step, rows, points)
