@@ -87,6 +87,50 @@ def test_oracle_predictor_scores_iou_one_for_every_prompt(nuclei_sample):
     assert [c[0].shape[1] for c in click_calls[:2]] == [2, 3]
 
 
+def test_click_rounds_follow_the_models_refine_setting(nuclei_sample):
+    """Without refinement (the built-in model's setting) no click round gets logits; the clicks are the same."""
+    from types import SimpleNamespace
+
+    image, labels = nuclei_sample
+    calls = {}
+    for name, refine, model in (("model off", None, SimpleNamespace(refine_logits=False)),
+                                ("forced off", False, None), ("default on", None, None)):
+        pred = OraclePredictor(labels, erode=1)
+        if model is not None:
+            pred.model = model
+        res = evaluate_image(pred, image, labels, prompts=("clicks",), n_clicks=3, max_objects=5, refine=refine)
+        assert res["clicks"].shape == (5, 3)
+        calls[name] = pred.calls
+    for name in ("model off", "forced off"):
+        assert not any(c[2] for c in calls[name]), name
+        assert [c[0].tolist() for c in calls[name]] == [c[0].tolist() for c in calls["default on"]]
+    assert sum(c[2] for c in calls["default on"]) == 2  # both click rounds of the one chunk
+
+
+def test_enforced_negative_clicks_cut_what_the_model_ignores(nuclei_sample):
+    """A predictor answering every prompt with its object grown by 3 px (negative clicks ignored): the model alone
+    stays flat; the annotator's protocol cuts the mask at each negative click, exactly as the annotator does."""
+    from napari_sam.core.annotation import enforce_negative_points
+
+    class Grown(OraclePredictor):
+        def _mask(self, inst):
+            return ndimage.binary_dilation(self.labels == inst, iterations=3)
+
+    image, labels = nuclei_sample
+    res = {e: evaluate_image(Grown(labels), image, labels, prompts=("clicks",), n_clicks=3, max_objects=6,
+                             enforce_negatives=e)["clicks"] for e in (False, True)}
+    np.testing.assert_array_equal(res[True][:, 0], res[False][:, 0])  # the first click: nothing to enforce
+    assert np.all(res[False] == res[False][:, :1])
+    assert np.all(res[True][:, 1:] != res[False][:, 1:])
+    # round 2 exactly: the grown mask cut at the first error click (the ring's centre, a negative click)
+    i = instance_ids(labels, 6)[0]
+    gt, grown = labels == i, ndimage.binary_dilation(labels == i, iterations=3)
+    (r, c), v = error_click(grown, gt)
+    assert v == 0
+    cut = enforce_negative_points(grown, np.array([center_point(gt), (r, c)], np.float64), np.array([1, 0]))
+    assert res[True][0, 1] == pytest.approx((cut & gt).sum() / (cut | gt).sum())
+
+
 def test_degraded_predictor_gives_the_exact_iou_and_a_summary(nuclei_sample):
     image, labels = nuclei_sample
     res = evaluate_image(OraclePredictor(labels, erode=1), image, labels, prompts=("box",), max_objects=10)

@@ -98,6 +98,28 @@ def test_switching_model_mid_run(annotator, qtbot, nuclei_sample, tiny_model):
     assert len(state.embeddings) == 1 and all(k[3] == state.model_key for k in state.embeddings._d)
 
 
+def test_refine_checkbox_follows_each_model(annotator, qtbot, tiny_model):
+    """*refine with the previous mask* starts from each model's own setting (the built-in model's is off); a
+    user's change holds until the model changes."""
+    import copy
+
+    from napari_sam._widgets._state import get_state
+    from napari_sam.core.build import set_refine_logits
+
+    viewer, w = annotator
+    state = get_state(viewer)
+    assert w.ui.refine_check.isChecked()  # a model built in code refines, as the reference does
+    plain = set_refine_logits(copy.deepcopy(tiny_model), False)
+    state.set_model(plain, "plain")
+    assert not w.ui.refine_check.isChecked()
+    w.ui.refine_check.setChecked(True)
+    w.add_point((40, 40))
+    wait_idle(qtbot, w)
+    assert w.ui.refine_check.isChecked()  # predicting does not reset the user's choice
+    state.set_model(tiny_model, "other")
+    assert w.ui.refine_check.isChecked()
+
+
 def test_small_int_labels_run_out_of_ids(annotator, qtbot, nuclei_sample):
     viewer, w = annotator
     _, gt = nuclei_sample

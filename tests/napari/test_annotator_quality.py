@@ -51,6 +51,7 @@ def test_click_on_a_nucleus_commits_it(builtin_annotator, qtbot):
     w.add_point(interior_point(target))
     wait_idle(qtbot, w, timeout=120000)
     assert w.state.model_name == "builtin"
+    assert not w.ui.refine_check.isChecked()  # the built-in model refines clicks without its logits
     ids = w.commit()
     assert ids, f"nothing committed (empty mask); status: {w.ui.status_label.text()}"
     committed = viewer.layers["SAM labels"].data == ids[0]

@@ -110,6 +110,9 @@ class AnnotatorUI:
         self.overwrite_check = QCheckBox("overwrite existing objects")
         self.batch_check = QCheckBox("batch: each box / positive point is an object")
         self.refine_check = QCheckBox("refine with the previous mask")
+        self.refine_check.setToolTip("Decode each new click with the previous mask's logits as mask input (the "
+                                     "paper's protocol). Each model sets its default: on for official "
+                                     "checkpoints, off for the built-in model, whose clicks refine better without")
         self.refine_check.setChecked(True)
         self.enforce_check = QCheckBox("negative points always cut the mask")
         self.enforce_check.setToolTip("Where the model ignores a negative point inside the mask, take out the part "

@@ -340,7 +340,13 @@ class AnnotatorWidget(AnnotatorJobs, QWidget):
         self._changed()
 
     def _show_model(self) -> None:
+        """The model's name and device; its own default for *refine with the previous mask* (the built-in model
+        refines better without its logits)."""
         m = self.state.model
+        if m is not None:
+            from ..core.build import refine_logits_of
+
+            self.ui.refine_check.setChecked(refine_logits_of(m))
         self.ui.model_label.setText("model: none loaded (loads on first click)" if m is None else
                                     f"model: {self.state.model_name or 'custom'} on {m.device}")
 

@@ -23,6 +23,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--zoom-window", type=int, default=None,
                    help="decode small objects of larger images from windows of this many pixels (default: the "
                         "model's, 256 for the built-in model; 0 = always the whole image)")
+    p.add_argument("--refine", choices=("model", "on", "off"), default="model",
+                   help="feed each click round the previous mask's logits: on (the paper), off, or model: as the "
+                        "model does (the built-in model: off; official checkpoints: on)")
+    p.add_argument("--enforce-negatives", action="store_true",
+                   help="the annotator's click protocol: each mask loses what its negative clicks mark")
     p.add_argument("--prompt", nargs="+", default=["point", "box", "clicks"], choices=("point", "box", "clicks"))
     p.add_argument("--clicks", type=int, default=5, help="number of interactive clicks (1..10)")
     p.add_argument("--max-objects", type=int, default=None, help="evaluate a fixed random sample per image")
@@ -64,7 +69,7 @@ def iter_items(args: argparse.Namespace):
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from napari_sam.core.build import load_model
+    from napari_sam.core.build import load_model, refine_logits_of
     from napari_sam.core.evaluation import evaluate_dataset, markdown_table, write_results
 
     if args.threads:
@@ -72,15 +77,19 @@ def run(args: argparse.Namespace) -> int:
     if not 1 <= args.clicks <= 10:
         raise ValueError(f"--clicks must be between 1 and 10, got {args.clicks}")
     model = load_model(args.model, device="cpu", denoise=args.denoise,
-                       zoom_window="checkpoint" if args.zoom_window is None else args.zoom_window)
+                       zoom_window="checkpoint" if args.zoom_window is None else args.zoom_window,
+                       refine_logits="checkpoint" if args.refine == "model" else args.refine == "on")
     name = args.name or Path(args.images).resolve().name
     t0 = time.time()
     res = evaluate_dataset(model, iter_items(args), name, args.prompt, args.clicks, args.max_objects,
-                           progress=lambda i, n: print(f"\r{i} images", end="", file=sys.stderr, flush=True))
+                           progress=lambda i, n: print(f"\r{i} images", end="", file=sys.stderr, flush=True),
+                           enforce_negatives=args.enforce_negatives)
     summary = res.summary()
     summary["model"] = str(args.model or "builtin")
     summary["max_objects"] = args.max_objects
     summary["zoom_window"] = getattr(model, "zoom_window", None)
+    summary["refine_logits"] = refine_logits_of(model)
+    summary["enforce_negatives"] = args.enforce_negatives
     summary["seconds"] = round(time.time() - t0, 1)
     out = Path(args.out)
     write_results([summary], out, out.with_suffix(".md"))

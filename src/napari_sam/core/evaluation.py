@@ -6,8 +6,9 @@ Per instance of a ground-truth label image (H, W) (0 = background):
   scored by the top-ranked mask (highest predicted IoU) and by the oracle (best of the 3, ``oracle``).
 - ``box``: the object's tight box, single mask.
 - ``clicks``: k = 1..n interactive clicks: the centre point first (top-ranked mask), then each click at the
-  centre of the largest error region of the current mask (missed -> positive, extra -> negative) with the
-  previous low-res logits as mask input; the IoU after each click.
+  centre of the largest error region of the current mask (missed -> positive, extra -> negative), all the
+  clicks so far as the prompt, and the previous low-res logits as mask input where the model refines with
+  them (the paper's protocol; :func:`napari_sam.core.build.refine_logits_of`); the IoU after each click.
 
 mIoU is the mean over all evaluated instances of a data set (and per group, e.g. modality).
 """
@@ -80,12 +81,21 @@ def click_candidates(predictor, image: np.ndarray, labels: np.ndarray, max_objec
 
 def evaluate_image(predictor, image: np.ndarray, labels: np.ndarray, prompts: Iterable[str] = PROMPTS,
                    n_clicks: int = 5, max_objects: int | None = None, chunk: int = 16,
-                   seed: int = 0) -> dict[str, np.ndarray]:
+                   seed: int = 0, refine: bool | None = None, enforce_negatives: bool = False
+                   ) -> dict[str, np.ndarray]:
     """Per-instance IoUs for one image: {"point": (N,), "oracle": (N,), "box": (N,), "clicks": (N, n_clicks)}.
 
     ``predictor`` is a :class:`napari_sam.core.predictor.SamPredictor`; ``labels`` (H, W) int must match the
-    image's (H, W). Objects are processed ``chunk`` at a time in one batched decoder call.
+    image's (H, W). Objects are processed ``chunk`` at a time in one batched decoder call. ``refine``: feed each
+    click round the previous low-res logits (None: as the predictor's model does, see ``refine_logits_of``).
+    ``enforce_negatives``: the annotator's protocol, where each click round's mask loses what its negative clicks
+    mark (:func:`napari_sam.core.annotation.enforce_negative_points`); the logits fed back stay the model's.
     """
+    from .annotation import enforce_negative_points
+    from .build import refine_logits_of
+
+    if refine is None:
+        refine = refine_logits_of(getattr(predictor, "model", None))
     prompts = tuple(prompts)
     bad = set(prompts) - set(PROMPTS)
     if bad:
@@ -126,9 +136,11 @@ def evaluate_image(predictor, image: np.ndarray, labels: np.ndarray, prompts: It
                 new = [error_click(m, g) for m, g in zip(masks, gts)]
                 pts = np.concatenate([pts, np.array([p for p, _ in new], np.float64)[:, None]], 1)
                 lab = np.concatenate([lab, np.array([v for _, v in new], np.float64)[:, None]], 1)
-                pc = predictor.predict(points=pts, point_labels=lab, mask_input=low, multimask=False,
-                                       mask_windows=wins)
+                pc = predictor.predict(points=pts, point_labels=lab, mask_input=low if refine else None,
+                                       multimask=False, mask_windows=wins if refine else None)
                 masks, low, wins = pc.masks[:, 0], pc.low_res_logits[:, :1], pc.windows
+                if enforce_negatives:
+                    masks = [enforce_negative_points(m, p, q) for m, p, q in zip(masks, pts, lab)]
                 curve[:, k] = [iou(m, g) for m, g in zip(masks, gts)]
             out["clicks"] += curve.tolist()
     res = {k: np.asarray(v, np.float64) for k, v in out.items()}
@@ -173,8 +185,10 @@ class EvalResult:
 def evaluate_dataset(model, items: Iterable[tuple[str, np.ndarray, np.ndarray, str]], dataset: str = "",
                      prompts: Iterable[str] = PROMPTS, n_clicks: int = 5, max_objects: int | None = None,
                      progress: Callable[[int, str], None] | None = None,
-                     should_stop: Callable[[], bool] | None = None) -> EvalResult:
-    """Evaluate ``model`` on (name, image, labels, group) items; returns an :class:`EvalResult`."""
+                     should_stop: Callable[[], bool] | None = None, refine: bool | None = None,
+                     enforce_negatives: bool = False) -> EvalResult:
+    """Evaluate ``model`` on (name, image, labels, group) items; returns an :class:`EvalResult`. ``refine``,
+    ``enforce_negatives``: see :func:`evaluate_image`."""
     from .predictor import SamPredictor
 
     predictor = SamPredictor(model)
@@ -182,7 +196,8 @@ def evaluate_dataset(model, items: Iterable[tuple[str, np.ndarray, np.ndarray, s
     for i, (name, image, labels, group) in enumerate(items):
         if should_stop is not None and should_stop():
             break
-        res.add(name, group, evaluate_image(predictor, image, labels, prompts, n_clicks, max_objects))
+        res.add(name, group, evaluate_image(predictor, image, labels, prompts, n_clicks, max_objects, refine=refine,
+                                            enforce_negatives=enforce_negatives))
         if progress is not None:
             progress(i + 1, name)
     return res

@@ -1,0 +1,71 @@
+"""Choose whether a checkpoint's corrective clicks are refined with the previous mask's logits, on the ``val``
+split, and record the choice in the checkpoint (``refine_logits``).
+
+    python scripts/choose_refine.py src/napari_sam/models/builtin_nuclei.pt
+
+The paper's click protocol (``napari_sam.core.evaluation``: centre click, then each click at the centre of the
+largest error region) on every ``val`` image of dsb2018_full, up to 8 nuclei per image (the evaluation's fixed
+sample), with the previous low-res logits fed back to each round and without; each for the model alone and as the
+annotator serves it (negative clicks enforced). The setting with the higher mean of the two mIoUs after the last
+click is stored (ties keep the paper's: on). ``load_model`` reads it; the annotator's *refine with the previous
+mask* and ``napari-sam evaluate`` start from it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("checkpoint", type=Path)
+    ap.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data" / "dsb2018_full")
+    ap.add_argument("--split", default="val")
+    ap.add_argument("--clicks", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=None)
+    args = ap.parse_args(argv)
+
+    import imageio.v3 as iio
+    import tifffile
+    import torch
+
+    from napari_sam.core.build import load_model
+    from napari_sam.core.evaluation import evaluate_dataset
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    with open(args.data / "split.csv", newline="") as f:
+        rows = [r for r in csv.DictReader(f) if r["split"] == args.split]
+    items = [(r["id"], iio.imread(args.data / "images" / f"{r['id']}.png")[..., :3],
+              tifffile.imread(args.data / "labels" / f"{r['id']}.tif"), r.get("modality", "")) for r in rows]
+    model = load_model(args.checkpoint, device="cpu")
+    miou = {}
+    for refine in (True, False):
+        for enforce in (False, True):
+            res = evaluate_dataset(model, items, prompts=("clicks",), n_clicks=args.clicks, max_objects=8,
+                                   refine=refine, enforce_negatives=enforce)
+            summary = res.summary()["all"]
+            miou[refine, enforce], n = summary["clicks"], summary["objects"]
+            print(f"refine {'on ' if refine else 'off'}, {'annotator' if enforce else 'model alone'}: mIoU after "
+                  f"1..{args.clicks} clicks {miou[refine, enforce]} ({n} {args.split} nuclei)", flush=True)
+    score = {r: (miou[r, False][-1] + miou[r, True][-1]) / 2 for r in (True, False)}
+    choice = score[False] > score[True]
+    obj = torch.load(args.checkpoint, map_location="cpu", weights_only=False)
+    obj["refine_logits"] = not choice
+    obj["refine_logits_source"] = (
+        f"scripts/choose_refine.py on {n} dsb2018_full {args.split} nuclei, mIoU after {args.clicks} clicks, model "
+        f"alone / annotator (negatives enforced): {miou[True, False][-1]:.4f} / {miou[True, True][-1]:.4f} with the "
+        f"logits fed back, {miou[False, False][-1]:.4f} / {miou[False, True][-1]:.4f} without")
+    tmp = args.checkpoint.with_suffix(".tmp")
+    torch.save(obj, tmp)
+    tmp.replace(args.checkpoint)
+    print(f"wrote {args.checkpoint}: refine_logits={not choice}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
