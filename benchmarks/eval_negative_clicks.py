@@ -1,7 +1,8 @@
 """Do negative clicks do what a user means? Two protocols on the dsb2018_full ``test`` split, as in the annotator.
 
-The annotator predicts one object from all points of a plane and feeds the previous logits back
-(``napari_sam.core.annotation.predict``). Per image, the ``--per-image`` largest nuclei are used.
+The annotator predicts one object from all points of a plane (``napari_sam.core.annotation.predict``) and feeds
+the previous logits back where the model refines with them (official checkpoints; the built-in model does not,
+``napari_sam.core.build.refine_logits_of``). Per image, the ``--per-image`` largest nuclei are used.
 
 * **carve**: a positive click at the nucleus centre (distance-transform maximum) gives a mask; a negative click
   at the masked nucleus pixel farthest from it follows. Success: the negative pixel leaves the mask, the positive
@@ -10,7 +11,7 @@ The annotator predicts one object from all points of a plane and feeds the previ
   the click on B then turns negative (the natural correction of a mask that took in a neighbour). Success: B's
   centre leaves the mask and A's stays; also the IoU of the result with A.
 
-Both are reported with the previous logits fed back (the annotator's behaviour) and without, for the model alone
+Both are reported with the previous logits fed back and without, for the model alone
 (``enforce_negatives=False``) and as the annotator serves it (negative points as hard constraints,
 ``napari_sam.core.annotation.enforce_negative_points``).
 
@@ -137,7 +138,8 @@ def main(argv: list[str] | None = None) -> int:
             "carve: a positive click at the centre, then a negative click at the farthest masked pixel; ok = that "
             "pixel leaves, the positive stays, the mask shrinks. neighbour: positive clicks at the centres of a "
             "nucleus A and a touching B, then B's click turned negative; removed = B's centre leaves and A's stays. "
-            "logits: the previous logits fed back (the annotator); none: not.\n\n" + table(results) + "\n")
+            "logits: the previous logits fed back (the paper; official checkpoints in the annotator); none: not "
+            "(the built-in model in the annotator).\n\n" + table(results) + "\n")
     return 0
 
 
