@@ -165,6 +165,8 @@ def store_thresholds(path: Path, params: dict, source: str, crop_n_layers: int =
     into a checkpoint's metadata, atomically."""
     import torch
 
+    from napari_sam.core.build import write_checkpoint_file
+
     obj = torch.load(path, map_location="cpu", weights_only=False)
     obj["amg_thresholds"] = {k: float(params[k]) for k in ("pred_iou_thresh", "stability_score_thresh",
                                                              "box_nms_thresh")}
@@ -174,9 +176,7 @@ def store_thresholds(path: Path, params: dict, source: str, crop_n_layers: int =
     if scorer is not None:
         obj["amg_quality"] = scorer.state()
     obj["amg_thresholds_source"] = source
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(obj, tmp)
-    tmp.replace(path)
+    write_checkpoint_file(obj, path)
     print(f"stored {obj['amg_thresholds']}, {obj['amg_settings']} in {path}", file=sys.stderr)
 
 

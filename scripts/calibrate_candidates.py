@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     import tifffile
     import torch
 
-    from napari_sam.core.build import load_model
+    from napari_sam.core.build import load_model, write_checkpoint_file
     from napari_sam.core.evaluation import click_candidates
     from napari_sam.core.predictor import SamPredictor
 
@@ -58,9 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     obj["candidate_bias"] = [0.0, 0.0, best]
     obj["candidate_bias_source"] = (f"scripts/calibrate_candidates.py on {len(g)} dsb2018_full {args.split} nuclei: "
                                     f"1-click mIoU {scores[0.0]:.4f} -> {scores[best]:.4f}")
-    tmp = args.checkpoint.with_suffix(".tmp")
-    torch.save(obj, tmp)
-    tmp.replace(args.checkpoint)
+    write_checkpoint_file(obj, args.checkpoint)
     print(f"wrote {args.checkpoint}")
     return 0
 

@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     import tifffile
     import torch
 
-    from napari_sam.core.build import load_model
+    from napari_sam.core.build import load_model, write_checkpoint_file
     from napari_sam.core.evaluation import evaluate_dataset
 
     if args.threads:
@@ -60,9 +60,7 @@ def main(argv: list[str] | None = None) -> int:
         f"scripts/choose_refine.py on {n} dsb2018_full {args.split} nuclei, mIoU after {args.clicks} clicks, model "
         f"alone / annotator (negatives enforced): {miou[True, False][-1]:.4f} / {miou[True, True][-1]:.4f} with the "
         f"logits fed back, {miou[False, False][-1]:.4f} / {miou[False, True][-1]:.4f} without")
-    tmp = args.checkpoint.with_suffix(".tmp")
-    torch.save(obj, tmp)
-    tmp.replace(args.checkpoint)
+    write_checkpoint_file(obj, args.checkpoint)
     print(f"wrote {args.checkpoint}: refine_logits={not choice}")
     return 0
 

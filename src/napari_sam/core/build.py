@@ -268,7 +268,6 @@ def save_checkpoint(model: Sam, path: str | os.PathLike, half: bool = False, **m
         sd = {k: (v.half() if v.is_floating_point() else v) for k, v in sd.items()}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
     if getattr(model, "denoise", 0.0) and "denoise" not in meta:
         meta["denoise"] = float(model.denoise)  # preprocessing travels with the weights
     if getattr(model, "max_upscale", None) and "max_upscale" not in meta:
@@ -277,7 +276,15 @@ def save_checkpoint(model: Sam, path: str | os.PathLike, half: bool = False, **m
         meta["zoom_window"] = int(model.zoom_window)
     if not refine_logits_of(model) and "refine_logits" not in meta:
         meta["refine_logits"] = False
-    torch.save({"config": model.config.to_dict(), "model": sd, **meta}, tmp)
+    return write_checkpoint_file({"config": model.config.to_dict(), "model": sd, **meta}, path)
+
+
+def write_checkpoint_file(obj: dict[str, Any], path: str | os.PathLike) -> Path:
+    """Write a checkpoint's dict (``config``, ``model`` and its settings) to ``path`` atomically: a temporary file
+    beside it, then a rename, so an interrupted write never leaves a broken checkpoint. Returns the path."""
+    path = Path(path)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(obj, tmp)
     os.replace(tmp, path)
     return path
 
