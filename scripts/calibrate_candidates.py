@@ -12,7 +12,6 @@ IoU head's last layer for that candidate. Box prompts and single-mask outputs ar
 from __future__ import annotations
 
 import argparse
-import csv
 from pathlib import Path
 
 import numpy as np
@@ -27,22 +26,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--split", default="val")
     args = ap.parse_args(argv)
 
-    import imageio.v3 as iio
-    import tifffile
     import torch
 
     from napari_sam.core.build import load_model, write_checkpoint_file
+    from napari_sam.core.training.data import read_array, read_split
     from napari_sam.core.evaluation import click_candidates
     from napari_sam.core.predictor import SamPredictor
 
     obj = torch.load(args.checkpoint, map_location="cpu", weights_only=False)
     if "candidate_bias" in obj:
         ap.error(f"{args.checkpoint} is calibrated already: {obj['candidate_bias']}")
-    with open(args.data / "split.csv", newline="") as f:
-        rows = [r for r in csv.DictReader(f) if r["split"] == args.split]
+    rows = read_split(args.data / "split.csv", args.split)
     pred = SamPredictor(load_model(args.checkpoint, device="cpu"))
-    pairs = [click_candidates(pred, iio.imread(args.data / "images" / f"{r['id']}.png")[..., :3],
-                              tifffile.imread(args.data / "labels" / f"{r['id']}.tif"), max_objects=8)
+    pairs = [click_candidates(pred, read_array(args.data / "images" / f"{r['id']}.png")[..., :3],
+                              read_array(args.data / "labels" / f"{r['id']}.tif"), max_objects=8)
              for r in rows]
     g, s = np.concatenate([a for a, _ in pairs]), np.concatenate([b for _, b in pairs])
     n = np.arange(len(g))

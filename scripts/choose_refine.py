@@ -14,7 +14,6 @@ mask* and ``napari-sam evaluate`` start from it.
 from __future__ import annotations
 
 import argparse
-import csv
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -29,19 +28,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=None)
     args = ap.parse_args(argv)
 
-    import imageio.v3 as iio
-    import tifffile
     import torch
 
     from napari_sam.core.build import load_model, write_checkpoint_file
+    from napari_sam.core.training.data import read_array, read_split
     from napari_sam.core.evaluation import evaluate_dataset
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    with open(args.data / "split.csv", newline="") as f:
-        rows = [r for r in csv.DictReader(f) if r["split"] == args.split]
-    items = [(r["id"], iio.imread(args.data / "images" / f"{r['id']}.png")[..., :3],
-              tifffile.imread(args.data / "labels" / f"{r['id']}.tif"), r.get("modality", "")) for r in rows]
+    rows = read_split(args.data / "split.csv", args.split)
+    items = [(r["id"], read_array(args.data / "images" / f"{r['id']}.png")[..., :3],
+              read_array(args.data / "labels" / f"{r['id']}.tif"), r.get("modality", "")) for r in rows]
     model = load_model(args.checkpoint, device="cpu")
     miou = {}
     for refine in (True, False):
