@@ -32,7 +32,7 @@ from ..core.propagation import (
     STRATEGIES, PropagationParams, finish_slices, fuse_views, iter_propagate_masks, make_params, repropagate,
 )
 from ..core.propagation_labels import confidence_text, plan_write, seeds_from_labels
-from ..core.propagation_views import MAX_VIEW_BYTES, ViewsWarning, view_bytes, view_embeddings
+from ..core.propagation_views import ViewsWarning, view_embeddings, views_fit
 from ._annotator_ui import bind_denoise, denoise_spin_box
 from ._state import get_state
 from ._workers import CancelToken, ProgressRelay, process_events_until, run_in_thread
@@ -112,7 +112,7 @@ def run_embedding(volume, model, cancel, report, denoise: float = 0.0, spacing=N
         emb = StackEmbeddings(volume, model)
         stores = [emb]
         p = PropagationParams()
-        if spacing is not None and volume.shape[0] >= 3 and view_bytes(volume, spacing, p.view_step) <= MAX_VIEW_BYTES:
+        if spacing is not None and views_fit(volume, spacing, p.view_step):
             stores += view_embeddings(emb, spacing, p.view_step, p.view_denoise)
         offset, grand = 0, sum(len(s.missing()) for s in stores)
         for store in stores:

@@ -72,10 +72,10 @@ def run(args: argparse.Namespace) -> int:
     stores = [("slices", emb)]
     if args.views:
         from ..core.propagation import PropagationParams
-        from ..core.propagation_views import MAX_VIEW_BYTES, check_spacing, view_bytes, view_embeddings
+        from ..core.propagation_views import check_spacing, view_embeddings, views_fit
 
         p, spacing = PropagationParams(), check_spacing(args.spacing)
-        if data.shape[0] < 3 or view_bytes(data, spacing, p.view_step) > MAX_VIEW_BYTES:
+        if not views_fit(data, spacing, p.view_step):
             raise ValueError(f"{args.stack} ({data.shape}) gets no orthogonal views: it has fewer than 3 slices, or "
                              "its views would exceed 2 GiB; drop --views")
         xz, yz = view_embeddings(emb, spacing, p.view_step, p.view_denoise)

@@ -177,6 +177,12 @@ def view_bytes(volume: np.ndarray, spacing=None, step: int = 2) -> int:
     return size * volume.itemsize * (volume.shape[3] if volume.ndim == 4 else 1)
 
 
+def views_fit(volume: np.ndarray, spacing=None, step: int = 2) -> bool:
+    """Whether ``volume`` (Z, Y, X[, C]) gets orthogonal views: at least 3 slices, and views of at most
+    :data:`MAX_VIEW_BYTES` (:func:`orthogonal_views` propagates the others in XY only)."""
+    return volume.shape[0] >= 3 and view_bytes(volume, spacing, step) <= MAX_VIEW_BYTES
+
+
 def view_embeddings(embeddings: StackEmbeddings, spacing=None, step: int = 2,
                     view_denoise: float = 2.0) -> list[StackEmbeddings]:
     """The StackEmbeddings of the stack's two views (along Y, then X): planes from :func:`reslice`, smoothed with
