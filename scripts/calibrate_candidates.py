@@ -11,36 +11,26 @@ IoU head's last layer for that candidate. Box prompts and single-mask outputs ar
 
 from __future__ import annotations
 
-import argparse
-from pathlib import Path
-
 import numpy as np
-
-ROOT = Path(__file__).resolve().parents[1]
+from _val import parser, split_items
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("checkpoint", type=Path)
-    ap.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data" / "dsb2018_full")
-    ap.add_argument("--split", default="val")
+    ap = parser(__doc__)
     args = ap.parse_args(argv)
 
     import torch
 
     from napari_sam.core.build import load_model, write_checkpoint_file
-    from napari_sam.core.training.data import read_array, read_split
     from napari_sam.core.evaluation import click_candidates
     from napari_sam.core.predictor import SamPredictor
 
     obj = torch.load(args.checkpoint, map_location="cpu", weights_only=False)
     if "candidate_bias" in obj:
         ap.error(f"{args.checkpoint} is calibrated already: {obj['candidate_bias']}")
-    rows = read_split(args.data / "split.csv", args.split)
     pred = SamPredictor(load_model(args.checkpoint, device="cpu"))
-    pairs = [click_candidates(pred, read_array(args.data / "images" / f"{r['id']}.png")[..., :3],
-                              read_array(args.data / "labels" / f"{r['id']}.tif"), max_objects=8)
-             for r in rows]
+    pairs = [click_candidates(pred, image, labels, max_objects=8) for _, image, labels, _ in
+             split_items(args.data, args.split)]
     g, s = np.concatenate([a for a, _ in pairs]), np.concatenate([b for _, b in pairs])
     n = np.arange(len(g))
     scores = {round(float(d), 2): float(g[n, (s + [0, 0, d]).argmax(1)].mean()) for d in np.arange(-0.2, 0.41, 0.01)}

@@ -13,17 +13,11 @@ mask* and ``napari-sam evaluate`` start from it.
 
 from __future__ import annotations
 
-import argparse
-from pathlib import Path
-
-ROOT = Path(__file__).resolve().parents[1]
+from _val import parser, split_items
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("checkpoint", type=Path)
-    ap.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data" / "dsb2018_full")
-    ap.add_argument("--split", default="val")
+    ap = parser(__doc__)
     ap.add_argument("--clicks", type=int, default=5)
     ap.add_argument("--threads", type=int, default=None)
     args = ap.parse_args(argv)
@@ -31,14 +25,11 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from napari_sam.core.build import load_model, write_checkpoint_file
-    from napari_sam.core.training.data import read_array, read_split
     from napari_sam.core.evaluation import evaluate_dataset
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    rows = read_split(args.data / "split.csv", args.split)
-    items = [(r["id"], read_array(args.data / "images" / f"{r['id']}.png")[..., :3],
-              read_array(args.data / "labels" / f"{r['id']}.tif"), r.get("modality", "")) for r in rows]
+    items = split_items(args.data, args.split)
     model = load_model(args.checkpoint, device="cpu")
     miou = {}
     for refine in (True, False):

@@ -18,6 +18,7 @@ _LAZY = {
     "set_max_upscale": "napari_sam.core.build",
     "set_zoom_window": "napari_sam.core.build",
     "set_refine_logits": "napari_sam.core.build",
+    "set_mask_threshold": "napari_sam.core.build",
     "SamPredictor": "napari_sam.core.predictor",
     "AutomaticMaskGenerator": "napari_sam.core.amg",
     "segment_everything": "napari_sam.core.amg",

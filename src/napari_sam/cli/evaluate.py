@@ -26,6 +26,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--refine", choices=("model", "on", "off"), default="model",
                    help="feed each click round the previous mask's logits: on (the paper), off, or model: as the "
                         "model does (the built-in model: off; official checkpoints: on)")
+    p.add_argument("--mask-threshold", type=float, default=None, metavar="LOGIT",
+                   help="the logit above which a pixel is in a mask (default: the model's; the built-in model's was "
+                        "chosen on val, official checkpoints use the paper's 0)")
     p.add_argument("--enforce-negatives", action="store_true",
                    help="the annotator's click protocol: each mask loses what its negative clicks mark")
     p.add_argument("--prompt", nargs="+", default=["point", "box", "clicks"], choices=("point", "box", "clicks"))
@@ -78,7 +81,8 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--clicks must be between 1 and 10, got {args.clicks}")
     model = load_model(args.model, device="cpu", denoise=args.denoise,
                        zoom_window="checkpoint" if args.zoom_window is None else args.zoom_window,
-                       refine_logits="checkpoint" if args.refine == "model" else args.refine == "on")
+                       refine_logits="checkpoint" if args.refine == "model" else args.refine == "on",
+                       mask_threshold="checkpoint" if args.mask_threshold is None else args.mask_threshold)
     name = args.name or Path(args.images).resolve().name
     t0 = time.time()
     res = evaluate_dataset(model, iter_items(args), name, args.prompt, args.clicks, args.max_objects,
@@ -89,6 +93,7 @@ def run(args: argparse.Namespace) -> int:
     summary["max_objects"] = args.max_objects
     summary["zoom_window"] = getattr(model, "zoom_window", None)
     summary["refine_logits"] = refine_logits_of(model)
+    summary["mask_threshold"] = float(model.mask_threshold)
     summary["enforce_negatives"] = args.enforce_negatives
     summary["seconds"] = round(time.time() - t0, 1)
     out = Path(args.out)

@@ -8,6 +8,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -177,6 +178,7 @@ def load_model(
     max_upscale: float | None | str = "checkpoint",
     zoom_window: int | None | str = "checkpoint",
     refine_logits: bool | str = "checkpoint",
+    mask_threshold: float | str = "checkpoint",
 ) -> Sam:
     """Load a ready-to-use model in eval mode.
 
@@ -193,6 +195,8 @@ def load_model(
     refine_logits: whether a corrective click is decoded with the previous mask's logits as mask input
     (:func:`set_refine_logits`); "checkpoint" keeps the checkpoint's (the built-in model's is False, official
     checkpoints refine, as the paper does).
+    mask_threshold: the logit above which a pixel is in a mask (:func:`set_mask_threshold`); "checkpoint" keeps the
+    checkpoint's (the built-in model's is chosen on ``val``, official checkpoints use the paper's 0).
     """
     dev = resolve_device(device)
     if model is None and checkpoint is None:
@@ -227,6 +231,7 @@ def load_model(
     set_max_upscale(sam, meta.get("max_upscale") if max_upscale == "checkpoint" else max_upscale)
     set_zoom_window(sam, meta.get("zoom_window") if zoom_window == "checkpoint" else zoom_window)
     set_refine_logits(sam, meta.get("refine_logits", True) if refine_logits == "checkpoint" else refine_logits)
+    set_mask_threshold(sam, meta.get("mask_threshold", 0.0) if mask_threshold == "checkpoint" else mask_threshold)
     return sam.to(dev).eval()
 
 
@@ -276,6 +281,8 @@ def save_checkpoint(model: Sam, path: str | os.PathLike, half: bool = False, **m
         meta["zoom_window"] = int(model.zoom_window)
     if not refine_logits_of(model) and "refine_logits" not in meta:
         meta["refine_logits"] = False
+    if model.mask_threshold != 0.0 and "mask_threshold" not in meta:
+        meta["mask_threshold"] = float(model.mask_threshold)
     return write_checkpoint_file({"config": model.config.to_dict(), "model": sd, **meta}, path)
 
 
@@ -300,6 +307,22 @@ def set_refine_logits(model: Sam, on: bool) -> Sam:
     if not isinstance(on, bool):
         raise ValueError(f"refine_logits must be True or False, not {on!r}")
     model.refine_logits = bool(on)
+    return model
+
+
+def set_mask_threshold(model: Sam, threshold: float) -> Sam:
+    """Make ``model``'s masks the pixels whose logit is above ``threshold`` (the paper: 0), everywhere: prompts,
+    segment everything (its stability score is taken around it) and propagation. A model whose masks come out a
+    little too large (the built-in one: its loss weights object pixels up, so its masks run about 6 % over the
+    true area on ``val``) is corrected by a higher threshold; scripts/choose_threshold.py picks it on ``val`` and
+    stores it in the checkpoint, which :func:`load_model` reads. Returns ``model``."""
+    try:
+        t = float(threshold)
+    except (TypeError, ValueError):
+        raise ValueError(f"mask_threshold={threshold!r} must be a number (a logit; the paper uses 0)") from None
+    if isinstance(threshold, bool) or not np.isfinite(t):
+        raise ValueError(f"mask_threshold={threshold!r} must be a finite number (a logit; the paper uses 0)")
+    model.mask_threshold = t
     return model
 
 
