@@ -13,24 +13,15 @@ mask* and ``napari-sam evaluate`` start from it.
 
 from __future__ import annotations
 
-from _val import parser, split_items
+from _val import model_and_items, parser, store
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = parser(__doc__)
-    ap.add_argument("--clicks", type=int, default=5)
-    ap.add_argument("--threads", type=int, default=None)
-    args = ap.parse_args(argv)
+    args = parser(__doc__, clicks=True).parse_args(argv)
 
-    import torch
-
-    from napari_sam.core.build import load_model, write_checkpoint_file
     from napari_sam.core.evaluation import evaluate_dataset
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    items = split_items(args.data, args.split)
-    model = load_model(args.checkpoint, device="cpu")
+    model, items = model_and_items(args)
     miou = {}
     for refine in (True, False):
         for enforce in (False, True):
@@ -42,14 +33,10 @@ def main(argv: list[str] | None = None) -> int:
                   f"1..{args.clicks} clicks {miou[refine, enforce]} ({n} {args.split} nuclei)", flush=True)
     score = {r: (miou[r, False][-1] + miou[r, True][-1]) / 2 for r in (True, False)}
     choice = score[False] > score[True]
-    obj = torch.load(args.checkpoint, map_location="cpu", weights_only=False)
-    obj["refine_logits"] = not choice
-    obj["refine_logits_source"] = (
+    store(args.checkpoint, refine_logits=not choice, refine_logits_source=(
         f"scripts/choose_refine.py on {n} dsb2018_full {args.split} nuclei, mIoU after {args.clicks} clicks, model "
         f"alone / annotator (negatives enforced): {miou[True, False][-1]:.4f} / {miou[True, True][-1]:.4f} with the "
-        f"logits fed back, {miou[False, False][-1]:.4f} / {miou[False, True][-1]:.4f} without")
-    write_checkpoint_file(obj, args.checkpoint)
-    print(f"wrote {args.checkpoint}: refine_logits={not choice}")
+        f"logits fed back, {miou[False, False][-1]:.4f} / {miou[False, True][-1]:.4f} without"))
     return 0
 
 

@@ -12,25 +12,18 @@ prompts, segment everything and propagation binarise at it.
 
 from __future__ import annotations
 
-from _val import parser, split_items
+from _val import model_and_items, parser, store
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = parser(__doc__)
+    ap = parser(__doc__, clicks=True)
     ap.add_argument("--grid", type=float, nargs="+", default=[0.0, 0.5, 1.0, 1.5, 2.0])
-    ap.add_argument("--clicks", type=int, default=5)
-    ap.add_argument("--threads", type=int, default=None)
     args = ap.parse_args(argv)
 
-    import torch
-
-    from napari_sam.core.build import load_model, set_mask_threshold, write_checkpoint_file
+    from napari_sam.core.build import set_mask_threshold
     from napari_sam.core.evaluation import evaluate_dataset
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    items = split_items(args.data, args.split)
-    model = load_model(args.checkpoint, device="cpu")
+    model, items = model_and_items(args)
     rows = {}
     for t in args.grid:
         set_mask_threshold(model, t)
@@ -42,14 +35,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"threshold {t:+.2f}: 1-point {rows[t][0]:.4f}, box {rows[t][1]:.4f}, {args.clicks} clicks "
               f"{rows[t][2]:.4f} (annotator {rows[t][3]:.4f}) on {n} {args.split} nuclei", flush=True)
     best = max(rows, key=lambda t: (round(sum(rows[t]) / 4, 4), -abs(t)))
-    obj = torch.load(args.checkpoint, map_location="cpu", weights_only=False)
-    obj["mask_threshold"] = float(best)
     table = "; ".join(f"{t:g}: " + " / ".join(f"{v:.4f}" for v in r) for t, r in rows.items())
-    obj["mask_threshold_source"] = (
+    store(args.checkpoint, mask_threshold=float(best), mask_threshold_source=(
         f"scripts/choose_threshold.py on {n} dsb2018_full {args.split} nuclei, mIoU 1-point / box / {args.clicks} "
-        f"clicks / {args.clicks} clicks in the annotator (negatives enforced) per threshold: {table}")
-    write_checkpoint_file(obj, args.checkpoint)
-    print(f"wrote {args.checkpoint}: mask_threshold={best:g}")
+        f"clicks / {args.clicks} clicks in the annotator (negatives enforced) per threshold: {table}"))
     return 0
 
 
