@@ -39,6 +39,15 @@ def _notify(msg: str, level: str = "info") -> None:
      "error": notifications.show_error}[level](msg)
 
 
+def _qt_alive(obj) -> bool:
+    """Whether the C++ side of a Qt object still exists (Python wrappers outlive it once Qt deletes it)."""
+    try:
+        obj.objectName()
+    except RuntimeError:
+        return False
+    return True
+
+
 class AnnotatorWidget(AnnotatorJobs, QWidget):
     """Interactive point/box annotation with a SAM model (see the module docstring)."""
 
@@ -232,12 +241,13 @@ class AnnotatorWidget(AnnotatorJobs, QWidget):
         u.zoom_check.toggled.connect(self._changed)
 
     def _weak(self, fn):
-        """``fn(widget, *args)`` as a callback that holds the widget weakly (no-op once it is gone)."""
+        """``fn(widget, *args)`` as a callback that holds the widget weakly (no-op once it is gone, or once Qt has
+        deleted its controls: a worker may finish after the dock was closed)."""
         ref = weakref.ref(self)
 
         def callback(*args):
             widget = ref()
-            if widget is not None:
+            if widget is not None and _qt_alive(widget.ui.progress):
                 return fn(widget, *args)
 
         return callback
