@@ -180,9 +180,9 @@ def test_cancel_embedding_then_resume(annotator, qtbot):
     assert any(0 < v <= 100 for v in seen)  # the progress bar moved during the embedding
 
 
-def test_callbacks_after_qt_deleted_the_controls_do_nothing(annotator):
-    """A worker that finishes after the dock was closed (Qt deleted the controls, the Python widget still alive)
-    must not touch them: its callback is a no-op instead of a RuntimeError in the event loop."""
+def test_callbacks_after_qt_deleted_the_widget_do_nothing(annotator):
+    """A worker that finishes after the dock was closed (Qt deleted the widget, its Python wrapper still alive)
+    must not touch it: its callback is a no-op instead of a RuntimeError in the event loop."""
     from qtpy import sip
 
     _, w = annotator
@@ -190,9 +190,8 @@ def test_callbacks_after_qt_deleted_the_controls_do_nothing(annotator):
     callback = w._weak(lambda widget: calls.append(widget.ui.progress.value()))
     callback()
     assert calls == [0]
-    progress = w.ui.progress
-    sip.delete(progress)
+    sip.delete(w)
     callback()
     assert calls == [0]
     with pytest.raises(RuntimeError):
-        progress.value()
+        w.ui.progress.value()

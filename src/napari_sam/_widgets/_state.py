@@ -13,6 +13,8 @@ from collections import OrderedDict
 from collections.abc import Callable, Hashable
 from typing import Any
 
+from ._workers import qt_alive
+
 _STATES: "weakref.WeakKeyDictionary[Any, ViewerState]" = weakref.WeakKeyDictionary()
 
 
@@ -108,13 +110,13 @@ class ViewerState:
         """Call ``fn(widget, model)`` on model changes (``denoise``: ``fn(widget, sigma)`` on changes of the
         viewer's denoising sigma) while the Qt ``widget`` exists: the widget is held weakly,
         and the callback is disconnected when the widget is destroyed, or at the latest on the first model
-        change after the widget is gone (Qt does not always deliver ``destroyed`` to Python once the wrapper is
-        collected). Returns the registered callback."""
+        change after the widget is gone or deleted by Qt (Qt does not always deliver ``destroyed`` to Python once
+        the wrapper is collected). Returns the registered callback."""
         ref = weakref.ref(widget)
 
         def callback(value) -> None:
             w = ref()
-            if w is None:
+            if w is None or not qt_alive(w):
                 self.disconnect(callback)
             else:
                 fn(w, value)

@@ -4,6 +4,8 @@
 (which would show a traceback dialog): exceptions are caught in the thread and handed to ``on_error`` as
 an ``Exception`` in the main thread, where the widget shows a clear message. Progress reported from the
 thread (``ProgressRelay.report(done, total)``) arrives in the main thread through a queued Qt signal.
+A callback that is a method of a widget Qt has deleted (the dock was closed while the work ran) is skipped
+(:func:`qt_alive`).
 """
 
 from __future__ import annotations
@@ -38,6 +40,35 @@ class ProgressRelay(QObject):
         self.progressed.emit(int(done), int(total))
 
 
+def qt_alive(obj: Any) -> bool:
+    """Whether the C++ side of the Qt object ``obj`` still exists (True for anything else).
+
+    Qt deletes a closed dock's widgets while their Python wrappers can live on (held by a script, a test or a
+    pending callback); touching such a widget raises RuntimeError.
+    """
+    if not isinstance(obj, QObject):
+        return True
+    try:
+        obj.objectName()
+    except RuntimeError:
+        return False
+    return True
+
+
+def _skip_if_deleted(callback: Callable[..., Any] | None) -> Callable[..., Any] | None:
+    """``callback``, doing nothing once the Qt object it is a method of has been deleted."""
+    if callback is None:
+        return None
+    owner = getattr(callback, "__self__", None)
+
+    def call(*args: Any) -> Any:
+        if qt_alive(owner):
+            return callback(*args)
+        return None
+
+    return call
+
+
 class CancelToken:
     """A thread-safe flag polled by long computations (``token.cancelled()``)."""
 
@@ -61,8 +92,10 @@ def run_in_thread(
 ):
     """Start ``func(*args, **kwargs)`` in a napari thread worker and return the worker.
 
-    ``on_return(result)`` or ``on_error(exception)`` runs in the main thread, then ``on_finish()``.
+    ``on_return(result)`` or ``on_error(exception)`` runs in the main thread, then ``on_finish()``; callbacks
+    that are methods of a widget Qt has since deleted are skipped.
     """
+    on_return, on_error, on_finish = map(_skip_if_deleted, (on_return, on_error, on_finish))
 
     def guarded():
         try:

@@ -24,7 +24,7 @@ from . import _layers as L
 from ._annotator_jobs import AnnotatorJobs, _main_thread
 from ._annotator_ui import MODEL_CHOICES, NEW_LAYER, SHORTCUTS, AnnotatorUI, bind_denoise
 from ._state import get_state
-from ._workers import CancelToken, ProgressRelay, process_events_until
+from ._workers import CancelToken, ProgressRelay, process_events_until, qt_alive
 
 if TYPE_CHECKING:
     import napari
@@ -37,15 +37,6 @@ def _notify(msg: str, level: str = "info") -> None:
 
     {"info": notifications.show_info, "warning": notifications.show_warning,
      "error": notifications.show_error}[level](msg)
-
-
-def _qt_alive(obj) -> bool:
-    """Whether the C++ side of a Qt object still exists (Python wrappers outlive it once Qt deletes it)."""
-    try:
-        obj.objectName()
-    except RuntimeError:
-        return False
-    return True
 
 
 class AnnotatorWidget(AnnotatorJobs, QWidget):
@@ -242,12 +233,12 @@ class AnnotatorWidget(AnnotatorJobs, QWidget):
 
     def _weak(self, fn):
         """``fn(widget, *args)`` as a callback that holds the widget weakly (no-op once it is gone, or once Qt has
-        deleted its controls: a worker may finish after the dock was closed)."""
+        deleted it: a worker may finish after the dock was closed)."""
         ref = weakref.ref(self)
 
         def callback(*args):
             widget = ref()
-            if widget is not None and _qt_alive(widget.ui.progress):
+            if widget is not None and qt_alive(widget):
                 return fn(widget, *args)
 
         return callback
