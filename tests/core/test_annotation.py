@@ -147,30 +147,31 @@ def test_a_negative_point_removes_a_separate_piece_and_nothing_else():
     assert np.array_equal(out, a)
 
 
-def test_a_negative_point_splits_touching_objects_between_the_clicks():
+def test_a_negative_point_splits_touching_objects_at_the_neck():
     # two discs of radius 10 joined by a neck: a positive click in the left one, a negative in the right one
     a, b = _disk((40, 80), (20, 20), 10), _disk((40, 80), (20, 52), 10)
-    mask = a | b
-    mask[18:23, 20:53] = True
+    neck = np.zeros_like(a)
+    neck[18:23, 20:53] = True
+    mask = a | b | neck
     out = enforce_negative_points(mask, np.array([[20.0, 20.0], [20.0, 52.0]]), np.array([1, 0]))
-    assert a.sum() <= out.sum() < mask.sum() and np.array_equal(out & a, a) and not (out & b).any()
-    # exact reference: a pixel stays iff its 4-connected path distance inside the mask to the positive click
-    # is smaller than to the negative one (ties go to the first flood, either side: excluded from the check)
-    def geodesic(seed):
-        from collections import deque
-        d = np.full(mask.shape, np.inf)
-        d[seed] = 0
-        q = deque([seed])
-        while q:
-            r, c = q.popleft()
-            for rr, cc in ((r + 1, c), (r - 1, c), (r, c + 1), (r, c - 1)):
-                if 0 <= rr < mask.shape[0] and 0 <= cc < mask.shape[1] and mask[rr, cc] and d[rr, cc] == np.inf:
-                    d[rr, cc] = d[r, c] + 1
-                    q.append((rr, cc))
-        return d
-    dp, dn = geodesic((20, 20)), geodesic((20, 52))
-    clear = mask & (dp != dn)
-    assert np.array_equal(out[clear], (dp < dn)[clear])
+    assert not (out & ~mask).any() and np.array_equal(out & a, a) and not (out & b).any()
+    # the cut falls inside the neck: what is left of it is the part joined to the kept disc
+    rest = out & neck & ~a
+    assert rest.any() and np.array_equal(out, a | rest) and np.nonzero(rest)[1].max() < 42
+    # the same mask, the clicks swapped: the other disc stays
+    out = enforce_negative_points(mask, np.array([[20.0, 52.0], [20.0, 20.0]]), np.array([1, 0]))
+    assert np.array_equal(out & b, b) and not (out & a).any()
+
+
+def test_a_negative_point_near_the_edge_takes_only_the_rim_beyond_it():
+    """A mask a little too large (a disc of radius 20 over an object of radius 16): a negative click in the extra
+    rim removes a sliver there, not the side of the object nearer to the click."""
+    mask = _disk((60, 60), (30, 30), 20)
+    out = enforce_negative_points(mask, np.array([[30.0, 30.0], [30.0, 47.0]]), np.array([1, 0]))
+    assert not out[30, 47] and not (out & ~mask).any()
+    assert _disk((60, 60), (30, 30), 16).sum() == (out & _disk((60, 60), (30, 30), 16)).sum()
+    removed = mask & ~out
+    assert 0 < removed.sum() < 0.1 * mask.sum() and np.nonzero(removed)[1].min() >= 47
 
 
 def test_a_negative_point_inside_one_object_carves_the_side_near_it():

@@ -163,13 +163,13 @@ def enforce_negative_points(mask: np.ndarray, points: np.ndarray, labels: np.nda
     """Take out of ``mask`` what negative points inside it mark; a model may have ignored them.
 
     mask: bool (H, W); points: float (N, 2) (row, col) in pixels; labels: int (N,) 1 positive / 0 negative.
-    Each connected part of the mask that holds a negative point is shared out among the clicks inside it: every
-    pixel goes to the click nearest to it along paths inside the part (a geodesic Voronoi split, by a marker
-    watershed on a flat surface), and the pixels that go to a negative click are removed. So a negative click on
-    a neighbour the mask took in removes the neighbour, and one inside the object carves away the side nearer to
-    it. A part with negative points only goes entirely; a negative point on a positive one's pixel wins. Parts
-    without a negative point, and masks no negative point falls in, are returned unchanged. Returns a new bool
-    (H, W) array (or ``mask`` itself when nothing changes).
+    Each connected part of the mask that holds a negative point is shared out among the clicks inside it by a
+    marker watershed on the distance to the part's edge, and the pixels that go to a negative click are removed.
+    The split follows the necks between the objects the part merged: a negative click on a neighbour the mask took
+    in removes the neighbour, while one near the edge of the object (a mask a little too large there) takes only
+    the rim beyond it. A part with negative points only goes entirely; a negative point on a positive one's pixel
+    wins. Parts without a negative point, and masks no negative point falls in, are returned unchanged. Returns a
+    new bool (H, W) array (or ``mask`` itself when nothing changes).
     """
     from scipy import ndimage
     from skimage.segmentation import watershed
@@ -193,7 +193,8 @@ def enforce_negative_points(mask: np.ndarray, points: np.ndarray, labels: np.nda
     for (r, c), lab in sorted(zip(rc.tolist(), labels.tolist()), key=lambda t: -t[1]):  # negatives last: they win
         if r0 <= r < r1 and c0 <= c < c1 and sub[r - r0, c - c0]:
             markers[r - r0, c - c0] = 1 if lab == 1 else 2
-    parts = watershed(np.zeros(sub.shape, dtype=np.uint8), markers, mask=sub)
+    depth = ndimage.distance_transform_edt(np.pad(sub, 1))[1:-1, 1:-1]  # to the nearest pixel outside the part
+    parts = watershed(-depth, markers, mask=sub)
     out = mask.copy()
     out[r0:r1, c0:c1][parts == 2] = False
     return out
