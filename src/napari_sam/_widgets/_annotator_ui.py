@@ -115,8 +115,8 @@ class AnnotatorUI:
                                      "checkpoints, off for the built-in model, whose clicks refine better without")
         self.refine_check.setChecked(True)
         self.enforce_check = QCheckBox("negative points always cut the mask")
-        self.enforce_check.setToolTip("Where the model ignores a negative point inside the mask, take out the part "
-                                      "of the mask nearer to it than to any positive point")
+        self.enforce_check.setToolTip("Where the model ignores a negative point inside the mask, take out what it "
+                                      "marks: a neighbour the mask took in, or the rim beyond a point at the edge")
         self.enforce_check.setChecked(True)
         self.zoom_check = QCheckBox("zoom in on small objects")
         self.zoom_check.setToolTip("On images larger than the model's zoom window (256 px for the built-in model), "
