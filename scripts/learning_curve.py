@@ -35,7 +35,8 @@ def table(evals: list[dict], train: list[dict], bin_steps: int) -> str:
         out.append(f"| {r['step']} | {r['elapsed'] / 60:.1f} | {e['box']:.3f} | {e['point']:.3f} | "
                    f"{e['oracle']:.3f} | {groups} |")
     out += ["", f"## Training (mean over {bin_steps} steps)", "",
-            "| steps | lr | train loss | train IoU, first prompt | train IoU, last iteration |", "|---|---|---|---|---|"]
+            "| steps | lr | train loss | train IoU, first prompt | train IoU, last iteration |",
+            "|---|---|---|---|---|"]
     chunk: list[dict] = []
     for r in train:
         chunk.append(r)

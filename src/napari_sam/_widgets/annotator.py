@@ -161,7 +161,8 @@ class AnnotatorWidget(AnnotatorJobs, QWidget):
             L.check_target(labels, self.image_layer)
             index = L.plane_index(self.viewer, self.image_layer)
             plane = np.asarray(labels.data[index])
-            plan = ann.plan_commit(plane, r.objects(), ann.next_free_id(labels.data), self.ui.overwrite_check.isChecked())
+            plan = ann.plan_commit(plane, r.objects(), ann.next_free_id(labels.data),
+                                   self.ui.overwrite_check.isChecked())
             note = L.upgrade_dtype(labels, plan.dtype)
             L.write_plan(labels, index, plan)
         except (L.LayerError, ValueError) as exc:

@@ -194,7 +194,8 @@ class SamPredictor:
 
     def _require(self) -> ImageEmbedding:
         if self._embedding is None:
-            raise ImageNotSetError("no image is set: call predictor.set_image(image) (or set_embedding) before predict()")
+            raise ImageNotSetError("no image is set: call predictor.set_image(image) (or set_embedding) before "
+                                   "predict()")
         return self._embedding
 
     # ---------------------------------------------------------------- prompts

@@ -67,7 +67,8 @@ def validate_boxes(box, image_shape: tuple[int, int]) -> np.ndarray:
     if b.ndim == 1:
         b = b[None]
     if b.ndim != 2 or b.shape[1] != 4:
-        raise ValueError(f"box must have shape (4,) or (B, 4) as (min_row, min_col, max_row, max_col); got {np.shape(box)}")
+        raise ValueError("box must have shape (4,) or (B, 4) as (min_row, min_col, max_row, max_col); "
+                         f"got {np.shape(box)}")
     if not np.all(np.isfinite(b)):
         raise ValueError("box contains NaN or inf")
     if np.any(b[:, 0] > b[:, 2]) or np.any(b[:, 1] > b[:, 3]):
