@@ -23,12 +23,13 @@ $CLI evaluate --images $D/gonuclear_3d_nuclei --slices 10 --max-objects 8 --clic
 # the same noisy confocal slices smoothed first (sigma 2 px, chosen on crop 1135)
 $CLI evaluate --images $D/gonuclear_3d_nuclei --slices 10 --max-objects 8 --clicks 5 --denoise 2 \
     --name "gonuclear_3d_nuclei (every 10th z slice), denoise 2" --threads 2 "${M[@]}" --out $R/gonuclear_denoised.json
-# The same clicks as the annotator serves them (negative clicks enforced), without and with the logits fed back
+# The same clicks as the annotator serves them (negative clicks cut, left-out positive ones retried with a box),
+# without and with the logits fed back
 # (the built-in model's default is without: scripts/choose_refine.py chose it on val).
 for r in off on; do
     $CLI evaluate --images $D/dsb2018_full --split-csv $D/dsb2018_full/split.csv --split test --max-objects 8 \
-        --clicks 5 --prompt clicks --enforce-negatives --refine $r \
-        --name "dsb2018_full/test, annotator (negatives enforced), refine $r" --threads 2 "${M[@]}" \
+        --clicks 5 --prompt clicks --enforce-negatives --follow-positives --refine $r \
+        --name "dsb2018_full/test, annotator (negatives cut, positives followed), refine $r" --threads 2 "${M[@]}" \
         --out $R/dsb2018_test_annotator_refine_$r.json
 done
 

@@ -195,3 +195,20 @@ def test_callbacks_after_qt_deleted_the_widget_do_nothing(annotator):
     assert calls == [0]
     with pytest.raises(RuntimeError):
         w.ui.progress.value()
+
+
+def test_a_renamed_target_layer_gives_a_message_not_a_new_layer(annotator, qtbot):
+    """Renaming the chosen target behind the widget's back: Commit says so and writes nothing (it used to create
+    a fresh "SAM labels" layer and commit there, ids restarting at 1); after choosing it again, it commits."""
+    viewer, w = annotator
+    mine = viewer.add_labels(np.zeros(viewer.layers["nuclei"].data.shape[:2], np.int32), name="mine")
+    w.ui.labels_combo.setCurrentText("mine")
+    w.add_point((60, 100))
+    wait_idle(qtbot, w)
+    n_layers = len(viewer.layers)
+    mine.name = "renamed"
+    assert w.commit() == []
+    assert "no longer in the viewer" in w.ui.status_label.text()
+    assert len(viewer.layers) == n_layers and not mine.data.any()
+    w.ui.labels_combo.setCurrentText("renamed")
+    assert w.commit() and mine.data.any()

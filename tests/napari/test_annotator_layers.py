@@ -53,8 +53,10 @@ def test_write_plan_is_one_undo_step_and_dtype_upgrade_keeps_labels(nuclei_sampl
     data = np.stack([np.zeros_like(gt), gt]).astype(np.uint8)  # plane 1 holds the real nuclei
     data[1][data[1] > 0] += 200  # ids up to 239
     data[0, 0, 0] = 255  # the next free id needs uint16
-    before = data.copy()
+    orig = int(data[1, 5, 5])
     labels = napari.layers.Labels(data)
+    labels.data_setitem((np.array([1]), np.array([5]), np.array([5])), 7)  # an earlier edit, one undo step
+    before = np.asarray(labels.data).copy()
     m1 = np.zeros(gt.shape, bool)
     m1[100:140, 100:140] = True
     m2 = np.zeros(gt.shape, bool)
@@ -72,5 +74,8 @@ def test_write_plan_is_one_undo_step_and_dtype_upgrade_keeps_labels(nuclei_sampl
     assert np.array_equal(after[1][kept], before[1][kept])  # existing nuclei intact
     labels.undo()  # ONE undo removes both objects
     assert np.array_equal(labels.data, before)
+    labels.undo()  # the history from before the upgrade is kept: the earlier edit is undone too
+    assert labels.data[1, 5, 5] == orig != 7 and labels.data.dtype == np.uint16
+    labels.redo()
     labels.redo()
     assert np.array_equal(labels.data, after)

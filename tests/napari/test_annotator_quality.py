@@ -165,3 +165,37 @@ def test_zoom_checkbox_on_a_large_image(make_napari_viewer, qtbot, nuclei_sample
     w.add_point((p[0] + 2, p[1] + 2))
     wait_idle(qtbot, w, timeout=120000)
     assert _iou(w.result.mask, target) >= 0.6
+
+
+def test_a_left_out_positive_click_is_retried_with_a_box(builtin_annotator, qtbot):
+    """A second positive click the built-in model leaves out (found with the core on this image) is in the
+    annotator's mask with *positive points: retry with a box* on (the default), and left out with it off."""
+    from napari_sam.core.annotation import Prompts, predict
+    from napari_sam.core.build import load_model
+    from napari_sam.core.evaluation import center_point, error_click
+    from napari_sam.core.predictor import SamPredictor
+
+    viewer, w, gt = builtin_annotator
+    pred = SamPredictor(load_model(device="cpu"))
+    pred.set_image(viewer.layers["nuclei"].data)
+    case = None
+    for nid in _nuclei_by_size(gt):
+        c = center_point(gt == nid)
+        first = predict(pred, Prompts([c], [1]))
+        click, v = error_click(first.mask, gt == nid)
+        prompts = Prompts([c, click], [1, 1])
+        if (v == 1 and not predict(pred, prompts, follow_positives=False).mask[click]
+                and predict(pred, prompts, previous=first.mask).mask[click]):
+            case = nid, c, click
+            break
+    assert case is not None, "no left-out second click on this image"
+    nid, c, click = case
+    assert w.ui.follow_check.isChecked()  # the default
+    for follow in (True, False):
+        w.clear_prompts()
+        w.ui.follow_check.setChecked(follow)
+        w.add_point(c)
+        wait_idle(qtbot, w, timeout=120000)
+        w.add_point(click)
+        wait_idle(qtbot, w, timeout=120000)
+        assert bool(w.result.mask[click]) is follow, f"nucleus {nid}, click {click}, retry {follow}"

@@ -143,6 +143,33 @@ def test_stack_uses_current_plane_and_caches_per_plane(make_napari_viewer, qtbot
     assert len(get_state(viewer).embeddings) == 2  # plane 1 came from the cache
 
 
+def test_a_preview_of_another_plane_is_never_committed(make_napari_viewer, qtbot, model, nuclei_sample):
+    """Predict on plane 1, move to plane 0 and click, cancel that plane's embedding: plane 1's preview is still
+    shown, but Commit refuses it (it would land on plane 0) and writes nothing; after a new preview it commits."""
+    img, _ = nuclei_sample
+    vol = np.stack([img, np.ascontiguousarray(img[:, ::-1])])
+    viewer, w = _open_stack(make_napari_viewer, model, vol)
+    viewer.dims.set_current_step(0, 1)
+    w.add_point((60, 100))
+    wait_idle(qtbot, w)
+    assert w.result is not None and w.result.mask.any()
+    viewer.dims.set_current_step(0, 0)
+    w.add_point((60, 100))
+    w.predict_now()
+    assert w._embed_worker is not None
+    w.cancel()
+    wait_idle(qtbot, w)
+    assert w.result is not None  # plane 1's preview is still there
+    assert w.commit() == []
+    assert "not of this plane's prompts" in w.ui.status_label.text()
+    assert "SAM labels" not in viewer.layers or not viewer.layers["SAM labels"].data.any()
+    w.predict_now()  # embeds plane 0 and predicts again
+    wait_idle(qtbot, w)
+    ids = w.commit()
+    labels = viewer.layers["SAM labels"].data
+    assert ids and (labels[0] == ids[0]).any() and not labels[1].any()
+
+
 def test_stack_planes_come_from_the_disk_cache_in_a_new_session(make_napari_viewer, qtbot, model, nuclei_sample):
     """Planes of a stack are embedded through the on-disk cache: a new viewer on the same data runs no encoder,
     gives the same masks; changed data is embedded again (never a stale cache)."""

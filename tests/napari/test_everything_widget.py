@@ -131,6 +131,55 @@ def test_user_labels_are_kept(scene, nuclei_sample):
     assert np.array_equal(np.asarray(user.data), gt)
 
 
+def test_edits_and_commits_made_between_slider_moves_are_kept(scene):
+    """After a run, the user erases part of one object, paints a new object and commits one with a fresh id (as the
+    annotator does); moving a slider then rewrites the result around them: the erased pixels stay erased, the
+    painted ones stay painted, and no new object takes the committed object's id."""
+    viewer, w = scene
+    assert w.run(**OPEN)
+    assert w.wait(120)
+    out = viewer.layers["SAM everything"]
+    data = np.asarray(out.data).copy()
+    ids, sizes = np.unique(data[data > 0], return_counts=True)
+    big = int(ids[np.argmax(sizes)])
+    rr, cc = np.nonzero((data == big) & (np.arange(data.shape[0]) > 10)[:, None])  # not in the corner painted below
+    erased = (rr[: len(rr) // 2], cc[: len(cc) // 2])
+    out.data_setitem(erased, 0)  # the user erases half of an object
+    painted = (np.arange(3, 8).repeat(5), np.tile(np.arange(3, 8), 5))
+    out.data_setitem(painted, 500)  # paints a new one (id 500) in the corner
+    committed = int(np.asarray(out.data).max()) + 1
+    spot = (erased[0][:10], erased[1][:10])
+    out.data_setitem(spot, committed)  # and commits one with the next free id, in the erased space
+    w.set_thresholds(min_object_area=0, box_nms_thresh=0.9)  # a slider moves: the result is rewritten
+    after = np.asarray(out.data)
+    assert not after[erased[0][10:], erased[1][10:]].any()
+    assert np.all(after[painted] == 500) and np.all(after[spot] == committed)
+    assert np.count_nonzero(after == committed) == 10  # no new object took the committed id
+    rewritten = np.unique(after[after > 0])
+    ours = rewritten[(rewritten != 500) & (rewritten != committed)]
+    assert ours.size and ours.min() > committed
+
+
+def test_the_target_is_checked_before_the_model_runs_and_layers_may_vanish(scene):
+    """A wrong-shaped target is refused at once (not after the model's work); the annotator's preview layer is not
+    offered as a target; a layer removed or renamed behind the widget's back gives a message, not a traceback."""
+    viewer, w = scene
+    viewer.add_labels(np.zeros((7, 9), np.int32), name="small")
+    viewer.add_labels(np.zeros(viewer.layers["nuclei"].data.shape[:2], np.uint8), name="SAM preview")
+    names = [w.target_combo.itemText(i) for i in range(w.target_combo.count())]
+    assert "small" in names and "SAM preview" not in names
+    w.set_target("small")
+    assert not w.run(**OPEN)
+    assert w.worker is None and "small" in w.status_label.text()
+    w.set_target("[new layer]")
+    viewer.layers["nuclei"].name = "renamed"
+    assert not w.run(**OPEN)
+    assert "no longer in the viewer" in w.status_label.text()
+    w.set_image_layer("renamed")
+    assert w.run(**OPEN) and w.wait(120)
+    assert "SAM everything" in viewer.layers
+
+
 def test_cancel_writes_nothing_and_bad_parameters(scene):
     viewer, w = scene
     assert w.run(points_per_side=32, pred_iou_thresh=0.0, stability_score_thresh=0.0)

@@ -68,3 +68,22 @@ def test_empty_labels_give_a_clear_message(scene):
     viewer.layers["committed"].data = np.zeros_like(viewer.layers["committed"].data)
     assert not widget.run(steps=2)
     assert "no objects" in widget.status.text()
+
+
+def test_without_a_model_the_worker_loads_the_built_in_one(make_napari_viewer, qtbot, nuclei_sample):
+    """No model chosen yet: Run returns at once and the built-in model is loaded in the worker (not in the GUI
+    thread), becomes the viewer's model, and its fine-tuned copy replaces it."""
+    from napari_sam._widgets._state import get_state
+    from napari_sam._widgets.finetune import FinetuneWidget
+
+    viewer = make_napari_viewer(show=True)
+    viewer.add_image(nuclei_sample[0], name="nuclei")
+    viewer.add_labels(nuclei_sample[1].astype(np.int32), name="committed")
+    widget = FinetuneWidget(viewer)
+    state = get_state(viewer)
+    assert state.model is None
+    assert widget.run(steps=2)
+    assert state.model is None and widget.busy()  # nothing loaded in the GUI thread
+    qtbot.waitUntil(lambda: not widget.busy(), timeout=120000)
+    assert widget.result == "done", widget.status.text()
+    assert state.model is widget.tuned and state.model_name == "builtin+finetuned"

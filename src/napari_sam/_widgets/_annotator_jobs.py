@@ -92,12 +92,15 @@ class AnnotatorJobs:
             return
         self._pending = False
         r = self.result
-        mask_input = mask_window = None
-        if (self.ui.refine_check.isChecked() and r is not None and not r.batch and not self.ui.batch_check.isChecked()
-                and r.prompts is not None and prompts.extends(r.prompts)):
-            mask_input, mask_window = r.logits[r.choice], r.window
+        mask_input = mask_window = previous = None
+        if (r is not None and not r.batch and not self.ui.batch_check.isChecked() and r.prompts is not None
+                and prompts.extends(r.prompts)):
+            previous = r.mask
+            if self.ui.refine_check.isChecked():
+                mask_input, mask_window = r.logits[r.choice], r.window
         version, batch, model = self._version, self.ui.batch_check.isChecked(), self.state.model
-        enforce, zoom = self.ui.enforce_check.isChecked(), self.ui.zoom_check.isChecked()
+        enforce, follow, zoom = (self.ui.enforce_check.isChecked(), self.ui.follow_check.isChecked(),
+                                 self.ui.zoom_check.isChecked())
 
         def job():
             from ..core.predictor import SamPredictor
@@ -105,11 +108,12 @@ class AnnotatorJobs:
             p = SamPredictor(model)
             p.set_embedding(emb)
             p.zoom = zoom
-            res = ann.predict(p, prompts, mask_input, batch, enforce_negatives=enforce, mask_window=mask_window)
+            res = ann.predict(p, prompts, mask_input, batch, enforce_negatives=enforce, mask_window=mask_window,
+                              follow_positives=follow, previous=previous)
             return res, res.preview()
 
         self._predict_worker = run_in_thread(
-            job, on_return=self._weak(lambda w, out: w._predicted(out, version)),
+            job, on_return=self._weak(lambda w, out: w._predicted(out, version, index)),
             on_error=self._weak(lambda w, e: w._message(f"prediction failed: {e}", "error")),
             on_finish=self._weak(type(self)._predict_done))
 
@@ -169,11 +173,11 @@ class AnnotatorJobs:
             self._timer.start()  # predict with every prompt added meanwhile, or embed the new plane / model
 
     @_main_thread
-    def _predicted(self, out, version: int) -> None:
+    def _predicted(self, out, version: int, index: tuple) -> None:
         res, preview = out
         if version != self._version:
             return  # stale: prompts changed while it ran
-        self._set_result(res, preview)
+        self._set_result(res, preview, index)
 
     @_main_thread
     def _predict_done(self) -> None:

@@ -118,13 +118,18 @@ class AnnotatorUI:
         self.enforce_check.setToolTip("Where the model ignores a negative point inside the mask, take out what it "
                                       "marks: a neighbour the mask took in, or the rim beyond a point at the edge")
         self.enforce_check.setChecked(True)
+        self.follow_check = QCheckBox("positive points: retry with a box when left out")
+        self.follow_check.setToolTip("Where the mask leaves out one of your positive points, decode it once more with "
+                                     "a box around the mask, the previous mask and the positive points")
+        self.follow_check.setChecked(True)
         self.zoom_check = QCheckBox("zoom in on small objects")
         self.zoom_check.setToolTip("On images larger than the model's zoom window (256 px for the built-in model), "
                                    "decode a small object from the window around it, encoded at the scale the model "
                                    "was trained on (one more encoder pass per new region). Objects larger than half "
                                    "a window always use the whole image.")
         self.zoom_check.setChecked(True)
-        for w in (self.overwrite_check, self.batch_check, self.refine_check, self.enforce_check, self.zoom_check):
+        for w in (self.overwrite_check, self.batch_check, self.refine_check, self.enforce_check, self.follow_check,
+                  self.zoom_check):
             f2.addRow(w)
         self.polarity_label = QLabel()
         self.candidate_label = QLabel("candidate: –")

@@ -171,7 +171,7 @@ def upgrade_dtype(labels, dtype: np.dtype) -> str | None:
         return None
     labels.data = np.asarray(labels.data).astype(dtype)
     return (f"labels layer {labels.name!r} ran out of ids for {old}; converted to {np.dtype(dtype)} "
-            "(all labels kept; earlier undo history of this layer was reset)")
+            "(all labels and the undo history kept)")
 
 
 def write_plan(labels, index: tuple[int, ...], plan: CommitPlan) -> int:

@@ -50,6 +50,7 @@ class AnnotatorWidget(AnnotatorJobs, QWidget):
         self.state = get_state(napari_viewer)
         self.ui = AnnotatorUI(self)
         self.result: ann.Result | None = None  # the latest prediction shown in the preview
+        self._result_plane: tuple = ()  # the plane index the result was predicted on
         self.image_layer = None
         self.points_layer = self.boxes_layer = self.preview_layer = None
         self._version = 0  # bumps on every change of prompts / plane / image / model
@@ -156,10 +157,16 @@ class AnnotatorWidget(AnnotatorJobs, QWidget):
         if self.busy:
             self._message("the prediction is still running; commit again in a moment", "warning")
             return []
+        index = L.plane_index(self.viewer, self.image_layer)
+        prompts, _ = L.read_prompts(self.points_layer, self.boxes_layer, self.image_layer, index)
+        if self._result_plane != index or r.prompts is None or r.prompts.key() != prompts.key():
+            self._message("the preview is not of this plane's prompts (they changed, or the plane did, and no new "
+                          "preview came: the embedding was cancelled or failed); add a point to predict again",
+                          "warning")
+            return []
         try:
             labels = self._target_labels()
             L.check_target(labels, self.image_layer)
-            index = L.plane_index(self.viewer, self.image_layer)
             plane = np.asarray(labels.data[index])
             plan = ann.plan_commit(plane, r.objects(), ann.next_free_id(labels.data),
                                    self.ui.overwrite_check.isChecked())
@@ -230,6 +237,7 @@ class AnnotatorWidget(AnnotatorJobs, QWidget):
         u.clear_button.clicked.connect(self.clear_prompts)
         u.batch_check.toggled.connect(self._changed)
         u.enforce_check.toggled.connect(self._changed)
+        u.follow_check.toggled.connect(self._changed)
         u.zoom_check.toggled.connect(self._changed)
 
     def _weak(self, fn):
@@ -357,8 +365,9 @@ class AnnotatorWidget(AnnotatorJobs, QWidget):
         self.ui.polarity_label.setText("new points: POSITIVE (green)" if pos else "new points: NEGATIVE (magenta ×)")
 
     # ------------------------------------------------------------------ results and messages
-    def _set_result(self, res: ann.Result | None, preview: np.ndarray | None = None) -> None:
+    def _set_result(self, res: ann.Result | None, preview: np.ndarray | None = None, index: tuple = ()) -> None:
         self.result = res
+        self._result_plane = index  # the plane the result was predicted on (commit checks it)
         self._show_result(res, preview)
 
     def _show_result(self, res: ann.Result | None, preview: np.ndarray | None = None) -> None:
@@ -393,8 +402,12 @@ class AnnotatorWidget(AnnotatorJobs, QWidget):
 
     def _target_labels(self):
         name = self.ui.labels_combo.currentText()
-        if name and name != NEW_LAYER and name in self.viewer.layers:
-            return self.viewer.layers[name]
+        if name and name != NEW_LAYER:
+            if name in self.viewer.layers:
+                return self.viewer.layers[name]
+            self._refresh_combos()
+            raise L.LayerError(f"the target labels layer {name!r} is no longer in the viewer (removed or renamed); "
+                               "choose the target labels again")
         im = self.image_layer
         lay = self.viewer.add_labels(np.zeros(L.image_shape(im), np.uint32), name=L.LABELS_NAME,
                                      scale=im.scale, translate=im.translate)

@@ -69,8 +69,11 @@ class SegmentEverythingWidget(QWidget):
         self.generator = None
         self.last_refilter_s = 0.0
         self._token = CancelToken()
-        self._target = None  # (labels layer, plane index, id offset, overwrite)
-        self._written = None  # (rows, cols, previous values) of our last write, to replace it on re-filter
+        self._target = None  # (labels layer, plane index, highest id off the plane, overwrite)
+        # the target plane before our first write, right after our last one, and the pixels the user changed since
+        # our first (painted, erased, committed): a re-filter rebuilds the plane from these
+        self._base = self._expected = self._edited = None
+        self._writing = self._user_wrote = False
         self._relay = ProgressRelay()
         self._relay.progressed.connect(self._on_progress)
         self._timer = QTimer(self)
@@ -175,7 +178,7 @@ class SegmentEverythingWidget(QWidget):
         self.image_combo.addItems([x.name for x in self.viewer.layers if isinstance(x, napari.layers.Image)])
         self.target_combo.clear()
         self.target_combo.addItems([NEW_LAYER] + [x.name for x in self.viewer.layers
-                                                  if isinstance(x, napari.layers.Labels)])
+                                                  if isinstance(x, napari.layers.Labels) and x.name != L.PREVIEW_NAME])
         if cur_img:
             self.image_combo.setCurrentText(cur_img)
         if cur_tgt:
@@ -232,6 +235,7 @@ class SegmentEverythingWidget(QWidget):
             return False
         try:
             image, index, plane = self._image()
+            self._target_layer(image)  # checked now, not after minutes of model work
         except ValueError as e:
             self._message(str(e), "error")
             return False
@@ -252,8 +256,7 @@ class SegmentEverythingWidget(QWidget):
                 self.sliders[k].blockSignals(False)
         p.pop("min_object_area", None)
         self.proposals = None
-        self._written = None
-        self._target = None
+        self._release_target()
         self._token = CancelToken()
         self._plane = (image, index, plane.shape[:2])
         self.progress.setFormat("segmenting %p%")
@@ -299,8 +302,18 @@ class SegmentEverythingWidget(QWidget):
         if self.proposals is not None:
             self._timer.start()
 
+    def _layer(self, name: str, what: str):
+        """The layer called ``name`` (None for no name); ValueError naming it if it has gone or been renamed."""
+        if not name:
+            return None
+        if name not in self.viewer.layers:
+            self._refresh()
+            raise ValueError(f"the {what} layer {name!r} is no longer in the viewer (removed or renamed); choose "
+                             f"the {what} again")
+        return self.viewer.layers[name]
+
     def _image(self):
-        image = self.viewer.layers[self.image_combo.currentText()] if self.image_combo.currentText() else None
+        image = self._layer(self.image_combo.currentText(), "image")
         problem = L.image_problem(image)
         if problem:
             raise ValueError(problem)
@@ -335,34 +348,62 @@ class SegmentEverythingWidget(QWidget):
         self.cancel_button.setEnabled(False)
         self.progress.setFormat("idle")
 
-    def _make_target(self):
+    def _target_layer(self, image):
+        """The chosen existing Labels layer, checked against ``image`` (None: a new layer is to be made)."""
         import napari
 
-        image, index, shape2 = self._plane
-        full = L.image_shape(image)
         name = self.target_combo.currentText()
         if name == NEW_LAYER or not name:
+            return None
+        layer = self._layer(name, "output")
+        if not isinstance(layer, napari.layers.Labels):
+            raise ValueError(f"{name!r} is not a Labels layer; choose a Labels layer or {NEW_LAYER}")
+        L.check_target(layer, image)
+        return layer
+
+    def _make_target(self):
+        image, index, shape2 = self._plane
+        full = L.image_shape(image)
+        layer = self._target_layer(image)
+        if layer is None:
             layer = self.viewer.add_labels(np.zeros(full, dtype=np.int32), name=OUTPUT_NAME,
                                            scale=image.scale[: len(full)], translate=image.translate[: len(full)])
             self._refresh()
             self.target_combo.setCurrentText(layer.name)
-        else:
-            layer = self.viewer.layers[name]
-            if not isinstance(layer, napari.layers.Labels):
-                raise ValueError(f"{name!r} is not a Labels layer; choose a Labels layer or {NEW_LAYER}")
-            L.check_target(layer, image)
-        offset = int(np.asarray(layer.data).max())
-        return layer, index, offset, self.overwrite_check.isChecked()
+        data = np.asarray(layer.data)
+        # the highest id off this plane (our writes only touch this plane; the ids on it are read at each write)
+        others = max((int(data[i].max()) for i in np.ndindex(data.shape[:len(index)]) if i != index), default=0)
+        self._base = np.array(data[index])
+        self._edited = np.zeros(self._base.shape, bool)
+        self._expected, self._user_wrote = None, False
+        layer.events.paint.connect(self._on_paint)
+        return layer, index, others, self.overwrite_check.isChecked()
+
+    def _release_target(self) -> None:
+        if self._target is not None:
+            self._target[0].events.paint.disconnect(self._on_paint)
+        self._target = self._base = self._expected = self._edited = None
+
+    def _on_paint(self, event=None) -> None:
+        """A write to the target that is not ours (a brush, the eraser, a fill, the annotator's commit): the next
+        re-filter first marks the pixels of our plane that differ from our last write as the user's. (napari emits
+        the event before it changes the data.) Undo and redo emit none: alone, they leave the plane ours."""
+        if not self._writing:
+            self._user_wrote = True
 
     def _write(self, labels: np.ndarray) -> None:
-        """Replace our previous write with ``labels`` (offset past the layer's ids) in ONE undo step."""
-        layer, index, offset, overwrite = self._target
-        plane = np.asarray(layer.data[index]) if index else np.asarray(layer.data)
-        current = plane.copy()
-        if self._written is not None:
-            r, c, old = self._written
-            current[r, c] = old
-        rows, cols = np.nonzero(labels)
+        """Replace our previous write with ``labels`` in ONE undo step: the plane is rebuilt from the labels it held
+        before our first write, the pixels the user changed since (kept as they are now, never written over) and
+        ``labels``. The new ids start past every id of the layer but ours, so ids committed meanwhile (e.g. by the
+        annotator) are never reused."""
+        layer, index, others, overwrite = self._target
+        plane = np.asarray(layer.data[index])
+        if self._user_wrote and self._expected is not None:
+            self._edited |= plane != self._expected
+        self._user_wrote = False
+        current = np.where(self._edited, plane, self._base)
+        offset = max(others, int(current.max(initial=0)))
+        rows, cols = np.nonzero((labels > 0) & ~self._edited)
         if not overwrite:
             free = current[rows, cols] == 0
             rows, cols = rows[free], cols[free]
@@ -371,12 +412,16 @@ class SegmentEverythingWidget(QWidget):
         if new.max(initial=0) > np.iinfo(layer.data.dtype).max:
             L.upgrade_dtype(layer, np.int64)
         changed_r, changed_c = np.nonzero(new != plane)
-        self._written = (rows, cols, current[rows, cols])
+        self._expected = new.astype(layer.data.dtype)
         if changed_r.size == 0:
             return
         lead = tuple(np.full(changed_r.size, i, dtype=np.intp) for i in index)
-        with layer.block_history():
-            layer.data_setitem((*lead, changed_r, changed_c), new[changed_r, changed_c].astype(layer.data.dtype))
+        self._writing = True
+        try:
+            with layer.block_history():
+                layer.data_setitem((*lead, changed_r, changed_c), new[changed_r, changed_c].astype(layer.data.dtype))
+        finally:
+            self._writing = False
 
 
 def _validate(params: dict) -> None:

@@ -55,9 +55,16 @@ class _Relay(QObject):
 
 
 def run_finetune(model, images, labels, steps: int, mode: str, lr: float, cancel: CancelToken, relay: _Relay):
-    """Worker body: fine-tune a copy of ``model``; returns (tuned model, losses, finished)."""
+    """Worker body: fine-tune a copy of ``model`` (None: the built-in model, loaded here); returns (tuned model,
+    losses, finished, the built-in model if it was loaded here, else None)."""
     from napari_sam.core.training import finetune_iter
 
+    loaded = None
+    if model is None:
+        from napari_sam.core.build import load_model
+
+        relay.phase.emit("loading the built-in model…")
+        model = loaded = load_model(device="cpu")
     tuned = copy.deepcopy(model).cpu()
     losses: list[float] = []
     gen = finetune_iter(tuned, images, labels, steps=steps, mode=mode, lr=lr)
@@ -73,7 +80,7 @@ def run_finetune(model, images, labels, steps: int, mode: str, lr: float, cancel
     finally:
         gen.close()
     tuned.eval()
-    return tuned, losses, not cancel.cancelled()
+    return tuned, losses, not cancel.cancelled(), loaded
 
 
 class FinetuneWidget(QWidget):
@@ -173,12 +180,7 @@ class FinetuneWidget(QWidget):
         if not labels.any():
             self._message(f"Labels layer {lab_name!r} has no objects: commit some objects first")
             return False
-        model = self.state.model
-        if model is None:
-            from napari_sam.core.build import load_model
-
-            model = load_model(device="cpu")
-            self.state.set_model(model, "builtin")
+        model = self.state.model  # None: the worker loads the built-in model
         if steps is not None:
             self.steps.setValue(steps)
         self.losses, self.tuned = [], None
@@ -197,7 +199,9 @@ class FinetuneWidget(QWidget):
             self._cancel.cancel()
 
     def _done(self, result) -> None:
-        tuned, losses, finished = result
+        tuned, losses, finished, loaded = result
+        if loaded is not None and self.state.model is None:
+            self.state.set_model(loaded, "builtin")
         if not finished:
             self.result = "cancelled"
             self._message("cancelled: the model is unchanged")

@@ -31,6 +31,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "chosen on val, official checkpoints use the paper's 0)")
     p.add_argument("--enforce-negatives", action="store_true",
                    help="the annotator's click protocol: each mask loses what its negative clicks mark")
+    p.add_argument("--follow-positives", action="store_true",
+                   help="the annotator's click protocol: a mask that leaves out a positive click is decoded again "
+                        "with a box around it, the previous mask and the positive clicks")
     p.add_argument("--prompt", nargs="+", default=["point", "box", "clicks"], choices=("point", "box", "clicks"))
     p.add_argument("--clicks", type=int, default=5, help="number of interactive clicks (1..10)")
     p.add_argument("--max-objects", type=int, default=None, help="evaluate a fixed random sample per image")
@@ -87,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
     t0 = time.time()
     res = evaluate_dataset(model, iter_items(args), name, args.prompt, args.clicks, args.max_objects,
                            progress=lambda i, n: print(f"\r{i} images", end="", file=sys.stderr, flush=True),
-                           enforce_negatives=args.enforce_negatives)
+                           enforce_negatives=args.enforce_negatives, follow_positives=args.follow_positives)
     summary = res.summary()
     summary["model"] = str(args.model or "builtin")
     summary["max_objects"] = args.max_objects
@@ -95,6 +98,7 @@ def run(args: argparse.Namespace) -> int:
     summary["refine_logits"] = refine_logits_of(model)
     summary["mask_threshold"] = float(model.mask_threshold)
     summary["enforce_negatives"] = args.enforce_negatives
+    summary["follow_positives"] = args.follow_positives
     summary["seconds"] = round(time.time() - t0, 1)
     out = Path(args.out)
     write_results([summary], out, out.with_suffix(".md"))

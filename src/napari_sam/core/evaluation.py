@@ -81,8 +81,8 @@ def click_candidates(predictor, image: np.ndarray, labels: np.ndarray, max_objec
 
 def evaluate_image(predictor, image: np.ndarray, labels: np.ndarray, prompts: Iterable[str] = PROMPTS,
                    n_clicks: int = 5, max_objects: int | None = None, chunk: int = 16,
-                   seed: int = 0, refine: bool | None = None, enforce_negatives: bool = False
-                   ) -> dict[str, np.ndarray]:
+                   seed: int = 0, refine: bool | None = None, enforce_negatives: bool = False,
+                   follow_positives: bool = False) -> dict[str, np.ndarray]:
     """Per-instance IoUs for one image: {"point": (N,), "oracle": (N,), "box": (N,), "clicks": (N, n_clicks)}.
 
     ``predictor`` is a :class:`napari_sam.core.predictor.SamPredictor`; ``labels`` (H, W) int must match the
@@ -90,8 +90,11 @@ def evaluate_image(predictor, image: np.ndarray, labels: np.ndarray, prompts: It
     click round the previous low-res logits (None: as the predictor's model does, see ``refine_logits_of``).
     ``enforce_negatives``: the annotator's protocol, where each click round's mask loses what its negative clicks
     mark (:func:`napari_sam.core.annotation.enforce_negative_points`); the logits fed back stay the model's.
+    ``follow_positives``: also the annotator's, where a click round's mask that leaves out one of its positive
+    clicks is decoded again with a box around it, the previous round's mask and the positive clicks
+    (:func:`napari_sam.core.annotation.follow_positive_points`); its logits are then fed back.
     """
-    from .annotation import enforce_negative_points
+    from .annotation import enforce_negative_points, follow_positive_points
     from .build import refine_logits_of
 
     if refine is None:
@@ -138,9 +141,21 @@ def evaluate_image(predictor, image: np.ndarray, labels: np.ndarray, prompts: It
                 lab = np.concatenate([lab, np.array([v for _, v in new], np.float64)[:, None]], 1)
                 pc = predictor.predict(points=pts, point_labels=lab, mask_input=low if refine else None,
                                        multimask=False, mask_windows=wins if refine else None)
+                previous, mask_in, win_in = masks, low, wins
                 masks, low, wins = pc.masks[:, 0], pc.low_res_logits[:, :1], pc.windows
                 if enforce_negatives:
-                    masks = [enforce_negative_points(m, p, q) for m, p, q in zip(masks, pts, lab)]
+                    masks = np.stack([enforce_negative_points(m, p, q) for m, p, q in zip(masks, pts, lab)])
+                if follow_positives:
+                    rows, again = follow_positive_points(predictor, pts, lab, masks, np.asarray(previous),
+                                                         mask_in if refine else None, win_in if refine else None)
+                    if again is not None:
+                        low, wins = low.copy(), None if wins is None else wins.copy()
+                        masks[rows], low[rows] = again.masks[:, 0], again.low_res_logits[:, :1]
+                        if wins is not None:
+                            wins[rows] = again.windows
+                        if enforce_negatives:
+                            for i in rows:
+                                masks[i] = enforce_negative_points(masks[i], pts[i], lab[i])
                 curve[:, k] = [iou(m, g) for m, g in zip(masks, gts)]
             out["clicks"] += curve.tolist()
     res = {k: np.asarray(v, np.float64) for k, v in out.items()}
@@ -186,9 +201,9 @@ def evaluate_dataset(model, items: Iterable[tuple[str, np.ndarray, np.ndarray, s
                      prompts: Iterable[str] = PROMPTS, n_clicks: int = 5, max_objects: int | None = None,
                      progress: Callable[[int, str], None] | None = None,
                      should_stop: Callable[[], bool] | None = None, refine: bool | None = None,
-                     enforce_negatives: bool = False) -> EvalResult:
+                     enforce_negatives: bool = False, follow_positives: bool = False) -> EvalResult:
     """Evaluate ``model`` on (name, image, labels, group) items; returns an :class:`EvalResult`. ``refine``,
-    ``enforce_negatives``: see :func:`evaluate_image`."""
+    ``enforce_negatives``, ``follow_positives``: see :func:`evaluate_image`."""
     from .predictor import SamPredictor
 
     predictor = SamPredictor(model)
@@ -197,7 +212,8 @@ def evaluate_dataset(model, items: Iterable[tuple[str, np.ndarray, np.ndarray, s
         if should_stop is not None and should_stop():
             break
         res.add(name, group, evaluate_image(predictor, image, labels, prompts, n_clicks, max_objects, refine=refine,
-                                            enforce_negatives=enforce_negatives))
+                                            enforce_negatives=enforce_negatives,
+                                            follow_positives=follow_positives))
         if progress is not None:
             progress(i + 1, name)
     return res
