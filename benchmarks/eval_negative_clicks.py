@@ -13,7 +13,8 @@ the previous logits back where the model refines with them (official checkpoints
 
 Both are reported with the previous logits fed back and without, for the model alone
 (``enforce_negatives=False``) and as the annotator serves it (negative points as hard constraints,
-``napari_sam.core.annotation.enforce_negative_points``).
+``napari_sam.core.annotation.enforce_negative_points``, and a positive click the model leaves out retried with a
+box, ``follow_positive_points``).
 
     python benchmarks/eval_negative_clicks.py --model src/napari_sam/models/builtin_nuclei.pt [--model OTHER.pt]
         [--json docs/results/negative_clicks.json]
@@ -66,7 +67,7 @@ def evaluate(model_path: str, split: str = "test", per_image: int = 5, limit: in
                 q = (int(rr[k]), int(cc[k]))
                 for key, mi in (("logits", first.logits[first.choice]), ("plain", None)):
                     after = predict(pred, Prompts([ca, q], [1, 0]), mask_input=mi, enforce_negatives=enforce,
-                                    mask_window=first.window).mask
+                                    mask_window=first.window, follow_positives=enforce, previous=before).mask
                     carve[key].append(bool(not after[q] and after[ca] and after.sum() < before.sum()))
             ring = ndimage.binary_dilation(a, iterations=3) & ~a
             touching = np.unique(gt[ring])
@@ -75,13 +76,13 @@ def evaluate(model_path: str, split: str = "test", per_image: int = 5, limit: in
                 continue
             b = gt == touching[0]
             cb = center_point(b)
-            both = predict(pred, Prompts([ca, cb], [1, 1]))
+            both = predict(pred, Prompts([ca, cb], [1, 1]), follow_positives=enforce, previous=before)
             if not (both.mask[ca] and both.mask[cb]):
                 continue
             nb["iou_before"].append(iou(both.mask, a))
             for key, mi in (("logits", both.logits[both.choice]), ("plain", None)):
                 after = predict(pred, Prompts([ca, cb], [1, 0]), mask_input=mi, enforce_negatives=enforce,
-                                mask_window=both.window).mask
+                                mask_window=both.window, follow_positives=enforce).mask
                 nb[key].append(bool(after[ca] and not after[cb]))
                 nb["iou_" + key].append(iou(after, a))
     return {

@@ -118,15 +118,22 @@ def _open_stack(make_napari_viewer, model, data):
     return viewer, w
 
 
-def test_stack_uses_current_plane_and_caches_per_plane(make_napari_viewer, qtbot, model, nuclei_sample):
-    from napari_sam._widgets._state import get_state
-
+def _clicked_on_plane_1(make_napari_viewer, qtbot, model, nuclei_sample):
+    """(viewer, widget, volume): a two-plane stack (the image and its mirror) with a click at (60, 100) on plane 1,
+    predicted."""
     img, _ = nuclei_sample
     vol = np.stack([img, np.ascontiguousarray(img[:, ::-1])])
     viewer, w = _open_stack(make_napari_viewer, model, vol)
     viewer.dims.set_current_step(0, 1)
     w.add_point((60, 100))
     wait_idle(qtbot, w)
+    return viewer, w, vol
+
+
+def test_stack_uses_current_plane_and_caches_per_plane(make_napari_viewer, qtbot, model, nuclei_sample):
+    from napari_sam._widgets._state import get_state
+
+    viewer, w, vol = _clicked_on_plane_1(make_napari_viewer, qtbot, model, nuclei_sample)
     np.testing.assert_array_equal(w.result.masks, _reference(model, vol[1], Prompts([[60, 100]], [1])).masks)
     assert len(get_state(viewer).embeddings) == 1
     w.commit()
@@ -146,12 +153,7 @@ def test_stack_uses_current_plane_and_caches_per_plane(make_napari_viewer, qtbot
 def test_a_preview_of_another_plane_is_never_committed(make_napari_viewer, qtbot, model, nuclei_sample):
     """Predict on plane 1, move to plane 0 and click, cancel that plane's embedding: plane 1's preview is still
     shown, but Commit refuses it (it would land on plane 0) and writes nothing; after a new preview it commits."""
-    img, _ = nuclei_sample
-    vol = np.stack([img, np.ascontiguousarray(img[:, ::-1])])
-    viewer, w = _open_stack(make_napari_viewer, model, vol)
-    viewer.dims.set_current_step(0, 1)
-    w.add_point((60, 100))
-    wait_idle(qtbot, w)
+    viewer, w, _ = _clicked_on_plane_1(make_napari_viewer, qtbot, model, nuclei_sample)
     assert w.result is not None and w.result.mask.any()
     viewer.dims.set_current_step(0, 0)
     w.add_point((60, 100))

@@ -7,7 +7,8 @@ Scriptable::
 
 The image is (Z, Y, X) (or (T, Z, Y, X): the displayed volume at the current T). The labels layer has the
 image's shape. Objects are those of the labels layer on the current slice: the selected label ("current")
-or every label there ("all"). A current object drawn on several slices with gaps is filled between them from
+or every label there ("all"; objects that already span other slices are left as they are, so their slices drawn or
+corrected by hand are never replaced). A current object drawn on several slices with gaps is filled between them from
 both ends; one that already spans a run of slices (a correction of a 3D object) is re-propagated: only the
 range the correction affects is redone. With "orthogonal views" checked (the default, except for a stack whose
 first axis is labelled t or time) each object is also propagated through the XZ and YZ planes, z resampled to the
@@ -244,7 +245,7 @@ class PropagateWidget(QWidget):
         direction = direction or DIRECTIONS[self.direction_combo.currentText()]
         scope = scope or SCOPES[self.scope_combo.currentText()]
         strategy = strategy or self.strategy_combo.currentText()
-        ids = None
+        ids, kept_note = None, ""
         if scope == "current":
             ids = [int(labels.selected_label)]
             if ids[0] == 0 or not np.any(labels3d[z] == ids[0]):
@@ -254,6 +255,19 @@ class PropagateWidget(QWidget):
         elif not np.any(labels3d[z]):
             self._message(f"slice {z} has no labels: annotate objects on it first", "error")
             return False
+        else:  # objects that already span other slices keep them: only those drawn on this slice alone go
+            on_z = np.unique(labels3d[z])
+            others = np.unique(np.delete(labels3d, z, axis=0)) if labels3d.shape[0] > 1 else on_z[:0]
+            ids = [int(i) for i in on_z[(on_z != 0) & ~np.isin(on_z, others)]]
+            kept = [int(i) for i in on_z[(on_z != 0) & np.isin(on_z, others)]]
+            if not ids:
+                self._message(f"every object on slice {z} already spans other slices, and those are kept: choose "
+                              "'current object' to propagate one (it redoes only the range a correction "
+                              "affects)", "error")
+                return False
+            if kept:
+                kept_note = (f"; label(s) {kept} already span other slices and are left as they are (choose "
+                             "'current object' to redo one)")
         views = "orthogonal" if self.views_check.isChecked() else "xy"
         params = {"views": views, "spacing": tuple(float(s) for s in image.scale[-3:]), **params,
                   "strategy": strategy, "direction": direction}
@@ -265,7 +279,8 @@ class PropagateWidget(QWidget):
         self._target = (labels, lead, z)
         self._start("propagating %p%")
         self._message(f"propagating from slice {z}" + ("" if self.state.model is not None else
-                                                        " (loading the built-in model first)"))
+                                                        " (loading the built-in model first)") + kept_note,
+                      "warning" if kept_note else "info")
         self.worker = run_in_thread(run_propagation, volume, labels3d, z, ids, self.state.model, params,
                                     self._token.cancelled, self._relay.report, denoise=self.state.denoise,
                                     on_return=self._done, on_error=self._failed, on_finish=self._finished)
