@@ -322,3 +322,18 @@ def test_regrowth_stop_exact_reference():
     assert run(z=1, max_regrowth=None) == [0, 2, 3, 4, 5, 6, 7, 8]
     with pytest.raises(ValueError, match="max_regrowth"):
         make_params({"max_regrowth": -1})
+
+
+def test_split_by_span_keeps_objects_that_reach_other_slices_apart():
+    from napari_sam.core.propagation_labels import split_by_span
+
+    labels = np.zeros((4, 6, 6), np.uint16)
+    labels[1, :2, :2] = 3  # on slice 1 alone
+    labels[1, 3:, 3:] = 7
+    labels[3, 0, 0] = 7  # 7 also on slice 3
+    labels[1, 0, 5] = 9
+    labels[0, 5, 5] = 9  # 9 also on slice 0
+    labels[2, 2, 2] = 4  # not on slice 1 at all
+    assert split_by_span(labels, 1) == ([3], [7, 9])
+    assert split_by_span(labels, 2) == ([4], [])
+    assert split_by_span(labels[1:2], 0) == ([3, 7, 9], [])

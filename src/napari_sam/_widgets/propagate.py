@@ -32,7 +32,7 @@ from ..core.embedding_store import EmbeddingCacheWarning, StackEmbeddings, selec
 from ..core.propagation import (
     STRATEGIES, PropagationParams, finish_slices, fuse_views, iter_propagate_masks, make_params, repropagate,
 )
-from ..core.propagation_labels import confidence_text, plan_write, seeds_from_labels
+from ..core.propagation_labels import confidence_text, plan_write, seeds_from_labels, split_by_span
 from ..core.propagation_views import ViewsWarning, view_embeddings, views_fit
 from ._annotator_ui import bind_denoise, denoise_spin_box
 from ._state import get_state
@@ -49,13 +49,22 @@ def run_propagation(volume, labels3d, z, ids, model, params, cancel, report, den
     """Thread job: load the model if needed, open the stack's cached embeddings, propagate the objects ``ids``
     of slice z with ``params`` (PropagationParams fields). One object drawn on several slices with gaps between
     them: the gaps are filled from both ends. One object already spanning a run of slices: only the range
-    its correction on slice z affects is redone. Returns {"model", "ids", "results": {i: {z: mask}},
+    its correction on slice z affects is redone. ``ids`` None: every object drawn on slice z alone; those that
+    already span other slices are left as they are, with a note. Returns {"model", "ids", "results": {i: {z: mask}},
     "scores": (B, Z), "notes", "cancelled", "range"}. ``denoise``: the viewer's sigma for a model loaded here."""
     notes = []
     if model is None:
         from ..core.build import load_model
 
         model = load_model(denoise=denoise)  # the built-in model; CheckpointError says what to do when it is missing
+    if ids is None:  # all objects: those that already span other slices keep them (drawn or corrected by hand)
+        ids, spanning = split_by_span(labels3d, z)
+        if spanning:
+            notes.append(f"label(s) {spanning} already span other slices and are left as they are (choose "
+                         "'current object' to redo one)")
+        if not ids:
+            return {"model": model, "ids": [], "results": {}, "scores": np.zeros((0, labels3d.shape[0])),
+                    "notes": notes, "cancelled": False, "range": None}
     ids, seeds = seeds_from_labels(labels3d, z, ids)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", EmbeddingCacheWarning)
@@ -245,7 +254,7 @@ class PropagateWidget(QWidget):
         direction = direction or DIRECTIONS[self.direction_combo.currentText()]
         scope = scope or SCOPES[self.scope_combo.currentText()]
         strategy = strategy or self.strategy_combo.currentText()
-        ids, kept_note = None, ""
+        ids = None  # all: the worker keeps those drawn on this slice alone (split_by_span)
         if scope == "current":
             ids = [int(labels.selected_label)]
             if ids[0] == 0 or not np.any(labels3d[z] == ids[0]):
@@ -255,19 +264,6 @@ class PropagateWidget(QWidget):
         elif not np.any(labels3d[z]):
             self._message(f"slice {z} has no labels: annotate objects on it first", "error")
             return False
-        else:  # objects that already span other slices keep them: only those drawn on this slice alone go
-            on_z = np.unique(labels3d[z])
-            others = np.unique(np.delete(labels3d, z, axis=0)) if labels3d.shape[0] > 1 else on_z[:0]
-            ids = [int(i) for i in on_z[(on_z != 0) & ~np.isin(on_z, others)]]
-            kept = [int(i) for i in on_z[(on_z != 0) & np.isin(on_z, others)]]
-            if not ids:
-                self._message(f"every object on slice {z} already spans other slices, and those are kept: choose "
-                              "'current object' to propagate one (it redoes only the range a correction "
-                              "affects)", "error")
-                return False
-            if kept:
-                kept_note = (f"; label(s) {kept} already span other slices and are left as they are (choose "
-                             "'current object' to redo one)")
         views = "orthogonal" if self.views_check.isChecked() else "xy"
         params = {"views": views, "spacing": tuple(float(s) for s in image.scale[-3:]), **params,
                   "strategy": strategy, "direction": direction}
@@ -279,8 +275,7 @@ class PropagateWidget(QWidget):
         self._target = (labels, lead, z)
         self._start("propagating %p%")
         self._message(f"propagating from slice {z}" + ("" if self.state.model is not None else
-                                                        " (loading the built-in model first)") + kept_note,
-                      "warning" if kept_note else "info")
+                                                        " (loading the built-in model first)"))
         self.worker = run_in_thread(run_propagation, volume, labels3d, z, ids, self.state.model, params,
                                     self._token.cancelled, self._relay.report, denoise=self.state.denoise,
                                     on_return=self._done, on_error=self._failed, on_finish=self._finished)
@@ -359,6 +354,11 @@ class PropagateWidget(QWidget):
             self._message("propagation cancelled; nothing was written")
             return
         labels, lead, z = self._target
+        if not out["ids"]:
+            self._message(f"every object on slice {z} already spans other slices, and those are kept: choose "
+                          "'current object' to propagate one (it redoes only the range a correction affects)",
+                          "warning")
+            return
         if labels not in self.viewer.layers:
             self._message("the labels layer was removed; nothing was written", "warning")
             return

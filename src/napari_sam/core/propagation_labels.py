@@ -32,6 +32,23 @@ def seeds_from_labels(labels: np.ndarray, z: int, ids: Sequence[int] | None = No
     return [int(i) for i in ids], [{int(z): sl == i} for i in ids]
 
 
+def split_by_span(labels: np.ndarray, z: int) -> tuple[list[int], list[int]]:
+    """The labels of slice ``z`` of a (Z, Y, X) label volume, split into those found on no other slice and those
+    that already span other slices: ([ids on z alone], [ids also elsewhere]), each ascending. One pass over the
+    volume, a slice at a time."""
+    labels = np.asarray(labels)
+    on_z = np.unique(labels[z])
+    on_z = on_z[on_z != 0]
+    elsewhere: set[int] = set()
+    for k in range(labels.shape[0]):
+        if k == z or len(elsewhere) == len(on_z):
+            continue
+        hit = np.isin(labels[k], on_z)
+        if hit.any():
+            elsewhere.update(int(i) for i in np.unique(labels[k][hit]))
+    return [int(i) for i in on_z if int(i) not in elsewhere], sorted(elsewhere)
+
+
 def plan_write(labels: np.ndarray, ids: Sequence[int], results: Mapping[int, Mapping[int, np.ndarray]],
                overwrite: bool = False) -> tuple[tuple[np.ndarray, np.ndarray, np.ndarray], np.ndarray]:
     """Which voxels change when object ``ids[i]`` takes mask ``results[i][z]`` on slice z.
