@@ -255,3 +255,31 @@ def test_orthogonal_views_use_the_layer_scale_and_stay_off_for_time(scene, tiny_
     viewer.dims.axis_labels = ("t", "y", "x")
     w.image_combo.currentTextChanged.emit("stack")
     assert not w.views_check.isChecked()
+
+
+def test_voxels_painted_while_it_runs_are_kept(scene, monkeypatch):
+    """The worker plans the write against its own snapshot of the labels; voxels the user paints after that
+    snapshot (simulated here at the end of the worker) keep their paint, the rest of the result is written, and a
+    message says how many were kept."""
+    import napari_sam._widgets.propagate as prop
+
+    viewer, w, lay, before = scene
+    real, painted = prop.run_propagation, {}
+
+    def painting(*args, **kwargs):
+        out = real(*args, **kwargs)
+        (zz, rr, cc), old, new = out["plan"]
+        pick = np.flatnonzero(new == SEED)[:5]
+        painted["at"] = (zz[pick], rr[pick], cc[pick])
+        lay.data[painted["at"]] = 99  # the user paints over voxels the result is about to take
+        return out
+
+    monkeypatch.setattr(prop, "run_propagation", painting)
+    notes = []
+    w._message = lambda text, level="info", show=w._message: (notes.append(text), show(text, level))
+    assert w.propagate(direction="both", scope="current", strategy="point", **NO_STOP)
+    assert w.wait(120)
+    after = np.asarray(lay.data)
+    assert len(painted["at"][0]) == 5 and np.all(after[painted["at"]] == 99)
+    assert (after == SEED).sum() > (before == SEED).sum()  # the rest was written
+    assert any("5 voxel(s) painted while propagating were kept" in n for n in notes)

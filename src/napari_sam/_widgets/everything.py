@@ -365,14 +365,17 @@ class SegmentEverythingWidget(QWidget):
         image, index, shape2 = self._plane
         full = L.image_shape(image)
         layer = self._target_layer(image)
-        if layer is None:
+        created = layer is None
+        if created:
             layer = self.viewer.add_labels(np.zeros(full, dtype=np.int32), name=OUTPUT_NAME,
                                            scale=image.scale[: len(full)], translate=image.translate[: len(full)])
             self._refresh()
             self.target_combo.setCurrentText(layer.name)
         data = np.asarray(layer.data)
-        # the highest id off this plane (our writes only touch this plane; the ids on it are read at each write)
-        others = max((int(data[i].max()) for i in np.ndindex(data.shape[:len(index)]) if i != index), default=0)
+        # the highest id off this plane (our writes only touch this plane; the ids on it are read at each write);
+        # a layer made just now holds none
+        others = 0 if created else max((int(data[i].max()) for i in np.ndindex(data.shape[:len(index)])
+                                        if i != index), default=0)
         self._base = np.array(data[index])
         self._edited = np.zeros(self._base.shape, bool)
         self._expected, self._user_wrote = None, False

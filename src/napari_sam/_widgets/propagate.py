@@ -45,8 +45,24 @@ DIRECTIONS = {"through the volume": "both", "up (+z)": "up", "down (−z)": "dow
 SCOPES = {"current object": "current", "all objects on this slice": "all"}
 
 
-def run_propagation(volume, labels3d, z, ids, model, params, cancel, report, denoise: float = 0.0) -> dict[str, Any]:
-    """Thread job: load the model if needed, open the stack's cached embeddings, propagate the objects ``ids``
+def run_propagation(volume, labels3d, z, ids, model, params, cancel, report, denoise: float = 0.0,
+                    overwrite: bool = False) -> dict[str, Any]:
+    """Thread job: :func:`propagate_objects` on a snapshot of ``labels3d`` taken here (the user may paint
+    meanwhile), then the write planned against it (:func:`napari_sam.core.propagation_labels.plan_write`), so that
+    the main thread only checks and writes the changed voxels: ``out["plan"]`` = ((z, row, col) index arrays, the
+    snapshot's values there, the new values), or None when cancelled or nothing was propagated."""
+    labels3d = np.array(labels3d)
+    out = propagate_objects(volume, labels3d, z, ids, model, params, cancel, report, denoise)
+    out["plan"] = None
+    if not out["cancelled"] and out["ids"]:
+        index, values = plan_write(labels3d, out["ids"], out["results"], overwrite)
+        out["plan"] = (index, labels3d[index], values)
+    return out
+
+
+def propagate_objects(volume, labels3d, z, ids, model, params, cancel, report, denoise: float = 0.0
+                      ) -> dict[str, Any]:
+    """Load the model if needed, open the stack's cached embeddings, propagate the objects ``ids``
     of slice z with ``params`` (PropagationParams fields). One object drawn on several slices with gaps between
     them: the gaps are filled from both ends. One object already spanning a run of slices: only the range
     its correction on slice z affects is redone. ``ids`` None: every object drawn on slice z alone; those that
@@ -278,6 +294,7 @@ class PropagateWidget(QWidget):
                                                         " (loading the built-in model first)"))
         self.worker = run_in_thread(run_propagation, volume, labels3d, z, ids, self.state.model, params,
                                     self._token.cancelled, self._relay.report, denoise=self.state.denoise,
+                                    overwrite=self.overwrite_check.isChecked(),
                                     on_return=self._done, on_error=self._failed, on_finish=self._finished)
         return True
 
@@ -339,7 +356,7 @@ class PropagateWidget(QWidget):
         idx = [int(np.clip(np.round(step[i]), 0, image.data.shape[i] - 1)) for i in range(image.ndim)]
         lead = tuple(idx[: image.ndim - 3])
         volume = np.asarray(select_volume(image.data, idx))
-        labels3d = np.array(select_volume(labels.data, idx))  # a copy: the user may paint meanwhile
+        labels3d = select_volume(labels.data, idx)  # the worker takes its snapshot: the user may paint meanwhile
         return image, labels, lead, volume, labels3d, idx[image.ndim - 3]
 
     def _on_progress(self, done: int, total: int) -> None:
@@ -362,8 +379,12 @@ class PropagateWidget(QWidget):
         if labels not in self.viewer.layers:
             self._message("the labels layer was removed; nothing was written", "warning")
             return
-        current = np.asarray(select_volume(labels.data, (*lead, 0, 0, 0)))
-        (zz, rr, cc), values = plan_write(current, out["ids"], out["results"], self.overwrite_check.isChecked())
+        (zz, rr, cc), old, values = out["plan"]
+        current = select_volume(labels.data, (*lead, 0, 0, 0))
+        mine = np.asarray(current[zz, rr, cc]) != old  # painted while it ran: the user's, kept
+        if mine.any():
+            zz, rr, cc, values = zz[~mine], rr[~mine], cc[~mine], values[~mine]
+            self._message(f"{int(mine.sum())} voxel(s) painted while propagating were kept as painted", "warning")
         if values.size:
             lead_idx = tuple(np.full(zz.shape, i) for i in lead)
             with labels.block_history():  # one undo step for the whole 3D result
