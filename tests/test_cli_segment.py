@@ -79,3 +79,28 @@ def test_demo_writes_labels_and_overlay(ckpt, tmp_path, capsys):
     assert lab.shape == (512, 512) and over.shape == (512, 512, 3)
     assert lab.max() >= 1
     assert "objects" in capsys.readouterr().err
+
+
+def test_bad_paths_give_a_message_and_lose_nothing(ckpt, tmp_path, capsys):
+    """Inputs whose outputs would share a name are refused before anything runs (one result would overwrite the
+    other); evaluate's --out may not be the .md table's name nor a folder; a file that is not an image gives a
+    one-line error, not a traceback."""
+    for sub in ("a", "b"):
+        (tmp_path / sub).mkdir()
+        tifffile.imwrite(tmp_path / sub / "x.tif", np.zeros((32, 32), np.uint16))
+    out = tmp_path / "o"
+    assert main(["segment", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(out), "--model", str(ckpt)]) == 2
+    err = capsys.readouterr().err
+    assert "x_labels.tif" in err and "separate --out folders" in err and not out.exists()
+    d = data_dir("isbi2012_em_neurites_2d")
+    res = tmp_path / "res"
+    res.mkdir()
+    for bad, says in ((res / "y.md", "give it a .json name"), (res, "is a folder")):
+        assert main(["evaluate", "--images", str(d), "--out", str(bad), "--model", str(ckpt)]) == 2
+        assert says in capsys.readouterr().err
+    assert list(res.iterdir()) == []
+    junk = tmp_path / "junk.png"
+    junk.write_bytes(b"not an image at all")
+    assert main(["demo", "--image", str(junk), "--out", str(tmp_path / "d"), "--model", str(ckpt)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("napari-sam demo: error:") and "Traceback" not in err and len(err.splitlines()) == 1

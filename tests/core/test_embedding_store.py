@@ -151,6 +151,11 @@ def test_size_limit_and_lru_clean_up(stack, model, cache):
     c = StackEmbeddings(stack[:, ::-1].copy(), model, max_bytes=limit)
     assert not a.path.exists() and b.path.exists() and c.path.exists()
     assert clean_cache(0, keep=(c.key,)) == [b.path] and c.path.exists()
+    # a folder of the user's in the cache folder (e.g. --cache-dir pointed at a results folder) is never deleted
+    mine = c.path.parent / "my_results"
+    mine.mkdir()
+    (mine / "big.bin").write_bytes(b"x" * (4 * per_stack))
+    assert clean_cache(0) == [c.path] and (mine / "big.bin").exists()
 
 
 def test_cancel_keeps_finished_slices(stack, model):

@@ -179,6 +179,10 @@ def test_cli_train_and_evaluate_on_a_folder(tmp_path, tiny_model, nuclei_sample)
     assert res["all"]["objects"] == 3 and 0 <= res["all"]["box"] <= 1 and "clicks" not in res["all"]
     assert out.with_suffix(".md").read_text().startswith("| data set |")
     assert res["zoom_window"] is None  # a random-weight model has none
+    for flag in ("--steps", "--log-every", "--objects"):  # no training run starts on a count that is not > 0
+        assert main(["train", "--images", str(data), "--model", str(ck), "--mode", "decoder", flag, "0",
+                     "--out", str(tmp_path / "bad")]) == 2
+        assert not (tmp_path / "bad").exists()
     assert main(["evaluate", "--images", str(data), "--model", str(ck), "--prompt", "box", "--max-objects", "3",
                  "--zoom-window", "128", "--out", str(out)]) == 0
     assert json.loads(out.read_text())["zoom_window"] == 128

@@ -257,6 +257,14 @@ def test_interrupted_run_resumes_exactly(tmp_path):
     for (n, a), b in zip(straight.model.state_dict().items(), second.model.state_dict().values()):
         assert torch.equal(a, b), n
     assert [h["loss"] for h in straight.history] == [h["loss"] for h in second.history]
+    # a last.pt of another mode, or a damaged one: a clear error naming the file and the way out
+    other = Trainer(build_sam(SMALL), samples, TrainConfig(mode="decoder", steps=1, objects_per_image=3),
+                    out_dir=tmp_path / "b")
+    with pytest.raises(TrainingError, match=r"cannot resume from .*last.pt.*--no-resume"):
+        other.resume()
+    (tmp_path / "b" / "last.pt").write_bytes(b"truncated")
+    with pytest.raises(TrainingError, match="damaged or from a run with another model"):
+        second.resume()
 
 
 # ------------------------------------------------------------------ the built-in architecture's normalisation

@@ -40,6 +40,11 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         print(f"napari-sam {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # a file that cannot be read or written: say which, without a traceback
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        print(f"napari-sam {args.command}: error: {first} (is the file an image, readable, not damaged? Is the "
+              "output path writable?)", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -82,6 +82,12 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     if not 1 <= args.clicks <= 10:
         raise ValueError(f"--clicks must be between 1 and 10, got {args.clicks}")
+    out = Path(args.out)
+    if out.suffix.lower() == ".md":
+        raise ValueError(f"--out {out} is the JSON results file (the markdown table is written beside it, as .md): "
+                         f"give it a .json name, e.g. {out.with_suffix('.json')}")
+    if out.is_dir():
+        raise ValueError(f"--out {out} is a folder; give a file name, e.g. {out / 'results.json'}")
     model = load_model(args.model, device="cpu", denoise=args.denoise,
                        zoom_window="checkpoint" if args.zoom_window is None else args.zoom_window,
                        refine_logits="checkpoint" if args.refine == "model" else args.refine == "on",
@@ -100,7 +106,6 @@ def run(args: argparse.Namespace) -> int:
     summary["enforce_negatives"] = args.enforce_negatives
     summary["follow_positives"] = args.follow_positives
     summary["seconds"] = round(time.time() - t0, 1)
-    out = Path(args.out)
     write_results([summary], out, out.with_suffix(".md"))
     print(file=sys.stderr)
     print(markdown_table([summary]))

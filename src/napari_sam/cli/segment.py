@@ -172,6 +172,14 @@ def run(args: argparse.Namespace) -> int:
     if not files:
         raise FileNotFoundError("no .tif/.tiff/.png/.jpg input files found in " + " ".join(args.inputs))
     out_dir = Path(args.out)
+    by_output: dict[Path, list[Path]] = {}
+    for f in files:
+        by_output.setdefault(output_path(f, out_dir), []).append(f)
+    clash = {o: fs for o, fs in by_output.items() if len(fs) > 1}
+    if clash:
+        o, fs = next(iter(clash.items()))
+        raise ValueError(f"{len(clash)} output name(s) would be shared by several inputs, e.g. {o.name} by "
+                         f"{', '.join(str(f) for f in fs)}; segment them into separate --out folders, or rename them")
     out_dir.mkdir(parents=True, exist_ok=True)
     todo = [f for f in files if args.overwrite or not output_path(f, out_dir).exists()]
     skipped = len(files) - len(todo)

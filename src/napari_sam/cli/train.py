@@ -78,6 +78,10 @@ def run(args: argparse.Namespace) -> int:
     from napari_sam.core.training import TrainConfig, Trainer, make_model
     from napari_sam.core.training.data import load_folder, load_split_folder
 
+    for flag in ("steps", "log_every", "images_per_step", "objects"):
+        value = getattr(args, flag, None)
+        if value is not None and not value > 0:
+            raise ValueError(f"--{flag.replace('_', '-')} must be > 0, got {value}")
     if args.threads:
         torch.set_num_threads(args.threads)
     model = make_model(args.model, args.mode, args.device)

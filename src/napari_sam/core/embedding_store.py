@@ -175,15 +175,22 @@ def _dir_size(path: Path) -> int:
     return total
 
 
+def _is_store(path: Path) -> bool:
+    """Whether a folder is one of our embedding stores (a zarr group with a ``features`` array)."""
+    return path.is_dir() and (path / "features").is_dir() and any((path / f).exists() for f in ("zarr.json",
+                                                                                                ".zgroup"))
+
+
 def clean_cache(max_bytes: int | None = None, keep: Sequence[str] = (), root: Path | None = None) -> list[Path]:
-    """Delete the least recently used stores until the folder holds at most ``max_bytes``; returns those deleted."""
+    """Delete the least recently used stores until the stores of the folder hold at most ``max_bytes``; returns
+    those deleted. Anything else in the folder (a user's files, when it is one of theirs) is never touched."""
     root = embeddings_dir() if root is None else root
     limit = max_cache_bytes() if max_bytes is None else max_bytes
     if not root.is_dir():
         return []
     stores = []
     for p in root.iterdir():
-        if p.is_dir():
+        if _is_store(p):
             marker = p / _LAST_USED
             used = marker.stat().st_mtime if marker.exists() else p.stat().st_mtime
             stores.append((used, p, _dir_size(p)))

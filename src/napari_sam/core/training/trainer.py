@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import pickle
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -272,7 +273,14 @@ class Trainer:
         if path is None or not path.is_file():
             return False
         # on the CPU: the RNG states must stay there; the model and the optimizer move theirs to the weights' device
-        self.load_state_dict(torch.load(path, map_location="cpu", weights_only=False))
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=False)
+            self.load_state_dict(state)
+        except (RuntimeError, ValueError, KeyError, TypeError, EOFError, pickle.UnpicklingError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise TrainingError(f"cannot resume from {path}: it is damaged or from a run with another model or "
+                                f"mode ({first[:200]}). Start afresh with --no-resume, or choose another --out "
+                                "folder") from e
         return True
 
     # ---------------------------------------------------------------- data
