@@ -216,3 +216,29 @@ def test_sliders_follow_the_models_recommended_thresholds_while_the_widget_lives
         state.set_model(tiny_model)  # no callback into the deleted widget
     finally:
         del tiny_model.checkpoint_meta
+
+
+def test_slider_moves_refilter_in_a_worker(scene, monkeypatch):
+    """A slider move re-filters off the main thread (the viewer stays live on large images) and writes exactly what
+    the synchronous re-filter gives; moves made while one runs are all applied, the last one last."""
+    import threading
+
+    import napari_sam._widgets.everything as ev
+
+    viewer, w = scene
+    assert w.run(**OPEN) and w.wait(120)
+    threads = []
+    real = ev.records_to_labels
+
+    def spy(*a, **k):
+        threads.append(threading.current_thread() is threading.main_thread())
+        return real(*a, **k)
+
+    monkeypatch.setattr(ev, "records_to_labels", spy)
+    w.sliders["box_nms_thresh"].setValue(0.5)
+    w.sliders["min_object_area"].setValue(40)  # while the first may still run
+    assert w.busy() and w.wait(60)
+    assert threads and not any(threads)  # never on the main thread
+    out = np.asarray(viewer.layers["SAM everything"].data).copy()
+    assert np.array_equal(out > 0, _core(w) > 0)
+    assert "re-filtered" in w.status_label.text()

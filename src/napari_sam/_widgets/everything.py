@@ -29,7 +29,7 @@ from ..core.labels import records_to_labels
 from . import _layers as L
 from ._annotator_ui import bind_denoise, denoise_spin_box
 from ._state import get_state
-from ._workers import CancelToken, ProgressRelay, process_events_until, run_in_thread
+from ._workers import CancelToken, ProgressRelay, process_events_until, qt_alive, run_in_thread
 
 if TYPE_CHECKING:
     import napari
@@ -79,7 +79,10 @@ class SegmentEverythingWidget(QWidget):
         self._timer = QTimer(self)
         self._timer.setSingleShot(True)
         self._timer.setInterval(60)
-        self._timer.timeout.connect(self.refilter)
+        self._timer.timeout.connect(self._refilter_in_worker)
+        self._refilter_worker = None  # a slider move's re-filter runs here, off the main thread
+        self._refilter_version = 0
+        self._refilter_again = False
         self._build_ui()
         self._use_recommended(self.state.model)
         self.state.on_model_changed_while_alive(self, type(self)._use_recommended)
@@ -218,7 +221,8 @@ class SegmentEverythingWidget(QWidget):
         self.refilter()
 
     def busy(self) -> bool:
-        return self.worker is not None
+        """True while the model runs or a re-filter is scheduled or running."""
+        return self.worker is not None or self._refilter_worker is not None or self._timer.isActive()
 
     def wait(self, timeout: float = 300.0) -> bool:
         return process_events_until(lambda: not self.busy(), timeout)
@@ -230,7 +234,7 @@ class SegmentEverythingWidget(QWidget):
     def run(self, **params) -> bool:
         """Run the model on the current plane. ``params``: AutomaticMaskGenerator parameters overriding the
         widget's. Returns False (with a message) if the inputs do not allow it."""
-        if self.busy():
+        if self.worker is not None:
             self._message("segment-everything is running; wait or cancel it", "warning")
             return False
         try:
@@ -255,6 +259,8 @@ class SegmentEverythingWidget(QWidget):
                 self.sliders[k].setValue(params[k])
                 self.sliders[k].blockSignals(False)
         p.pop("min_object_area", None)
+        self._timer.stop()  # a re-filter of the previous outputs is no longer wanted
+        self._refilter_version += 1
         self.proposals = None
         self._release_target()
         self._token = CancelToken()
@@ -272,30 +278,62 @@ class SegmentEverythingWidget(QWidget):
         return True
 
     def refilter(self) -> int:
-        """Apply the current thresholds to the kept model outputs and rewrite the result (one undo step).
-        Returns the number of objects (0, with an error message and the layer unchanged, if they cannot apply)."""
+        """Apply the current thresholds to the kept model outputs and rewrite the result (one undo step), now.
+        Returns the number of objects (0, with an error message and the layer unchanged, if they cannot apply).
+        Slider moves do the same in a worker (the viewer stays live on large images)."""
         if self.proposals is None or self._target is None:
             return 0
+        self._timer.stop()
+        self._refilter_version += 1  # a re-filter still running in a worker is now stale
         t0 = time.perf_counter()
-        th = self.thresholds()
-        g = self.generator
         try:
-            recs = self.proposals.filter(pred_iou_thresh=th["pred_iou_thresh"],
-                                         stability_score_thresh=th["stability_score_thresh"],
-                                         box_nms_thresh=th["box_nms_thresh"], crop_nms_thresh=g.crop_nms_thresh,
-                                         min_mask_region_area=g.min_mask_region_area,
-                                         resolve_parts=self.parts_check.isChecked(),
-                                         rescore=self.rescore_check.isChecked())
+            labels = filtered_labels(self.proposals, self._filter_params())
         except ValueError as e:  # rescoring with a model that has no scorer: the result stays as it was
             self._message(str(e), "error")
             return 0
-        labels = records_to_labels(recs, self.proposals.image_shape, int(th["min_object_area"]))
+        return self._show_filtered(labels, t0)
+
+    def _filter_params(self) -> dict:
+        th, g = self.thresholds(), self.generator
+        return dict(pred_iou_thresh=th["pred_iou_thresh"], stability_score_thresh=th["stability_score_thresh"],
+                    box_nms_thresh=th["box_nms_thresh"], crop_nms_thresh=g.crop_nms_thresh,
+                    min_mask_region_area=g.min_mask_region_area, resolve_parts=self.parts_check.isChecked(),
+                    rescore=self.rescore_check.isChecked(), min_object_area=int(th["min_object_area"]))
+
+    def _show_filtered(self, labels: np.ndarray, t0: float) -> int:
         self._write(labels)
         self.last_refilter_s = time.perf_counter() - t0
         n = int(labels.max())
         self._message(f"{n} objects ({len(self.proposals)} kept candidates; re-filtered in "
                       f"{1000 * self.last_refilter_s:.0f} ms)")
         return n
+
+    def _refilter_in_worker(self) -> None:
+        if self.proposals is None or self._target is None:
+            return
+        if self._refilter_worker is not None:  # one at a time; the latest values run when it ends
+            self._refilter_again = True
+            return
+        self._refilter_version += 1
+        version, proposals, t0 = self._refilter_version, self.proposals, time.perf_counter()
+
+        def done(labels):  # (closures: run_in_thread cannot see that they belong to this widget)
+            if (qt_alive(self) and version == self._refilter_version and proposals is self.proposals
+                    and self._target is not None):
+                self._show_filtered(labels, t0)
+
+        def failed(exc):
+            if qt_alive(self):
+                self._message(str(exc), "error")
+
+        def finished():
+            self._refilter_worker = None
+            if self._refilter_again and qt_alive(self):
+                self._refilter_again = False
+                self._refilter_in_worker()
+
+        self._refilter_worker = run_in_thread(filtered_labels, proposals, self._filter_params(), on_return=done,
+                                              on_error=failed, on_finish=finished)
 
     # ----------------------------------------------------------------- internals
     def _schedule(self, *_) -> None:
@@ -332,7 +370,7 @@ class SegmentEverythingWidget(QWidget):
             self.proposals = None
             self._message(str(e), "error")
             return
-        self.refilter()
+        self._refilter_in_worker()  # the first result, off the main thread too
 
     def _failed(self, exc: BaseException) -> None:
         from ..core.amg import Cancelled
@@ -425,6 +463,14 @@ class SegmentEverythingWidget(QWidget):
                 layer.data_setitem((*lead, changed_r, changed_c), new[changed_r, changed_c].astype(layer.data.dtype))
         finally:
             self._writing = False
+
+
+def filtered_labels(proposals, params: dict) -> np.ndarray:
+    """The label image of the kept model outputs ``proposals`` under ``params`` (MaskProposals.filter's arguments
+    and ``min_object_area``); ValueError when they cannot apply. Pure: runs in a worker for slider moves."""
+    params = dict(params)
+    area = params.pop("min_object_area")
+    return records_to_labels(proposals.filter(**params), proposals.image_shape, area)
 
 
 def _validate(params: dict) -> None:
