@@ -94,7 +94,7 @@ class AnnotatorJobs:
         r = self.result
         mask_input = mask_window = previous = None
         if (r is not None and not r.batch and not self.ui.batch_check.isChecked() and r.prompts is not None
-                and prompts.extends(r.prompts)):
+                and self._result_plane == index and prompts.extends(r.prompts)):
             previous = r.mask
             if self.ui.refine_check.isChecked():
                 mask_input, mask_window = r.logits[r.choice], r.window
