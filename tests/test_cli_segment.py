@@ -99,6 +99,14 @@ def test_bad_paths_give_a_message_and_lose_nothing(ckpt, tmp_path, capsys):
         assert main(["evaluate", "--images", str(d), "--out", str(bad), "--model", str(ckpt)]) == 2
         assert says in capsys.readouterr().err
     assert list(res.iterdir()) == []
+    for flag in ("--max-objects", "--slices"):
+        assert main(["evaluate", "--images", str(d), "--out", str(res / "r.json"), flag, "-1"]) == 2
+        assert f"{flag} must be >= 1" in capsys.readouterr().err
+    csv_path = tmp_path / "notes.csv"
+    csv_path.write_text("name,split\na,test\n")
+    assert main(["evaluate", "--images", str(d), "--split-csv", str(csv_path), "--split", "test",
+                 "--out", str(res / "r.json"), "--model", str(ckpt)]) == 2
+    assert "has no id column" in capsys.readouterr().err
     junk = tmp_path / "junk.png"
     junk.write_bytes(b"not an image at all")
     assert main(["demo", "--image", str(junk), "--out", str(tmp_path / "d"), "--model", str(ckpt)]) == 2

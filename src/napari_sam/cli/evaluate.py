@@ -37,7 +37,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--prompt", nargs="+", default=["point", "box", "clicks"], choices=("point", "box", "clicks"))
     p.add_argument("--clicks", type=int, default=5, help="number of interactive clicks (1..10)")
     p.add_argument("--max-objects", type=int, default=None, help="evaluate a fixed random sample per image")
-    p.add_argument("--slices", default=None, help="for 3D stacks: evaluate every n-th z slice, e.g. 4")
+    p.add_argument("--slices", type=int, default=None, help="for 3D stacks: evaluate every n-th z slice, e.g. 4")
     p.add_argument("--name", default=None, help="data set name in the results (default: the folder name)")
     p.add_argument("--out", required=True, help="JSON results file (a .md table is written beside it)")
     p.add_argument("--threads", type=int, default=None)
@@ -82,6 +82,9 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     if not 1 <= args.clicks <= 10:
         raise ValueError(f"--clicks must be between 1 and 10, got {args.clicks}")
+    for flag in ("max_objects", "slices"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
     out = Path(args.out)
     if out.suffix.lower() == ".md":
         raise ValueError(f"--out {out} is the JSON results file (the markdown table is written beside it, as .md): "

@@ -129,7 +129,13 @@ def pairs_from_folder(images: str | Path, labels: str | Path | None = None) -> l
 def read_split(csv_path: str | Path, split: str | None = None) -> list[dict[str, str]]:
     """Rows of a split CSV (``id,split,modality,...``), optionally only one split."""
     with open(csv_path, newline="") as f:
-        rows = list(csv.DictReader(f))
+        reader = csv.DictReader(f)
+        rows = list(reader)
+    missing = {"id"} | ({"split"} if split is not None else set())
+    missing -= set(reader.fieldnames or ())
+    if missing:
+        raise DataError(f"{csv_path} has no {' / '.join(sorted(missing))} column (its header: "
+                        f"{','.join(reader.fieldnames or [])}); a split CSV starts with id,split,modality")
     if split is not None:
         rows = [r for r in rows if r.get("split") == split]
         if not rows:
