@@ -137,9 +137,12 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[SamConfig, dict[str, torch
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated zip, pickle of another kind ...
+        first = str(e).strip().splitlines()[0][:160] if str(e).strip() else ""
+        if "weights_only" in first:  # torch's advice on unpickling other objects does not apply to a bad file
+            first = ""
         raise CheckpointError(
-            f"could not read {path} as a PyTorch checkpoint ({type(e).__name__}: {e}); the file may be "
-            "truncated or not a checkpoint: download it again"
+            f"could not read {path} as a PyTorch checkpoint ({type(e).__name__}{': ' + first if first else ''}); "
+            "the file may be truncated or not a checkpoint: download or save it again"
         ) from e
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path} holds a {type(obj).__name__}, not a state dict")
