@@ -187,3 +187,41 @@ def test_cli_train_and_evaluate_on_a_folder(tmp_path, tiny_model, nuclei_sample)
                  "--zoom-window", "128", "--out", str(out)]) == 0
     assert json.loads(out.read_text())["zoom_window"] == 128
     assert main(["evaluate", "--images", str(tmp_path / "missing"), "--model", str(ck), "--out", str(out)]) == 2
+
+
+def test_cli_train_stops_on_sigterm_saves_and_resumes(tmp_path, tiny_model, nuclei_sample):
+    """A cluster's time limit or ``kill`` sends SIGTERM: ``napari-sam train`` finishes its step, saves last.pt and
+    final.pt, says how to resume and exits 1; the same command resumes from that step."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    import tifffile
+    from imageio.v3 import imwrite
+
+    from napari_sam.core.build import load_model, save_checkpoint
+
+    image, labels = nuclei_sample
+    data = tmp_path / "data"
+    data.mkdir()
+    imwrite(data / "a_image.png", image)
+    tifffile.imwrite(data / "a_label.tif", labels)
+    ck = save_checkpoint(tiny_model, tmp_path / "random.pt")
+    cmd = [sys.executable, "-m", "napari_sam", "train", "--images", str(data), "--model", str(ck), "--mode",
+           "decoder", "--objects", "3", "--out", str(tmp_path / "run"), "--log-every", "1", "--threads", "1"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([*cmd, "--steps", "100000"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=env)
+    for line in proc.stdout:  # wait for the first logged step
+        if line.startswith('{"step"'):
+            break
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 1, err
+    assert "SIGTERM" in err and "run the same command to resume" in err and "Traceback" not in err
+    step = load_model(tmp_path / "run" / "final.pt").checkpoint_meta["step"]
+    assert 1 <= step < 100000 and (tmp_path / "run" / "last.pt").is_file()
+    out = subprocess.run([*cmd, "--steps", str(step + 1)], capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0 and f"resumed from {tmp_path / 'run'}/last.pt at step {step}" in out.stdout
+    assert load_model(tmp_path / "run" / "final.pt").checkpoint_meta["step"] == step + 1

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import shlex
+import signal
 import sys
 import time
 
@@ -109,10 +111,39 @@ def run(args: argparse.Namespace) -> int:
                       log_every=args.log_every, ckpt_every_s=60 * args.ckpt_every_min)
     meta = {"command": "napari-sam " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
             "data": f"{args.images} split={args.split if args.split_csv else 'all'}", "train_config": vars(cfg)}
+    stop = []  # SIGTERM (a cluster's time limit, kill) or Ctrl-C: finish the step, save, and exit
     trainer = Trainer(model, train, cfg, val=val, out_dir=args.out, meta=meta,
-                      progress=lambda rec: print(json.dumps(rec), flush=True))
+                      progress=lambda rec: print(json.dumps(rec), flush=True), should_stop=lambda: bool(stop))
     if not args.no_resume and trainer.resume():
         print(f"resumed from {args.out}/last.pt at step {trainer.step}", flush=True)
-    trainer.fit()
+    with _stop_on_signals(stop):
+        trainer.fit()
+    if stop:
+        print(f"stopped at step {trainer.step} ({stop[0]}); the state is saved in {args.out}/last.pt: run the same "
+              "command to resume", file=sys.stderr, flush=True)
+        return 1
     print(f"done: step {trainer.step}, best val score {trainer.best:.4f}", flush=True)
     return 0
+
+
+@contextlib.contextmanager
+def _stop_on_signals(stop: list):
+    """While training: SIGTERM or SIGINT appends its name to ``stop`` (the trainer stops after its step and saves);
+    a second one interrupts at once (the state is still saved)."""
+    def ask(signum, _frame):
+        if stop:
+            raise KeyboardInterrupt
+        stop.append(signal.Signals(signum).name)
+        print(f"{stop[0]}: stopping after this step (again to stop at once)", file=sys.stderr, flush=True)
+
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
+        yield
+        return
+    old = {s: signal.signal(s, ask) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
