@@ -102,6 +102,13 @@ def test_bad_paths_give_a_message_and_lose_nothing(ckpt, tmp_path, capsys):
     for flag in ("--max-objects", "--slices"):
         assert main(["evaluate", "--images", str(d), "--out", str(res / "r.json"), flag, "-1"]) == 2
         assert f"{flag} must be >= 1" in capsys.readouterr().err
+    stacks = tmp_path / "stacks"
+    stacks.mkdir()
+    tifffile.imwrite(stacks / "a_image.tif", np.zeros((2, 32, 32), np.uint16))
+    tifffile.imwrite(stacks / "a_label.tif", np.ones((3, 32, 32), np.uint16))
+    assert main(["evaluate", "--images", str(stacks), "--out", str(res / "r.json"), "--model", str(ckpt)]) == 2
+    err = capsys.readouterr().err
+    assert "a_label.tif has shape (3, 32, 32) but a_image.tif has (2, 32, 32)" in err and "Traceback" not in err
     csv_path = tmp_path / "notes.csv"
     csv_path.write_text("name,split\na,test\n")
     assert main(["evaluate", "--images", str(d), "--split-csv", str(csv_path), "--split", "test",

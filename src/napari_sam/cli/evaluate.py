@@ -62,8 +62,12 @@ def iter_items(args: argparse.Namespace):
             yield r["id"], read_array(img_dir / f"{r['id']}.png"), read_array(lp), r.get("modality", "")
         return
     step = int(args.slices) if args.slices else 1
-    for ip, lp in pairs_from_folder(args.images, args.labels):
+    pairs = pairs_from_folder(args.images, args.labels)  # every label file is found before anything runs
+    for ip, lp in pairs:
         img, lab = read_array(ip), read_array(lp)
+        if lab.ndim not in (2, 3) or img.shape[:lab.ndim] != lab.shape or img.ndim > lab.ndim + 1:
+            raise ValueError(f"{lp.name} has shape {lab.shape} but {ip.name} has {img.shape}: labels must be "
+                             "(H, W) for an (H, W) or (H, W, 3) image, or (Z, H, W) for a (Z, H, W) stack")
         if lab.ndim == 3:
             for z in range(0, lab.shape[0], step):
                 if lab[z].any():
