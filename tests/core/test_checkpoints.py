@@ -96,7 +96,7 @@ def test_truncated_file(official_vit_t, tmp_path):
         load_model(bad)
     assert str(bad) in str(e.value) and "truncated" in str(e.value)
     junk = tmp_path / "notes.pt"
-    junk.write_bytes(b"\x80\x04 not a checkpoint at all")  # a pickle torch refuses: one short line, no advice pages
+    junk.write_bytes(b"\x80\x02 not a checkpoint at all")  # a pickle torch refuses: one short line, no advice pages
     with pytest.raises(CheckpointError) as e:
         load_model(junk)
     assert len(str(e.value).splitlines()) == 1 and "weights_only" not in str(e.value)
