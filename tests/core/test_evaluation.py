@@ -152,22 +152,30 @@ def test_bad_input_is_rejected(nuclei_sample):
         evaluate_image(OraclePredictor(labels), image, labels, prompts=("lasso",))
 
 
-def test_cli_train_and_evaluate_on_a_folder(tmp_path, tiny_model, nuclei_sample):
-    """Plumbing of ``napari-sam train`` (2 decoder-only steps) and ``napari-sam evaluate`` on a real image."""
-    import json
-
+def _one_image_folder(tmp_path, tiny_model, nuclei_sample):
+    """(folder, checkpoint): the real sample image and its labels as ``a_image.png`` / ``a_label.tif``, and the
+    random-weight model saved as a checkpoint file."""
     import tifffile
     from imageio.v3 import imwrite
 
-    from napari_sam.cli import main
-    from napari_sam.core.build import load_model, save_checkpoint
+    from napari_sam.core.build import save_checkpoint
 
     image, labels = nuclei_sample
     data = tmp_path / "data"
     data.mkdir()
     imwrite(data / "a_image.png", image)
     tifffile.imwrite(data / "a_label.tif", labels)
-    ck = save_checkpoint(tiny_model, tmp_path / "random.pt")
+    return data, save_checkpoint(tiny_model, tmp_path / "random.pt")
+
+
+def test_cli_train_and_evaluate_on_a_folder(tmp_path, tiny_model, nuclei_sample):
+    """Plumbing of ``napari-sam train`` (2 decoder-only steps) and ``napari-sam evaluate`` on a real image."""
+    import json
+
+    from napari_sam.cli import main
+    from napari_sam.core.build import load_model
+
+    data, ck = _one_image_folder(tmp_path, tiny_model, nuclei_sample)
     assert main(["train", "--images", str(data), "--model", str(ck), "--mode", "decoder", "--steps", "2",
                  "--objects", "3", "--out", str(tmp_path / "run"), "--log-every", "1"]) == 0
     tuned = load_model(tmp_path / "run" / "final.pt")
@@ -197,17 +205,9 @@ def test_cli_train_stops_on_sigterm_saves_and_resumes(tmp_path, tiny_model, nucl
     import subprocess
     import sys
 
-    import tifffile
-    from imageio.v3 import imwrite
+    from napari_sam.core.build import load_model
 
-    from napari_sam.core.build import load_model, save_checkpoint
-
-    image, labels = nuclei_sample
-    data = tmp_path / "data"
-    data.mkdir()
-    imwrite(data / "a_image.png", image)
-    tifffile.imwrite(data / "a_label.tif", labels)
-    ck = save_checkpoint(tiny_model, tmp_path / "random.pt")
+    data, ck = _one_image_folder(tmp_path, tiny_model, nuclei_sample)
     cmd = [sys.executable, "-m", "napari_sam", "train", "--images", str(data), "--model", str(ck), "--mode",
            "decoder", "--objects", "3", "--out", str(tmp_path / "run"), "--log-every", "1", "--threads", "1"]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
