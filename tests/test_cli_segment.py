@@ -67,6 +67,10 @@ def test_bad_arguments(ckpt, tmp_path, capsys):
     assert "pred_iou_thresh" in capsys.readouterr().err
     assert main(["segment", str(img), "--out", str(tmp_path / "o"), "--model", str(ckpt), "--rescore"]) == 2
     assert "rescore=True needs a candidate scorer" in capsys.readouterr().err
+    assert main(["segment", str(img), "--out", str(tmp_path / "o"), "--model", str(ckpt),
+                 "--min-object-area", "-5"]) == 2  # a bad argument, said once: not a bad file
+    err = capsys.readouterr().err
+    assert "--min-object-area must be >= 0" in err and "fix or remove the file" not in err
 
 
 def test_demo_writes_labels_and_overlay(ckpt, tmp_path, capsys):

@@ -177,7 +177,7 @@ class FinetuneWidget(QWidget):
             self._message("choose an image layer and a Labels layer with committed objects first")
             return False
         image, labels = np.asarray(self.viewer.layers[img_name].data), np.asarray(self.viewer.layers[lab_name].data)
-        if not labels.any():
+        if not (labels.any() if labels.ndim < 3 else any(plane.any() for plane in labels)):  # stops at a labelled plane
             self._message(f"Labels layer {lab_name!r} has no objects: commit some objects first")
             return False
         model = self.state.model  # None: the worker loads the built-in model

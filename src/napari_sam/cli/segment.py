@@ -71,6 +71,9 @@ def make_generator(args: argparse.Namespace):
     from napari_sam.core.amg import AutomaticMaskGenerator
     from napari_sam.core.build import load_model
 
+    area = getattr(args, "min_object_area", None)
+    if area is not None and area < 0:  # checked once, not reported as a bad file for every input
+        raise ValueError(f"--min-object-area must be >= 0 (pixels), got {area}")
     model = load_model(args.model, device=args.device, denoise=args.denoise)
     return AutomaticMaskGenerator.for_model(model, **amg_params(args))
 
