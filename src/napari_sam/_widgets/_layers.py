@@ -6,6 +6,7 @@ prompt layers may have their own scale/translate (points are mapped through worl
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -152,6 +153,16 @@ def read_prompts(points, boxes, image, index: tuple[int, ...]) -> tuple[Prompts,
             if np.all(hi > lo):
                 bx.append(np.concatenate([lo, hi]))
     return Prompts(pts, labels, np.asarray(bx).reshape(-1, 4)), outside
+
+
+def named_layer(viewer: napari.Viewer, name: str, what: str, refresh: Callable[[], None]):
+    """The layer called ``name``; where it has gone (removed, or renamed behind a widget's back), ``refresh()`` the
+    widget's layer choices and raise LayerError saying to choose the ``what`` again."""
+    if name in viewer.layers:
+        return viewer.layers[name]
+    refresh()
+    raise LayerError(f"the {what} layer {name!r} is no longer in the viewer (removed or renamed); choose the {what} "
+                     "again")
 
 
 def check_target(labels, image) -> None:

@@ -403,11 +403,7 @@ class AnnotatorWidget(AnnotatorJobs, QWidget):
     def _target_labels(self):
         name = self.ui.labels_combo.currentText()
         if name and name != NEW_LAYER:
-            if name in self.viewer.layers:
-                return self.viewer.layers[name]
-            self._refresh_combos()
-            raise L.LayerError(f"the target labels layer {name!r} is no longer in the viewer (removed or renamed); "
-                               "choose the target labels again")
+            return L.named_layer(self.viewer, name, "target labels", self._refresh_combos)
         im = self.image_layer
         lay = self.viewer.add_labels(np.zeros(L.image_shape(im), np.uint32), name=L.LABELS_NAME,
                                      scale=im.scale, translate=im.translate)

@@ -340,18 +340,9 @@ class SegmentEverythingWidget(QWidget):
         if self.proposals is not None:
             self._timer.start()
 
-    def _layer(self, name: str, what: str):
-        """The layer called ``name`` (None for no name); ValueError naming it if it has gone or been renamed."""
-        if not name:
-            return None
-        if name not in self.viewer.layers:
-            self._refresh()
-            raise ValueError(f"the {what} layer {name!r} is no longer in the viewer (removed or renamed); choose "
-                             f"the {what} again")
-        return self.viewer.layers[name]
-
     def _image(self):
-        image = self._layer(self.image_combo.currentText(), "image")
+        name = self.image_combo.currentText()
+        image = L.named_layer(self.viewer, name, "image", self._refresh) if name else None
         problem = L.image_problem(image)
         if problem:
             raise ValueError(problem)
@@ -393,7 +384,7 @@ class SegmentEverythingWidget(QWidget):
         name = self.target_combo.currentText()
         if name == NEW_LAYER or not name:
             return None
-        layer = self._layer(name, "output")
+        layer = L.named_layer(self.viewer, name, "output", self._refresh)
         if not isinstance(layer, napari.layers.Labels):
             raise ValueError(f"{name!r} is not a Labels layer; choose a Labels layer or {NEW_LAYER}")
         L.check_target(layer, image)

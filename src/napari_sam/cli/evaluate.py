@@ -61,9 +61,8 @@ def iter_items(args: argparse.Namespace):
                 raise FileNotFoundError(f"label file {lp} is missing for image {r['id']}")
             yield r["id"], read_array(img_dir / f"{r['id']}.png"), read_array(lp), r.get("modality", "")
         return
-    step = int(args.slices) if args.slices else 1
-    pairs = pairs_from_folder(args.images, args.labels)  # every label file is found before anything runs
-    for ip, lp in pairs:
+    step = args.slices or 1
+    for ip, lp in pairs_from_folder(args.images, args.labels):  # (a list: every label file is found first)
         img, lab = read_array(ip), read_array(lp)
         if lab.ndim not in (2, 3) or img.shape[:lab.ndim] != lab.shape or img.ndim > lab.ndim + 1:
             raise ValueError(f"{lp.name} has shape {lab.shape} but {ip.name} has {img.shape}: labels must be "

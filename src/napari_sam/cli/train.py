@@ -8,6 +8,7 @@ import json
 import shlex
 import signal
 import sys
+import threading
 import time
 
 from . import add_denoise_argument
@@ -135,8 +136,6 @@ def _stop_on_signals(stop: list):
             raise KeyboardInterrupt
         stop.append(signal.Signals(signum).name)
         print(f"{stop[0]}: stopping after this step (again to stop at once)", file=sys.stderr, flush=True)
-
-    import threading
 
     if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
         yield

@@ -297,10 +297,12 @@ def predict(predictor: SamPredictor, prompts: Prompts, mask_input: np.ndarray | 
         multimask=multimask,
         mask_windows=mask_window if mask_input is not None else None,
     )
-    masks = r.masks
-    cut = enforce_negatives and (prompts.labels == 0).any()
-    if cut:
-        masks = np.stack([enforce_negative_points(m, prompts.points, prompts.labels) for m in masks])
+    def cut(candidates: np.ndarray) -> np.ndarray:
+        if not (enforce_negatives and (prompts.labels == 0).any()):
+            return candidates
+        return np.stack([enforce_negative_points(m, prompts.points, prompts.labels) for m in candidates])
+
+    masks = cut(r.masks)
     if follow_positives and not multimask and not len(prompts.boxes) and prompts.n_positive:
         rows, again = follow_positive_points(
             predictor, prompts.points[None], prompts.labels[None], masks[:1],
@@ -308,10 +310,9 @@ def predict(predictor: SamPredictor, prompts: Prompts, mask_input: np.ndarray | 
             mask_input=None if mask_input is None else np.reshape(mask_input, (1, 1) + np.shape(mask_input)[-2:]),
             mask_windows=None if mask_window is None else np.reshape(mask_window, (1, 4)))
         if again is not None:
-            r, masks = again._replace(masks=again.masks[0], iou=again.iou[0], low_res_logits=again.low_res_logits[0],
-                                      windows=None if again.windows is None else again.windows[0]), again.masks[0]
-            if cut:
-                masks = np.stack([enforce_negative_points(m, prompts.points, prompts.labels) for m in masks])
+            r = again._replace(masks=again.masks[0], iou=again.iou[0], low_res_logits=again.low_res_logits[0],
+                               windows=None if again.windows is None else again.windows[0])
+            masks = cut(r.masks)
     return Result(masks, r.iou, r.low_res_logits, False, prompts, int(np.argmax(r.iou)), r.windows)
 
 
