@@ -63,11 +63,40 @@ def test_cancel_keeps_the_model(scene, qtbot, tiny_model):
     assert len(widget.losses) < 10000
 
 
-def test_empty_labels_give_a_clear_message(scene):
+def test_empty_labels_give_a_clear_message(scene, qtbot, tiny_model):
+    """The check runs in the worker (a large empty volume is scanned in full) and leaves the model as it was."""
+    from napari_sam._widgets._state import get_state
+
     viewer, widget = scene
     viewer.layers["committed"].data = np.zeros_like(viewer.layers["committed"].data)
-    assert not widget.run(steps=2)
-    assert "no objects" in widget.status.text()
+    assert widget.run(steps=2)
+    qtbot.waitUntil(lambda: not widget.busy(), timeout=60000)
+    assert widget.result == "failed" and "'committed' has no objects" in widget.status.text()
+    assert get_state(viewer).model is tiny_model and widget.tuned is None and not widget.save_btn.isEnabled()
+
+
+def test_save_runs_in_a_worker_and_reports_failure(scene, qtbot, tmp_path):
+    """The Save button's path: the checkpoint is written in a worker; a path that cannot be written (here an
+    existing folder) is a message, not a traceback, and the button comes back."""
+    from napari_sam.core.build import load_model
+
+    viewer, widget = scene
+    assert widget.save_in_thread(tmp_path / "x.pt") is None and "fine-tune first" in widget.status.text()
+    assert widget.run(steps=1)
+    qtbot.waitUntil(lambda: not widget.busy(), timeout=120000)
+    assert widget.result == "done" and widget.save_btn.isEnabled()
+    folder = tmp_path / "a_folder.pt"
+    folder.mkdir()
+    assert widget.save_in_thread(folder) is not None and not widget.save_btn.isEnabled()
+    qtbot.waitUntil(lambda: widget._saving is None, timeout=60000)
+    assert widget.status.text().startswith(f"could not save {folder}") and widget.save_btn.isEnabled()
+    assert folder.is_dir() and not list(folder.iterdir()) and sorted(tmp_path.iterdir()) == [folder]
+    widget.save_in_thread(tmp_path / "tuned.pt")
+    qtbot.waitUntil(lambda: widget._saving is None, timeout=60000)
+    assert widget.status.text() == f"saved {tmp_path / 'tuned.pt'}"
+    w = "mask_decoder.iou_token.weight"
+    torch.testing.assert_close(load_model(tmp_path / "tuned.pt", device="cpu").state_dict()[w],
+                               widget.tuned.state_dict()[w].half().float())
 
 
 def test_without_a_model_the_worker_loads_the_built_in_one(make_napari_viewer, qtbot, nuclei_sample):

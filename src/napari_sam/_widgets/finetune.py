@@ -54,11 +54,15 @@ class _Relay(QObject):
     phase = Signal(str)
 
 
-def run_finetune(model, images, labels, steps: int, mode: str, lr: float, cancel: CancelToken, relay: _Relay):
-    """Worker body: fine-tune a copy of ``model`` (None: the built-in model, loaded here); returns (tuned model,
-    losses, finished, the built-in model if it was loaded here, else None)."""
+def run_finetune(model, images, labels, steps: int, mode: str, lr: float, cancel: CancelToken, relay: _Relay,
+                 labels_name: str = "labels"):
+    """Worker body: fine-tune a copy of ``model`` (None: the built-in model, loaded here) on ``images`` and their
+    ``labels`` (the layers' arrays, 2D or stacks); returns (tuned model, losses, finished, the built-in model if it
+    was loaded here, else None). Empty ``labels`` (named ``labels_name`` in the message) raise ValueError."""
     from napari_sam.core.training import finetune_iter
 
+    if not (labels.any() if labels.ndim < 3 else any(plane.any() for plane in labels)):  # stops at a labelled plane
+        raise ValueError(f"Labels layer {labels_name!r} has no objects: commit some objects first")
     loaded = None
     if model is None:
         from napari_sam.core.build import load_model
@@ -88,7 +92,7 @@ class FinetuneWidget(QWidget):
         super().__init__()
         self.viewer = napari_viewer
         self.state = get_state(napari_viewer)
-        self._worker = None
+        self._worker = self._saving = None
         self._cancel: CancelToken | None = None
         self.losses: list[float] = []
         self.tuned = None
@@ -177,9 +181,6 @@ class FinetuneWidget(QWidget):
             self._message("choose an image layer and a Labels layer with committed objects first")
             return False
         image, labels = np.asarray(self.viewer.layers[img_name].data), np.asarray(self.viewer.layers[lab_name].data)
-        if not (labels.any() if labels.ndim < 3 else any(plane.any() for plane in labels)):  # stops at a labelled plane
-            self._message(f"Labels layer {lab_name!r} has no objects: commit some objects first")
-            return False
         model = self.state.model  # None: the worker loads the built-in model
         if steps is not None:
             self.steps.setValue(steps)
@@ -190,7 +191,7 @@ class FinetuneWidget(QWidget):
         self.cancel_btn.setEnabled(True)
         self._message("starting…")
         self._worker = run_in_thread(run_finetune, model, image, labels, self.steps.value(), self.mode.currentText(),
-                                     self.lr.value(), self._cancel, self._relay, on_return=self._done,
+                                     self.lr.value(), self._cancel, self._relay, lab_name, on_return=self._done,
                                      on_error=self._failed, on_finish=self._finished)
         return True
 
@@ -209,7 +210,7 @@ class FinetuneWidget(QWidget):
         self.tuned = tuned
         name = f"{self.state.model_name or 'model'}+finetuned"
         self.state.set_model(tuned, name)
-        self.save_btn.setEnabled(True)
+        self.save_btn.setEnabled(self._saving is None)
         self.result = "done"
         self._message(f"done: loss {losses[0]:.4f} → {losses[-1]:.4f}; the viewer now uses {name!r}")
 
@@ -223,7 +224,8 @@ class FinetuneWidget(QWidget):
         self.cancel_btn.setEnabled(False)
 
     def save(self, path: str | Path) -> Path:
-        """Save the tuned model as a checkpoint that ``napari_sam.load_model(path)`` reads."""
+        """Save the tuned model as a checkpoint that ``napari_sam.load_model(path)`` reads (synchronous, for
+        scripts; the Save button uses :meth:`save_in_thread`)."""
         from napari_sam.core.build import save_checkpoint
 
         if self.tuned is None:
@@ -233,4 +235,29 @@ class FinetuneWidget(QWidget):
     def _save_dialog(self) -> None:
         path, _ = QFileDialog.getSaveFileName(self, "Save fine-tuned model", "finetuned.pt", "Checkpoint (*.pt)")
         if path:
-            self._message(f"saved {self.save(path)}")
+            self.save_in_thread(path)
+
+    def save_in_thread(self, path: str | Path):
+        """Save the tuned model to ``path`` in a worker (a large model takes seconds); the status line says where it
+        went or why it failed. Returns the worker (None if there is nothing to save)."""
+        from napari_sam.core.build import save_checkpoint
+
+        if self.tuned is None:
+            self._message("nothing to save: fine-tune first")
+            return None
+        self.save_btn.setEnabled(False)
+        self._save_path = path
+        self._message(f"saving {path}…")
+        self._saving = run_in_thread(save_checkpoint, self.tuned, path, half=True, finetuned_steps=len(self.losses),
+                                     on_return=self._save_done, on_error=self._save_failed, on_finish=self._saved)
+        return self._saving
+
+    def _save_done(self, path: Path) -> None:
+        self._message(f"saved {path}")
+
+    def _save_failed(self, exc: BaseException) -> None:
+        self._message(f"could not save {self._save_path}: {exc}")
+
+    def _saved(self) -> None:
+        self._saving = None
+        self.save_btn.setEnabled(self.tuned is not None)

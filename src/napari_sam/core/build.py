@@ -294,8 +294,12 @@ def write_checkpoint_file(obj: dict[str, Any], path: str | os.PathLike) -> Path:
     beside it, then a rename, so an interrupted write never leaves a broken checkpoint. Returns the path."""
     path = Path(path)
     tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # no half-written file is left beside the target
+        raise
     return path
 
 
