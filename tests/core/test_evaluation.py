@@ -197,6 +197,34 @@ def test_cli_train_and_evaluate_on_a_folder(tmp_path, tiny_model, nuclei_sample)
     assert main(["evaluate", "--images", str(tmp_path / "missing"), "--model", str(ck), "--out", str(out)]) == 2
 
 
+def test_cli_evaluate_keeps_the_images_done_when_one_fails(tmp_path, tiny_model, nuclei_sample, capsys):
+    """An image that fails midway (here the third, whose labels do not match it) leaves the results of the ones
+    before it in <out>.partial.json / .md, marked incomplete; --out itself is not written."""
+    import json
+
+    import tifffile
+    from imageio.v3 import imwrite
+
+    from napari_sam.cli import main
+
+    data, ck = _one_image_folder(tmp_path, tiny_model, nuclei_sample)
+    imwrite(data / "b_image.png", nuclei_sample[0])
+    tifffile.imwrite(data / "b_label.tif", nuclei_sample[1])
+    imwrite(data / "c_image.png", nuclei_sample[0])
+    tifffile.imwrite(data / "c_label.tif", nuclei_sample[1][:-1])
+    out = tmp_path / "res" / "r.json"
+    assert main(["evaluate", "--images", str(data), "--model", str(ck), "--prompt", "box", "--max-objects", "2",
+                 "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    partial = tmp_path / "res" / "r.partial.json"
+    assert f"the 2 image(s) done so far are in {partial}" in err and "c_label.tif has shape" in err
+    assert not out.exists()
+    res = json.loads(partial.read_text())
+    assert res["all"]["images"] == 2 and res["all"]["objects"] == 4 and 0 <= res["all"]["box"] <= 1
+    assert res["incomplete"].startswith("stopped after 2 image(s), at the one after 'b_image': c_label.tif has shape")
+    assert "**Incomplete**" in partial.with_suffix(".md").read_text()
+
+
 def test_cli_train_stops_on_sigterm_saves_and_resumes(tmp_path, tiny_model, nuclei_sample):
     """A cluster's time limit or ``kill`` sends SIGTERM: ``napari-sam train`` finishes its step, saves last.pt and
     final.pt, says how to resume and exits 1; the same command resumes from that step."""

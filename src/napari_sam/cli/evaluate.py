@@ -78,8 +78,8 @@ def iter_items(args: argparse.Namespace):
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from napari_sam.core.build import load_model, refine_logits_of
-    from napari_sam.core.evaluation import evaluate_dataset, markdown_table, write_results
+    from napari_sam.core.build import load_model
+    from napari_sam.core.evaluation import EvalResult, evaluate_dataset, markdown_table, write_results
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -100,9 +100,39 @@ def run(args: argparse.Namespace) -> int:
                        mask_threshold="checkpoint" if args.mask_threshold is None else args.mask_threshold)
     name = args.name or Path(args.images).resolve().name
     t0 = time.time()
-    res = evaluate_dataset(model, iter_items(args), name, args.prompt, args.clicks, args.max_objects,
-                           progress=lambda i, n: print(f"\r{i} images", end="", file=sys.stderr, flush=True),
-                           enforce_negatives=args.enforce_negatives, follow_positives=args.follow_positives)
+    res = EvalResult(name, args.clicks)
+    try:
+        evaluate_dataset(model, iter_items(args), name, args.prompt, args.clicks, args.max_objects,
+                         progress=lambda i, n: print(f"\r{i} images", end="", file=sys.stderr, flush=True),
+                         enforce_negatives=args.enforce_negatives, follow_positives=args.follow_positives, into=res)
+    except (Exception, KeyboardInterrupt) as exc:
+        if not res.per_image:
+            raise
+        # keep what was measured: the images done so far go to a file of their own, marked incomplete
+        partial = out.with_name(out.stem + ".partial.json")
+        why = "interrupted" if isinstance(exc, KeyboardInterrupt) else \
+            (str(exc).splitlines() or [type(exc).__name__])[0]
+        summary = _summary(res, args, model, t0)
+        summary["incomplete"] = f"stopped after {len(res.per_image)} image(s), at the one after " \
+                                f"{res.per_image[-1]['name']!r}: {why}"
+        write_results([summary], partial, partial.with_suffix(".md"))
+        print(f"\nnapari-sam evaluate: the {len(res.per_image)} image(s) done so far are in {partial} "
+              f"(and {partial.with_suffix('.md').name})", file=sys.stderr)
+        if isinstance(exc, KeyboardInterrupt):
+            return 130
+        raise
+    summary = _summary(res, args, model, t0)
+    write_results([summary], out, out.with_suffix(".md"))
+    print(file=sys.stderr)
+    print(markdown_table([summary]))
+    print(json.dumps(summary["all"]))
+    return 0
+
+
+def _summary(res, args: argparse.Namespace, model, t0: float) -> dict:
+    """The results file's content: the mIoUs and the settings they were measured with."""
+    from napari_sam.core.build import refine_logits_of
+
     summary = res.summary()
     summary["model"] = str(args.model or "builtin")
     summary["max_objects"] = args.max_objects
@@ -112,8 +142,4 @@ def run(args: argparse.Namespace) -> int:
     summary["enforce_negatives"] = args.enforce_negatives
     summary["follow_positives"] = args.follow_positives
     summary["seconds"] = round(time.time() - t0, 1)
-    write_results([summary], out, out.with_suffix(".md"))
-    print(file=sys.stderr)
-    print(markdown_table([summary]))
-    print(json.dumps(summary["all"]))
-    return 0
+    return summary

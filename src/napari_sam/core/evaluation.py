@@ -201,13 +201,15 @@ def evaluate_dataset(model, items: Iterable[tuple[str, np.ndarray, np.ndarray, s
                      prompts: Iterable[str] = PROMPTS, n_clicks: int = 5, max_objects: int | None = None,
                      progress: Callable[[int, str], None] | None = None,
                      should_stop: Callable[[], bool] | None = None, refine: bool | None = None,
-                     enforce_negatives: bool = False, follow_positives: bool = False) -> EvalResult:
+                     enforce_negatives: bool = False, follow_positives: bool = False,
+                     into: EvalResult | None = None) -> EvalResult:
     """Evaluate ``model`` on (name, image, labels, group) items; returns an :class:`EvalResult`. ``refine``,
-    ``enforce_negatives``, ``follow_positives``: see :func:`evaluate_image`."""
+    ``enforce_negatives``, ``follow_positives``: see :func:`evaluate_image`. ``into``: an EvalResult to add each
+    image's IoUs to as it is done, so a caller keeps them when an image fails midway (default: a new one)."""
     from .predictor import SamPredictor
 
     predictor = SamPredictor(model)
-    res = EvalResult(dataset, n_clicks)
+    res = EvalResult(dataset, n_clicks) if into is None else into
     for i, (name, image, labels, group) in enumerate(items):
         if should_stop is not None and should_stop():
             break
@@ -232,6 +234,7 @@ def markdown_table(summaries: list[dict]) -> str:
             cl = "".join(f" {m['clicks'][j - 1]:.3f} |" if "clicks" in m else " – |" for j in cols)
             lines.append(f"| {s['dataset']} | {g} | {m['images']} | {m['objects']} | {f('point')} | "
                          f"{f('oracle')} | {f('box')} |{cl}")
+    lines += [f"\n**Incomplete** ({s['dataset']}): {s['incomplete']}" for s in summaries if s.get("incomplete")]
     return "\n".join(lines) + "\n"
 
 
