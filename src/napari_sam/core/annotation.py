@@ -358,7 +358,7 @@ def plan_commit(existing: np.ndarray, masks: list[np.ndarray], first_id: int, ov
     take no id.
     """
     existing = np.asarray(existing)
-    taken = existing != 0 if not overwrite else np.zeros(existing.shape, dtype=bool)
+    mine = np.zeros(existing.shape, dtype=bool)  # the pixels this commit writes (earlier objects win)
     writes: list[tuple[int, np.ndarray, np.ndarray]] = []
     skipped = protected = 0
     next_id = first_id
@@ -366,13 +366,23 @@ def plan_commit(existing: np.ndarray, masks: list[np.ndarray], first_id: int, ov
         m = np.asarray(m, dtype=bool)
         if m.shape != existing.shape:
             raise ValueError(f"mask of shape {m.shape} does not match the label plane {existing.shape}")
-        allowed = m & ~taken
-        protected += int((m & taken).sum())
+        # work inside the mask's bounding box: an object is small next to a large plane
+        rr = np.flatnonzero(m.any(1))
+        if not rr.size:
+            skipped += 1
+            continue
+        r0, r1 = int(rr[0]), int(rr[-1]) + 1
+        cc = np.flatnonzero(m[r0:r1].any(0))
+        c0, c1 = int(cc[0]), int(cc[-1]) + 1
+        sub, box = m[r0:r1, c0:c1], (slice(r0, r1), slice(c0, c1))
+        taken = mine[box] if overwrite else mine[box] | (existing[box] != 0)
+        allowed = sub & ~taken
+        protected += int(np.count_nonzero(sub & taken))
         if not allowed.any():
             skipped += 1
             continue
         rows, cols = np.nonzero(allowed)
-        writes.append((next_id, rows, cols))
-        taken |= allowed
+        writes.append((next_id, rows + r0, cols + c0))
+        mine[box] |= allowed
         next_id += 1
     return CommitPlan(writes, skipped, dtype_for(existing.dtype, max(next_id - 1, 0)), protected)
