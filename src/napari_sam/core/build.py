@@ -132,6 +132,8 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[SamConfig, dict[str, torch
     Returns (config, float32 state dict, extra metadata).
     """
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"{path} is a folder, not a checkpoint file; pass the path of the .pt / .pth file")
     if not path.is_file():
         raise CheckpointError(f"checkpoint file {path} does not exist")
     try:
@@ -217,7 +219,9 @@ def load_model(
         checkpoint = path
     if checkpoint is None:
         if model not in CHECKPOINTS:
-            get_config(str(model))  # raises a clear error for unknown names
+            if model not in MODEL_CONFIGS:
+                raise ValueError(f"unknown model {model!r}; choose one of {available_models()} or pass a "
+                                 "checkpoint file path")
             raise CheckpointError(f"model {model!r} has no downloadable checkpoint; pass checkpoint=PATH")
         checkpoint = get_checkpoint(str(model), progress=progress)
     cfg, sd, meta = read_checkpoint(checkpoint)

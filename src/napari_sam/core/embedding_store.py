@@ -136,6 +136,8 @@ def volume_to_uint8(volume: np.ndarray, denoise: float = 0.0) -> Callable[[int],
     else:
         step = max(1, vol.shape[0] // 16)
         sample = np.asarray(vol[::step], dtype=np.float64)
+        if sample.ndim == 4 and sample.shape[-1] == 4:
+            sample = sample[..., :3]  # alpha is dropped from each slice, so it takes no part in the contrast
         if not np.all(np.isfinite(sample)):
             raise ValueError("stack contains NaN or inf; replace them, e.g. np.nan_to_num(volume)")
         lo, hi = np.percentile(sample, [0.5, 99.5])
@@ -150,6 +152,8 @@ def volume_to_uint8(volume: np.ndarray, denoise: float = 0.0) -> Callable[[int],
             plane = plane[..., :3]
         if plane.dtype == bool:
             plane = plane.astype(np.uint8) * 255
+        if plane.dtype.kind == "f" and not np.all(np.isfinite(plane)):  # (the contrast sample skips slices)
+            raise ValueError(f"slice {z} of the stack contains NaN or inf; replace them, e.g. np.nan_to_num(volume)")
         plane = denoise_plane(plane, denoise)
         if lo is not None:
             if hi <= lo:

@@ -18,7 +18,9 @@ from .modeling.fast_decoder import DecoderContext, decode_masks, decode_tokens, 
 from .modeling.sam import Sam
 from .prompts import boxes_rc_to_xy, rc_to_xy, validate_boxes, validate_points
 from .transforms import ResizeLongestSide, scale_boxes, scale_coords, upsample_logits, upsample_masks
-from .zoom import Window, ZoomSource, choose_window, fits, prompt_extents, resample_logits, zoom_window_of
+from .zoom import (
+    Window, ZoomSource, check_windows, choose_window, fits, prompt_extents, resample_logits, zoom_window_of,
+)
 
 
 class Prediction(NamedTuple):
@@ -105,6 +107,9 @@ class SamPredictor:
     def __init__(self, model: Sam | str | os.PathLike | None = None, device: str | torch.device | None = None):
         if model is None or isinstance(model, (str, os.PathLike)):
             model = load_model(model, device=device)
+        elif not isinstance(model, torch.nn.Module) or not hasattr(model, "prompt_encoder"):
+            raise ValueError(f"SamPredictor needs a SAM model, a model name or a checkpoint path, not "
+                             f"{type(model).__name__}; e.g. SamPredictor(napari_sam.load_model())")
         elif device is not None:
             model = model.to(resolve_device(device))
         self.model = model.eval()
@@ -165,7 +170,9 @@ class SamPredictor:
         return cache[win]
 
     def set_image(self, image: np.ndarray) -> ImageEmbedding:
-        """Embed ``image`` and keep the embedding for the following ``predict`` calls."""
+        """Embed ``image`` and keep the embedding for the following ``predict`` calls. If it fails (bad image,
+        cancelled), no image is set: ``predict`` never answers for the image set before."""
+        self.reset_image()
         self._embedding = self.compute_embedding(image)
         return self._embedding
 
@@ -250,9 +257,14 @@ class SamPredictor:
         if mask_input is not None:
             mask_t = self._mask_tensor(mask_input, nb)
             nb = mask_t.shape[0] if pts is None and bx is None else nb
+        elif pts is None and bx is None:
+            raise ValueError("no prompt: give points (row, col), a box (min_row, min_col, max_row, max_col) or a "
+                             "mask_input")
+        if mask_windows is not None:
+            mask_windows = check_windows(mask_windows, emb.original_size)
         if emb.source is None or not self.zoom or (pts is None and bx is None):
             if emb.source is not None and mask_windows is not None and mask_t is not None:  # zoomed logits
-                wins = np.asarray(mask_windows, np.int64).reshape(-1, 4)
+                wins = mask_windows
                 wins = np.repeat(wins, mask_t.shape[0], 0) if len(wins) == 1 else wins
                 mask_t = self._reframe_each(emb, mask_t, wins, (0, 0) + tuple(emb.original_size))
             masks, ious, low = self._predict_frame(emb, pts, lab, bx, mask_t, multimask, return_logits)
@@ -312,7 +324,7 @@ class SamPredictor:
         ext = prompt_extents(pts, bx, nb)
         prev = None
         if mask_windows is not None and mask_t is not None:
-            prev = np.asarray(mask_windows, np.int64).reshape(-1, 4)
+            prev = mask_windows
             if prev.shape[0] == 1 and nb > 1:
                 prev = np.repeat(prev, nb, 0)
             if prev.shape[0] != nb:
@@ -412,6 +424,8 @@ class SamPredictor:
         if m.ndim != 4 or tuple(m.shape[-2:]) != tuple(L) or m.shape[1] != 1:
             raise ValueError(f"mask_input has shape {tuple(np.shape(mask_input))}; expected low-res logits "
                              f"({L[0]}, {L[1]}), (1, {L[0]}, {L[1]}) or (B, 1, {L[0]}, {L[1]}) from a prediction")
+        if not bool(torch.isfinite(m).all()):
+            raise ValueError("mask_input contains NaN or inf; pass the low_res_logits of a previous prediction")
         if m.shape[0] == 1 and nb > 1:
             m = m.expand(nb, -1, -1, -1)
         elif m.shape[0] != nb:

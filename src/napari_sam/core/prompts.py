@@ -29,8 +29,9 @@ def validate_points(points, point_labels, image_shape: tuple[int, int], clip: bo
         pts = pts[None]
     if pts.ndim != 3 or pts.shape[-1] != 2:
         raise ValueError(f"points must have shape (N, 2) or (B, N, 2) as (row, col); got {np.shape(points)}")
-    if pts.shape[1] == 0:
-        raise ValueError("points is empty; pass at least one (row, col) point or use points=None")
+    if pts.shape[0] == 0 or pts.shape[1] == 0:
+        raise ValueError(f"points has shape {np.shape(points)}: no object or no point; pass at least one (row, col) "
+                         "point per object, or points=None")
     if not np.all(np.isfinite(pts)):
         raise ValueError("points contain NaN or inf; pass finite (row, col) coordinates")
     if point_labels is None:
@@ -69,6 +70,8 @@ def validate_boxes(box, image_shape: tuple[int, int]) -> np.ndarray:
     if b.ndim != 2 or b.shape[1] != 4:
         raise ValueError("box must have shape (4,) or (B, 4) as (min_row, min_col, max_row, max_col); "
                          f"got {np.shape(box)}")
+    if b.shape[0] == 0:
+        raise ValueError("box has shape (0, 4): no object; pass at least one box, or box=None")
     if not np.all(np.isfinite(b)):
         raise ValueError("box contains NaN or inf")
     if np.any(b[:, 0] > b[:, 2]) or np.any(b[:, 1] > b[:, 3]):

@@ -13,9 +13,10 @@ from PIL import Image
 
 
 def preprocess_shape(h: int, w: int, long_side: int) -> tuple[int, int]:
-    """Size (h', w') with max(h', w') == long_side and the aspect ratio kept (reference rounding)."""
+    """Size (h', w') with max(h', w') == long_side and the aspect ratio kept (reference rounding; a side the
+    reference would round to 0, on a very elongated image, is 1)."""
     scale = long_side * 1.0 / max(h, w)
-    return int(h * scale + 0.5), int(w * scale + 0.5)
+    return max(1, int(h * scale + 0.5)), max(1, int(w * scale + 0.5))
 
 
 def input_shape(h: int, w: int, img_size: int, max_upscale: float | None = None) -> tuple[int, int]:

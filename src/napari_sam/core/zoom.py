@@ -44,6 +44,26 @@ def check_zoom_window(value) -> int | None:
     return int(v)
 
 
+def check_windows(windows, shape: tuple[int, int]) -> np.ndarray:
+    """Validate ``mask_windows`` (a previous prediction's ``windows``): (4,) or (B, 4) whole numbers (min_row,
+    min_col, max_row, max_col), max exclusive, inside an image of ``shape`` (H, W). Returns (B, 4) int64."""
+    try:
+        w = np.asarray(windows, dtype=np.float64)
+    except (TypeError, ValueError):
+        w = np.full(1, np.nan)
+    if w.ndim not in (1, 2) or w.shape[-1] != 4 or w.size == 0:
+        raise ValueError(f"mask_windows has shape {np.shape(windows)}; pass the `windows` of the prediction whose "
+                         "low_res_logits are the mask_input: (4,) or (B, 4) (min_row, min_col, max_row, max_col)")
+    w = w.reshape(-1, 4)
+    h, wd = shape
+    if not (np.isfinite(w).all() and (w == np.round(w)).all() and (w[:, :2] >= 0).all() and (w[:, 0] < w[:, 2]).all()
+            and (w[:, 1] < w[:, 3]).all() and (w[:, 2] <= h).all() and (w[:, 3] <= wd).all()):
+        raise ValueError(f"mask_windows {np.asarray(windows).tolist()} are not windows of this image {tuple(shape)}: "
+                         "whole numbers (min_row, min_col, max_row, max_col), max exclusive, inside the image; pass "
+                         "the `windows` of the prediction whose low_res_logits are the mask_input")
+    return w.astype(np.int64)
+
+
 def zoom_window_of(model) -> int | None:
     """The model's ``zoom_window`` (None: prompts are always decoded from the whole image, as the reference does)."""
     return getattr(model, "zoom_window", None) or None
