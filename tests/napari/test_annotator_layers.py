@@ -79,3 +79,26 @@ def test_write_plan_is_one_undo_step_and_dtype_upgrade_keeps_labels(nuclei_sampl
     labels.redo()
     labels.redo()
     assert np.array_equal(labels.data, after)
+
+
+def test_overlay_kwargs_give_new_layers_the_images_transform(nuclei_sample):
+    """A layer made with overlay_kwargs is drawn where the image is: whole-image layers copy scale, translate,
+    rotate, shear and affine; a 2D preview over a (Z, H, W) stack gets its planes' transform."""
+    import napari
+
+    from napari_sam._widgets import _layers as L
+
+    img = nuclei_sample[0] if nuclei_sample[0].ndim == 2 else nuclei_sample[0][..., 0]
+    c, s = np.cos(0.4), np.sin(0.4)
+    rot = np.array([[1, 0, 0], [0, c, -s], [0, s, c]])  # about z: the planes turn in place
+    stack = napari.layers.Image(np.stack([img] * 3), scale=(4, 0.5, 0.7), translate=(2, 30, -8), rotate=rot,
+                                shear=[0, 0, 0.2])
+    flat = napari.layers.Image(img, rotate=25, affine=[[1, 0.3, 5], [0, 1, 7], [0, 0, 1]], scale=(0.5, 2))
+    for image, ndim in ((stack, 3), (stack, 2), (flat, 2)):
+        layer = napari.layers.Labels(np.zeros(image.data.shape[-ndim:], np.uint8), **L.overlay_kwargs(image, ndim))
+        for rc in ((0, 0), (10, 200), (250, 3)):
+            lead = [1] * (image.ndim - 2)
+            a = np.asarray(image.data_to_world(np.array(lead + list(rc), float)))[-2:]
+            b = np.asarray(layer.data_to_world(np.array([1] * (ndim - 2) + list(rc), float)))[-2:]
+            np.testing.assert_allclose(a, b, atol=1e-9)
+        assert L.same_transform(layer, image) == (ndim == image.ndim)

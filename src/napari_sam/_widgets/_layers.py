@@ -63,20 +63,59 @@ def image_plane(image, index: tuple[int, ...]) -> np.ndarray:
     return np.asarray(data[index])
 
 
+def _plain(layer) -> bool:
+    """Whether ``layer``'s data -> world transform is scale and translate alone (no rotate, shear or affine)."""
+    d = layer.ndim
+    return bool(np.allclose(layer.rotate, np.eye(d)) and np.allclose(layer.shear, 0)
+                and np.allclose(layer.affine.affine_matrix, np.eye(d + 1)))
+
+
+def overlay_kwargs(image, ndim: int | None = None) -> dict:
+    """Keyword arguments that give a new layer of ``ndim`` axes (the image's last ones; default all) the image's
+    data -> world transform, so it overlays the image: scale and translate, and rotate, shear and affine alike.
+    A 2D layer over an nD image gets the transform of the image's planes (their last two world axes)."""
+    d = image.ndim if ndim is None else ndim
+    if _plain(image):
+        return dict(scale=image.scale[-d:], translate=image.translate[-d:])
+    if d == image.ndim:
+        return dict(scale=image.scale, translate=image.translate, rotate=image.rotate, shear=image.shear,
+                    affine=image.affine.affine_matrix)
+    # a plane of an nD image: the 2D affine map of (row, col) to the last two world axes, read off the transform
+    o = np.zeros(image.ndim)
+    w0 = np.asarray(image.data_to_world(o))[-2:]
+    a = np.eye(3)
+    for k in (0, 1):
+        e = o.copy()
+        e[image.ndim - 2 + k] = 1
+        a[:2, k] = np.asarray(image.data_to_world(e))[-2:] - w0
+    a[:2, 2] = w0
+    return dict(affine=a)
+
+
 def make_prompt_layers(viewer: napari.Viewer, image):
-    """The Points and Shapes prompt layers for ``image`` (reused if present, else created on top)."""
-    kw = dict(scale=image.scale, translate=image.translate)
+    """The Points and Shapes prompt layers for ``image`` (our own layers of those names are reused, new points
+    positive; else they are created on top, with the image's transform)."""
+    kw = overlay_kwargs(image)
     pts = viewer.layers[POINTS_NAME] if POINTS_NAME in viewer.layers else None
-    if pts is None:
+    if _ours(pts, "Points", image) and "positive" in pts.features:
+        set_polarity(pts, True)
+    else:  # absent, or a layer of the user's that happens to have the name (napari gives ours a suffix)
         pts = viewer.add_points(
             np.zeros((0, image.ndim)), name=POINTS_NAME, ndim=image.ndim, size=10, border_width=0.15,
             border_color="white", features={"positive": np.zeros(0, dtype=bool)}, **kw)
         set_polarity(pts, True)
     boxes = viewer.layers[BOXES_NAME] if BOXES_NAME in viewer.layers else None
-    if boxes is None:
+    if not _ours(boxes, "Shapes", image):
         boxes = viewer.add_shapes(ndim=image.ndim, name=BOXES_NAME, edge_color="yellow", face_color="transparent",
                                   edge_width=2, **kw)
     return pts, boxes
+
+
+def _ours(layer, kind: str, image) -> bool:
+    """Whether ``layer`` can serve as the prompt layer of ``kind`` ("Points" / "Shapes") for ``image``."""
+    import napari
+
+    return isinstance(layer, getattr(napari.layers, kind)) and layer.ndim == image.ndim
 
 
 def set_polarity(points, positive: bool) -> None:
@@ -105,14 +144,19 @@ def style_points(points) -> None:
         points.symbol = list(symbols)
 
 
+def same_transform(layer, image) -> bool:
+    """Whether ``layer`` and ``image`` have the same axes and data -> world transform (scale, translate, rotate,
+    shear and affine): the same data coordinates are the same place."""
+    return layer.ndim == image.ndim and all(np.allclose(getattr(layer, a), getattr(image, a))
+                                            for a in ("scale", "translate", "rotate", "shear")) \
+        and np.allclose(layer.affine.affine_matrix, image.affine.affine_matrix)
+
+
 def to_image_coords(layer, image, data: np.ndarray) -> np.ndarray:
     """(N, layer.ndim) data coordinates of ``layer`` -> (N, image.ndim) data coordinates of ``image``."""
     if data.size == 0:
         return np.zeros((0, image.ndim))
-    same = (layer.ndim == image.ndim and np.allclose(layer.scale, image.scale)
-            and np.allclose(layer.translate, image.translate) and np.allclose(layer.affine.affine_matrix,
-                                                                              image.affine.affine_matrix))
-    if same:
+    if same_transform(layer, image):
         return np.asarray(data, dtype=np.float64)
     return np.array([image.world_to_data(layer.data_to_world(p)) for p in data], dtype=np.float64)
 
@@ -163,6 +207,35 @@ def named_layer(viewer: napari.Viewer, name: str, what: str, refresh: Callable[[
     refresh()
     raise LayerError(f"the {what} layer {name!r} is no longer in the viewer (removed or renamed); choose the {what} "
                      "again")
+
+
+class RenameFollower:
+    """Keeps a widget's layer choices right when a layer is renamed: ``refresh()`` (the widget's own refill of
+    its combo boxes) runs, and each combo box of ``combos`` that showed the old name shows the new one.
+    The widget keeps this object; napari holds only weak references to it."""
+
+    def __init__(self, viewer: napari.Viewer, combos, refresh: Callable[[], None]) -> None:
+        self.combos, self.refresh = list(combos), refresh
+        self._names: dict[int, str] = {}
+        viewer.layers.events.inserted.connect(self._on_inserted)
+        for layer in viewer.layers:
+            self._watch(layer)
+
+    def _watch(self, layer) -> None:
+        self._names[id(layer)] = layer.name
+        layer.events.name.connect(self._on_name)
+
+    def _on_inserted(self, event) -> None:
+        self._watch(event.value)
+
+    def _on_name(self, event) -> None:
+        layer = event.source
+        old, new = self._names.get(id(layer)), layer.name
+        self._names[id(layer)] = new
+        chosen = [c for c in self.combos if old is not None and c.currentText() == old]
+        self.refresh()
+        for combo in chosen:
+            combo.setCurrentText(new)
 
 
 def check_target(labels, image) -> None:

@@ -52,7 +52,7 @@ class AnnotatorWidget(AnnotatorJobs, QWidget):
         self.result: ann.Result | None = None  # the latest prediction shown in the preview
         self._result_plane: tuple = ()  # the plane index the result was predicted on
         self.image_layer = None
-        self.points_layer = self.boxes_layer = self.preview_layer = None
+        self.points_layer = self.boxes_layer = self.preview_layer = self._preview_image = None
         self._version = 0  # bumps on every change of prompts / plane / image / model
         self._model_worker = self._embed_worker = self._predict_worker = None
         self._embed_key: Any = None
@@ -76,6 +76,8 @@ class AnnotatorWidget(AnnotatorJobs, QWidget):
         for key, handler in handlers.items():
             self.viewer.bind_key(key, handler, overwrite=True)
         self.destroyed.connect(self._teardown_callback(handlers))
+        self._renames = L.RenameFollower(self.viewer, (self.ui.image_combo, self.ui.labels_combo),
+                                         self._refresh_combos)
         self._refresh_combos()
         self._show_polarity()
         self._show_model()
@@ -295,12 +297,42 @@ class AnnotatorWidget(AnnotatorJobs, QWidget):
         if problem:
             self._message(problem, "warning")
             return
-        self.image_layer = layer
+        old, self.image_layer = self.image_layer, layer
+        notes = []
+        if old is not None and old is not layer:
+            notes = self._switch_layers(old, layer)
         dtype = (layer.data[0] if layer.multiscale else layer.data).dtype
         if dtype != np.uint8:
-            self._message(f"image {layer.name!r} is {dtype}: it is scaled to 8 bit per plane (0.5–99.5 percentiles)")
+            notes.append(f"image {layer.name!r} is {dtype}: it is scaled to 8 bit per plane (0.5–99.5 percentiles)")
         self._ensure_layers()
+        if notes:
+            self._message("; ".join(notes))
         self._changed()
+
+    def _switch_layers(self, old, new) -> list[str]:
+        """Another image: prompt layers of another dimensionality are replaced (their points could not lie on
+        its planes), and a target Labels layer that does not fit it or does not overlay it gives way to a new
+        one. Returns what changed, for the status line."""
+        notes = []
+        if self.points_layer is not None and self.points_layer.ndim != new.ndim:
+            for lay in (self.points_layer, self.boxes_layer):
+                if lay is not None and lay in self.viewer.layers:
+                    self.viewer.layers.remove(lay)  # (_on_layer_removed forgets them)
+            self.points_layer = self.boxes_layer = None
+            notes.append(f"new prompt layers for the {new.ndim}D image")
+        name = self.ui.labels_combo.currentText()
+        if name and name != NEW_LAYER and name in self.viewer.layers:
+            target = self.viewer.layers[name]
+            try:
+                L.check_target(target, new)
+                fits = L.same_transform(target, new)
+            except L.LayerError:
+                fits = False
+            if not fits:
+                self.ui.labels_combo.setCurrentText(NEW_LAYER)
+                notes.append(f"{name!r} does not fit or overlay {new.name!r}: objects now go to a new Labels "
+                             "layer (choose another under 'labels')")
+        return notes
 
     def _ensure_layers(self):
         if self.image_layer is None:
@@ -387,14 +419,15 @@ class AnnotatorWidget(AnnotatorJobs, QWidget):
 
     def _preview(self, shape):
         lay = self.preview_layer
-        if lay is None or lay not in self.viewer.layers or lay.data.shape != shape:
+        if lay is None or lay not in self.viewer.layers or lay.data.shape != shape \
+                or self._preview_image is not self.image_layer:  # (another image: its transform may differ)
             if lay is not None and lay in self.viewer.layers:
                 self.viewer.layers.remove(lay)
             im = self.image_layer
             lay = self.viewer.add_labels(np.zeros(shape, np.uint8), name=L.PREVIEW_NAME, opacity=0.5,
-                                         scale=im.scale[-2:], translate=im.translate[-2:])
+                                         **L.overlay_kwargs(im, 2))
             lay.editable = False
-            self.preview_layer = lay
+            self.preview_layer, self._preview_image = lay, im
             if self.points_layer is not None:  # keep the prompts on top and active
                 self.viewer.layers.move(self.viewer.layers.index(lay), self.viewer.layers.index(self.points_layer))
                 self.viewer.layers.selection.active = self.points_layer
@@ -406,7 +439,7 @@ class AnnotatorWidget(AnnotatorJobs, QWidget):
             return L.named_layer(self.viewer, name, "target labels", self._refresh_combos)
         im = self.image_layer
         lay = self.viewer.add_labels(np.zeros(L.image_shape(im), np.uint32), name=L.LABELS_NAME,
-                                     scale=im.scale, translate=im.translate)
+                                     **L.overlay_kwargs(im))
         self.ui.labels_combo.setCurrentText(lay.name)
         if self.points_layer is not None:
             self.viewer.layers.selection.active = self.points_layer

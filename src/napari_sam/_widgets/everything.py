@@ -88,6 +88,7 @@ class SegmentEverythingWidget(QWidget):
         self.state.on_model_changed_while_alive(self, type(self)._use_recommended)
         self.viewer.layers.events.inserted.connect(self._refresh)
         self.viewer.layers.events.removed.connect(self._refresh)
+        self._renames = L.RenameFollower(self.viewer, (self.image_combo, self.target_combo), self._refresh)
         self._refresh()
 
     def _use_recommended(self, model) -> None:
@@ -397,7 +398,7 @@ class SegmentEverythingWidget(QWidget):
         created = layer is None
         if created:
             layer = self.viewer.add_labels(np.zeros(full, dtype=np.int32), name=OUTPUT_NAME,
-                                           scale=image.scale[: len(full)], translate=image.translate[: len(full)])
+                                           **L.overlay_kwargs(image))
             self._refresh()
             self.target_combo.setCurrentText(layer.name)
         data = np.asarray(layer.data)
