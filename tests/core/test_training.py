@@ -11,7 +11,7 @@ import torch
 
 from napari_sam.core.build import build_sam
 from napari_sam.core.config import get_config
-from napari_sam.core.training import DataError, TrainConfig, Trainer, TrainingError, from_arrays
+from napari_sam.core.training import DataError, TrainConfig, Trainer, TrainingError, finetune, from_arrays
 from napari_sam.core.training.data import load_folder, pairs_from_folder
 from napari_sam.core.training.losses import dice_loss, focal_loss, mask_iou, sam_loss, weighted_bce
 from napari_sam.core.training.simulate import (corrective_clicks, far_points, mask_boxes, nearest_neighbours,
@@ -229,6 +229,19 @@ def test_decoder_only_finetuning_lowers_the_loss_on_real_data(pixel_loss, factor
     after = tr.eval_loss()
     assert after < factor * before, (before, after)
     assert all(torch.equal(a, b) for a, b in zip(enc_before, model.image_encoder.parameters()))  # frozen
+
+
+def test_full_finetuning_after_a_decoder_run_trains_the_encoder_again(nuclei_sample):
+    """A decoder-only run freezes the encoder; a later full run on the same model object must unfreeze it."""
+    image, labels = nuclei_sample
+    torch.manual_seed(0)
+    model = build_sam(SMALL)
+    finetune(model, image, labels, steps=1, mode="decoder", objects_per_image=2)
+    enc = [p.clone() for p in model.image_encoder.parameters()]
+    finetune(model, image, labels, steps=1, mode="full", lr=1e-3, objects_per_image=2)
+    assert all(p.requires_grad for p in model.parameters())
+    changed = [not torch.equal(a, b) for a, b in zip(enc, model.image_encoder.parameters())]
+    assert sum(changed) > 0.9 * len(changed), (sum(changed), len(changed))
 
 
 def test_interrupted_run_resumes_exactly(tmp_path):
