@@ -198,6 +198,37 @@ def test_folder_pairs_and_bad_input(tmp_path, nuclei_sample):
     assert len(stack) == 2
 
 
+def test_3d_labels_beside_a_2d_image_are_refused(nuclei_sample):
+    """(H, W, 3) labels beside an (H, W, 3) image were read as a stack of (W, 3) rows and trained on silently."""
+    image, labels = nuclei_sample
+    rgb = np.stack([image] * 3, -1) if image.ndim == 2 else image[..., :3]
+    for im, lab in [(rgb, np.stack([labels] * 3, -1)), (rgb, labels[..., None]), (rgb[..., 0], labels[..., None]),
+                    (np.dstack([rgb, rgb[..., :1]]), np.stack([labels] * 4, -1))]:
+        with pytest.raises(DataError, match=r"labels must be \(H, W\) for an \(H, W\) or \(H, W, 3\) image"):
+            from_arrays(im, lab, 128)
+    assert len(from_arrays(rgb, labels, 128)) == 1  # the right shapes still pass
+
+
+@pytest.mark.parametrize("dtype, big", [(np.uint64, 2**32 + 1), (np.uint32, 3_000_000_000), (np.int64, 2**40)])
+def test_ids_beyond_int32_are_renumbered_not_wrapped(nuclei_sample, dtype, big):
+    image, labels = nuclei_sample
+    lab = labels.astype(dtype)
+    lab[labels == 2] = big  # 2**32 + 1 wrapped to 1 (merged with object 1); 3e9 to a negative id
+    (s,) = from_arrays(image, lab, max(labels.shape))  # no resize: the labels come back pixel for pixel
+    assert s.labels.dtype == np.int32
+    np.testing.assert_array_equal(s.labels, np.searchsorted(np.unique(lab), lab))  # the rank of each id, 0 kept
+    assert s.ids.size == np.unique(labels).size - 1
+    np.testing.assert_array_equal(from_arrays(image, labels, max(labels.shape))[0].labels, labels)  # small: kept
+
+
+def test_negative_ids_are_refused_with_a_clear_error(nuclei_sample):
+    image, labels = nuclei_sample
+    lab = labels.astype(np.int32)
+    lab[labels == 2] = -5  # crashed deep in the trainer ("'list' argument must have no negative elements")
+    with pytest.raises(DataError, match=r"negative ids \(min -5\).*must be >= 0"):
+        from_arrays(image, lab, 128)
+
+
 def _real_samples(img_size: int, n: int = 2):
     d = data_dir("dsb2018_stage1_nuclei_2d")
     files = sorted(d.glob("*_fluo_*_image.png"))[:n]
