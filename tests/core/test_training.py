@@ -275,6 +275,20 @@ def test_full_finetuning_after_a_decoder_run_trains_the_encoder_again(nuclei_sam
     assert sum(changed) > 0.9 * len(changed), (sum(changed), len(changed))
 
 
+@pytest.mark.parametrize("kw, match", [({"steps": 0}, "steps must be a whole number >= 1, got 0"),
+                                       ({"steps": -3}, "steps must be a whole number >= 1, got -3"),
+                                       ({"steps": 2.5}, "steps must be a whole number >= 1, got 2.5"),
+                                       ({"steps": 1, "lr": -1e-3}, "lr must be a finite number > 0, got -0.001"),
+                                       ({"steps": 1, "lr": 0.0}, "lr must be a finite number > 0, got 0.0"),
+                                       ({"steps": 1, "lr": float("nan")}, "lr must be a finite number > 0, got nan")])
+def test_finetune_refuses_bad_steps_and_learning_rates(nuclei_sample, kw, match):
+    """steps=0 / -3 returned [] silently; a negative or NaN lr failed inside torch."""
+    image, labels = nuclei_sample
+    model = build_sam(SMALL)
+    with pytest.raises(ValueError, match=match):
+        finetune(model, image, labels, objects_per_image=2, **kw)
+
+
 def test_interrupted_run_resumes_exactly(tmp_path):
     samples = _real_samples(128, 2)
     cfg = TrainConfig(mode="scratch", steps=4, objects_per_image=3, max_click_iters=2, click_prob=1.0,
