@@ -289,6 +289,32 @@ def test_finetune_refuses_bad_steps_and_learning_rates(nuclei_sample, kw, match)
         finetune(model, image, labels, objects_per_image=2, **kw)
 
 
+def test_quick_eval_prompts_are_the_objects_tight_boxes_and_centre_points_in_xy():
+    """quick_eval's prompts in the model's (x, y) frame, against find_objects boxes and the full protocol's
+    centre points (napari_sam.core.evaluation.center_point) on real labels."""
+    from scipy import ndimage
+
+    from napari_sam.core.evaluation import center_point
+    from napari_sam.core.training.validate import quick_eval
+
+    samples = _real_samples(128, 2)
+    model = build_sam(SMALL).eval()
+    seen: list[dict] = []
+    hook = model.prompt_encoder.register_forward_pre_hook(lambda m, a, kw: seen.append(kw), with_kwargs=True)
+    res = quick_eval(model, samples, max_objects=5)
+    hook.remove()
+    assert res["objects"] == 10 and len(seen) == 4  # a box call and a point call per sample
+    for s, box_kw, pt_kw in zip(samples, seen[0::2], seen[1::2]):
+        ids = s.ids[:5]
+        sl = ndimage.find_objects(s.labels)
+        ref_boxes = [[sl[i - 1][1].start, sl[i - 1][0].start, sl[i - 1][1].stop - 1, sl[i - 1][0].stop - 1]
+                     for i in ids]  # (x0, y0, x1, y1), max inclusive
+        assert box_kw["boxes"].tolist() == ref_boxes and pt_kw["boxes"] is None
+        ref_pts = [list(center_point(s.labels == i))[::-1] for i in ids]  # (row, col) -> (x, y)
+        assert pt_kw["points"][0][:, 0].tolist() == ref_pts and pt_kw["points"][1].tolist() == [[1]] * len(ids)
+        assert all(s.labels[y, x] == i for (x, y), i in zip(ref_pts, ids))
+
+
 def test_interrupted_run_resumes_exactly(tmp_path):
     samples = _real_samples(128, 2)
     cfg = TrainConfig(mode="scratch", steps=4, objects_per_image=3, max_click_iters=2, click_prob=1.0,
