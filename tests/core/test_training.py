@@ -11,7 +11,7 @@ import torch
 
 from napari_sam.core.build import build_sam
 from napari_sam.core.config import get_config
-from napari_sam.core.training import DataError, TrainConfig, Trainer, TrainingError, from_arrays
+from napari_sam.core.training import DataError, TrainConfig, Trainer, TrainingError, finetune, from_arrays
 from napari_sam.core.training.data import load_folder, pairs_from_folder
 from napari_sam.core.training.losses import dice_loss, focal_loss, mask_iou, sam_loss, weighted_bce
 from napari_sam.core.training.simulate import (corrective_clicks, far_points, mask_boxes, nearest_neighbours,
@@ -198,6 +198,37 @@ def test_folder_pairs_and_bad_input(tmp_path, nuclei_sample):
     assert len(stack) == 2
 
 
+def test_3d_labels_beside_a_2d_image_are_refused(nuclei_sample):
+    """(H, W, 3) labels beside an (H, W, 3) image were read as a stack of (W, 3) rows and trained on silently."""
+    image, labels = nuclei_sample
+    rgb = np.stack([image] * 3, -1) if image.ndim == 2 else image[..., :3]
+    for im, lab in [(rgb, np.stack([labels] * 3, -1)), (rgb, labels[..., None]), (rgb[..., 0], labels[..., None]),
+                    (np.dstack([rgb, rgb[..., :1]]), np.stack([labels] * 4, -1))]:
+        with pytest.raises(DataError, match=r"labels must be \(H, W\) for an \(H, W\) or \(H, W, 3\) image"):
+            from_arrays(im, lab, 128)
+    assert len(from_arrays(rgb, labels, 128)) == 1  # the right shapes still pass
+
+
+@pytest.mark.parametrize("dtype, big", [(np.uint64, 2**32 + 1), (np.uint32, 3_000_000_000), (np.int64, 2**40)])
+def test_ids_beyond_int32_are_renumbered_not_wrapped(nuclei_sample, dtype, big):
+    image, labels = nuclei_sample
+    lab = labels.astype(dtype)
+    lab[labels == 2] = big  # 2**32 + 1 wrapped to 1 (merged with object 1); 3e9 to a negative id
+    (s,) = from_arrays(image, lab, max(labels.shape))  # no resize: the labels come back pixel for pixel
+    assert s.labels.dtype == np.int32
+    np.testing.assert_array_equal(s.labels, np.searchsorted(np.unique(lab), lab))  # the rank of each id, 0 kept
+    assert s.ids.size == np.unique(labels).size - 1
+    np.testing.assert_array_equal(from_arrays(image, labels, max(labels.shape))[0].labels, labels)  # small: kept
+
+
+def test_negative_ids_are_refused_with_a_clear_error(nuclei_sample):
+    image, labels = nuclei_sample
+    lab = labels.astype(np.int32)
+    lab[labels == 2] = -5  # crashed deep in the trainer ("'list' argument must have no negative elements")
+    with pytest.raises(DataError, match=r"negative ids \(min -5\).*must be >= 0"):
+        from_arrays(image, lab, 128)
+
+
 def _real_samples(img_size: int, n: int = 2):
     d = data_dir("dsb2018_stage1_nuclei_2d")
     files = sorted(d.glob("*_fluo_*_image.png"))[:n]
@@ -229,6 +260,59 @@ def test_decoder_only_finetuning_lowers_the_loss_on_real_data(pixel_loss, factor
     after = tr.eval_loss()
     assert after < factor * before, (before, after)
     assert all(torch.equal(a, b) for a, b in zip(enc_before, model.image_encoder.parameters()))  # frozen
+
+
+def test_full_finetuning_after_a_decoder_run_trains_the_encoder_again(nuclei_sample):
+    """A decoder-only run freezes the encoder; a later full run on the same model object must unfreeze it."""
+    image, labels = nuclei_sample
+    torch.manual_seed(0)
+    model = build_sam(SMALL)
+    finetune(model, image, labels, steps=1, mode="decoder", objects_per_image=2)
+    enc = [p.clone() for p in model.image_encoder.parameters()]
+    finetune(model, image, labels, steps=1, mode="full", lr=1e-3, objects_per_image=2)
+    assert all(p.requires_grad for p in model.parameters())
+    changed = [not torch.equal(a, b) for a, b in zip(enc, model.image_encoder.parameters())]
+    assert sum(changed) > 0.9 * len(changed), (sum(changed), len(changed))
+
+
+@pytest.mark.parametrize("kw, match", [({"steps": 0}, "steps must be a whole number >= 1, got 0"),
+                                       ({"steps": -3}, "steps must be a whole number >= 1, got -3"),
+                                       ({"steps": 2.5}, "steps must be a whole number >= 1, got 2.5"),
+                                       ({"steps": 1, "lr": -1e-3}, "lr must be a finite number > 0, got -0.001"),
+                                       ({"steps": 1, "lr": 0.0}, "lr must be a finite number > 0, got 0.0"),
+                                       ({"steps": 1, "lr": float("nan")}, "lr must be a finite number > 0, got nan")])
+def test_finetune_refuses_bad_steps_and_learning_rates(nuclei_sample, kw, match):
+    """steps=0 / -3 returned [] silently; a negative or NaN lr failed inside torch."""
+    image, labels = nuclei_sample
+    model = build_sam(SMALL)
+    with pytest.raises(ValueError, match=match):
+        finetune(model, image, labels, objects_per_image=2, **kw)
+
+
+def test_quick_eval_prompts_are_the_objects_tight_boxes_and_centre_points_in_xy():
+    """quick_eval's prompts in the model's (x, y) frame, against find_objects boxes and the full protocol's
+    centre points (napari_sam.core.evaluation.center_point) on real labels."""
+    from scipy import ndimage
+
+    from napari_sam.core.evaluation import center_point
+    from napari_sam.core.training.validate import quick_eval
+
+    samples = _real_samples(128, 2)
+    model = build_sam(SMALL).eval()
+    seen: list[dict] = []
+    hook = model.prompt_encoder.register_forward_pre_hook(lambda m, a, kw: seen.append(kw), with_kwargs=True)
+    res = quick_eval(model, samples, max_objects=5)
+    hook.remove()
+    assert res["objects"] == 10 and len(seen) == 4  # a box call and a point call per sample
+    for s, box_kw, pt_kw in zip(samples, seen[0::2], seen[1::2]):
+        ids = s.ids[:5]
+        sl = ndimage.find_objects(s.labels)
+        ref_boxes = [[sl[i - 1][1].start, sl[i - 1][0].start, sl[i - 1][1].stop - 1, sl[i - 1][0].stop - 1]
+                     for i in ids]  # (x0, y0, x1, y1), max inclusive
+        assert box_kw["boxes"].tolist() == ref_boxes and pt_kw["boxes"] is None
+        ref_pts = [list(center_point(s.labels == i))[::-1] for i in ids]  # (row, col) -> (x, y)
+        assert pt_kw["points"][0][:, 0].tolist() == ref_pts and pt_kw["points"][1].tolist() == [[1]] * len(ids)
+        assert all(s.labels[y, x] == i for (x, y), i in zip(ref_pts, ids))
 
 
 def test_interrupted_run_resumes_exactly(tmp_path):

@@ -53,12 +53,19 @@ def read_array(path: str | Path) -> np.ndarray:
 def check_pair(image: np.ndarray, labels: np.ndarray, name: str = "image",
                denoise: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
     """Validate one pair -> (RGB uint8 (H, W, 3), int32 labels (H, W)); raises :class:`DataError`.
+
+    ``labels``: (H, W) non-negative integer (or bool) instance ids, 0 = background. Ids beyond int32 (>= 2**31)
+    are renumbered 1..n in the order of their values (objects are independent per image), never wrapped.
     ``denoise``: the model's Gaussian sigma in image pixels (see :func:`napari_sam.core.image.to_rgb_uint8`)."""
     labels = np.asarray(labels)
     if labels.ndim != 2:
-        raise DataError(f"{name}: labels must be a 2D instance-label image, got shape {labels.shape}")
+        raise DataError(f"{name}: labels must be a 2D instance-label image (H, W), also for an RGB image, got shape "
+                        f"{labels.shape}")
     if not (np.issubdtype(labels.dtype, np.integer) or labels.dtype == bool):
         raise DataError(f"{name}: labels must be integers (instance ids), got dtype {labels.dtype}")
+    if np.issubdtype(labels.dtype, np.signedinteger) and labels.size and labels.min() < 0:
+        raise DataError(f"{name}: labels contain negative ids (min {labels.min()}); instance ids must be >= 0 "
+                        "(0 = background): renumber the objects 1..n")
     rgb = to_rgb_uint8(image, denoise=denoise)
     if rgb.shape[:2] != labels.shape:
         raise DataError(
@@ -67,6 +74,9 @@ def check_pair(image: np.ndarray, labels: np.ndarray, name: str = "image",
         )
     if not labels.any():
         raise DataError(f"{name}: the label image is empty (no object); annotate at least one object or drop it")
+    if labels.dtype != bool and labels.max() > np.iinfo(np.int32).max:  # renumber: astype(int32) would wrap
+        ids, inv = np.unique(labels, return_inverse=True)
+        return rgb, (inv.reshape(labels.shape) + int(ids[0] != 0)).astype(np.int32)
     return rgb, labels.astype(np.int32)
 
 
@@ -185,6 +195,8 @@ def from_arrays(images: list[np.ndarray] | np.ndarray, labels: list[np.ndarray] 
     """In-memory pairs (e.g. a napari Image layer and its Labels layer): 2D each, or stacks of 2D slices.
     ``denoise``, ``max_upscale``: the model's preprocessing (see :func:`resize_pair`).
 
+    Each pair: an (H, W), (H, W, 3) RGB or (H, W, 4) RGBA image with (H, W) labels, or a (Z, H, W[, 3|4]) stack
+    with (Z, H, W) labels; 3D labels beside a 2D image (e.g. (H, W, 3) or (H, W, 1)) raise :class:`DataError`.
     Slices whose labels are empty are skipped; raises if none has an object.
     """
     imgs = list(images) if isinstance(images, (list, tuple)) else [images]
@@ -194,8 +206,11 @@ def from_arrays(images: list[np.ndarray] | np.ndarray, labels: list[np.ndarray] 
     out = []
     for k, (im, lab) in enumerate(zip(imgs, labs)):
         im, lab = np.asarray(im), np.asarray(lab)
-        rgb_like = im.ndim == 3 and im.shape[-1] in (3, 4) and lab.ndim == 2
-        if lab.ndim == 3 and not rgb_like:  # stack of slices
+        if lab.ndim == 3 and (im.ndim == 2 or (im.ndim == 3 and im.shape[-1] in (3, 4))):  # one 2D image
+            raise DataError(f"{k}: labels of shape {lab.shape} beside a 2D image of shape {im.shape}; labels must be "
+                            "(H, W) for an (H, W) or (H, W, 3) image, or (Z, H, W) for a (Z, H, W) stack (for "
+                            "(H, W, 1) labels pass labels[..., 0]; colour-coded labels must become integer ids)")
+        if lab.ndim == 3:  # stack of slices
             if im.shape[: 1] != lab.shape[:1]:
                 raise DataError(f"image stack {im.shape} and label stack {lab.shape} differ in length")
             out += [resize_pair(i2, l2, img_size, f"{k}:{z}", "", denoise, max_upscale)

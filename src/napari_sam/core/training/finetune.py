@@ -8,6 +8,7 @@ mIoU, against 150 / 300 steps at 3e-4 / 1e-4 / 3e-5); benchmarks/finetune_isbi.p
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from dataclasses import replace
 
@@ -33,10 +34,16 @@ def finetune_iter(model: Sam, images: list[np.ndarray] | np.ndarray, labels: lis
     then {"phase": "train", "step", "total", "loss", ...} after every step. Close the generator to cancel;
     the model keeps the weights of the last finished step and is left in eval mode.
     Raises :class:`~napari_sam.core.training.data.DataError` for bad or empty labels. The images are prepared with
-    the model's preprocessing (``denoise``, ``max_upscale``), as at inference.
+    the model's preprocessing (``denoise``, ``max_upscale``), as at inference. ``steps`` must be an int >= 1 and
+    ``lr`` (None: the default) a finite number > 0, else ValueError.
     """
+    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
+        raise ValueError(f"steps must be a whole number >= 1, got {steps!r}; e.g. steps={FINETUNE_DEFAULTS.steps}")
+    if lr is not None and (isinstance(lr, bool) or not isinstance(lr, (int, float, np.integer, np.floating))
+                           or not math.isfinite(lr) or lr <= 0):
+        raise ValueError(f"lr must be a finite number > 0, got {lr!r}; e.g. lr={FINETUNE_DEFAULTS.lr} (the default)")
     samples = from_arrays(images, labels, model.img_size, denoise_of(model), max_upscale_of(model))  # as at inference
-    cfg = replace(FINETUNE_DEFAULTS, mode=mode, steps=steps, lr=FINETUNE_DEFAULTS.lr if lr is None else lr,
+    cfg = replace(FINETUNE_DEFAULTS, mode=mode, steps=int(steps), lr=FINETUNE_DEFAULTS.lr if lr is None else float(lr),
                   seed=seed, augment=mode != "decoder", **overrides)
     yield {"phase": "embedding", "done": 0, "total": len(samples)}
     trainer = Trainer(model, samples, cfg)

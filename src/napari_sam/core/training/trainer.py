@@ -191,7 +191,8 @@ class Trainer:
 
     ``out_dir`` receives ``last.pt`` (full state for resume), ``best.pt`` (best model by val box + point mIoU,
     a normal checkpoint), ``history.jsonl``. ``progress(info)`` is called every ``log_every`` steps and
-    after each evaluation; ``should_stop()`` is polled every step (cancel).
+    after each evaluation; ``should_stop()`` is polled every step (cancel). ``cfg.mode == "decoder"`` freezes the
+    image encoder (``requires_grad`` False, left so afterwards); the other modes make every weight trainable.
     """
 
     def __init__(self, model: Sam, samples: list[Sample], cfg: TrainConfig, val: list[Sample] | None = None,
@@ -210,12 +211,12 @@ class Trainer:
         self.rng = np.random.default_rng(cfg.seed)
         self.gen = torch.Generator().manual_seed(cfg.seed)
         torch.manual_seed(cfg.seed)
-        train_params = model.mask_decoder.parameters() if cfg.mode == "decoder" else model.parameters()
-        if cfg.mode == "decoder":
-            for p in model.image_encoder.parameters():
-                p.requires_grad_(False)
-            train_params = [p for n, p in model.named_parameters() if not n.startswith("image_encoder.")]
-        train_params = list(train_params)
+        # set both ways: a model object that went through a decoder-only run comes back with a frozen encoder
+        train_params = []
+        for n, p in model.named_parameters():
+            p.requires_grad_(cfg.mode != "decoder" or not n.startswith("image_encoder."))
+            if p.requires_grad:
+                train_params.append(p)
         enc = {id(p) for p in model.image_encoder.parameters()}
         groups = [{"params": [p for p in train_params if id(p) not in enc], "lr_mult": 1.0}]
         if any(id(p) in enc for p in train_params):

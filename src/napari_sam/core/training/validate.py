@@ -13,6 +13,7 @@ from scipy import ndimage
 
 from ..image import max_upscale_of
 from ..predictor import canvas_input
+from ..prompts import boxes_rc_to_xy, rc_to_xy
 from .data import Sample
 
 
@@ -45,14 +46,14 @@ def quick_eval(model, samples: list[Sample], max_objects: int = 8) -> dict:
         pe = model.prompt_encoder.get_dense_pe()
         gt = torch.from_numpy(s.labels).to(dev)[None] == torch.as_tensor(ids, device=dev)[:, None, None]
         rows, cols = np.nonzero(gt.any(2).cpu().numpy()), np.nonzero(gt.any(1).cpu().numpy())
-        boxes = []
+        boxes_rc = np.zeros((len(ids), 4), np.int64)  # (min_row, min_col, max_row, max_col), max inclusive
         for k in range(len(ids)):
             rr = rows[1][rows[0] == k]
             cc = cols[1][cols[0] == k]
-            boxes.append([cc.min(), rr.min(), cc.max(), rr.max()])
-        boxes_t = torch.as_tensor(boxes, dtype=torch.float32, device=dev)
+            boxes_rc[k] = (rr.min(), cc.min(), rr.max(), cc.max())
+        boxes_t = torch.as_tensor(boxes_rc_to_xy(boxes_rc), dtype=torch.float32, device=dev)
         rc = center_points_rc(s.labels, ids)
-        pts = torch.as_tensor(rc[:, ::-1].copy(), dtype=torch.float32, device=dev)[:, None]
+        pts = torch.as_tensor(rc_to_xy(rc), dtype=torch.float32, device=dev)[:, None]
         lab = torch.ones(len(ids), 1, dtype=torch.long, device=dev)
 
         def run(points, box, multi):
