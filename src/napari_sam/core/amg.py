@@ -5,7 +5,8 @@ faster because it (1) filters by predicted IoU and stability on the low-res logi
 survivors, and only in the window where they have foreground, (2) keeps masks as tight patches instead of
 full-size tensors and RLEs, (3) runs NMS in numpy without torchvision.
 
-Coordinates are (row, col); boxes are (min_row, min_col, max_row, max_col) with max exclusive.
+Coordinates are (row, col); the records' boxes (``bbox``, ``crop_box``) are (min_row, min_col, max_row, max_col)
+with max exclusive (``image[r0:r1, c0:c1]``), unlike box prompts (:mod:`napari_sam.core.prompts`: max inclusive).
 """
 
 from __future__ import annotations
@@ -184,7 +185,8 @@ class AutomaticMaskGenerator:
 
         Each record: segmentation bool (H, W); area int; bbox (min_row, min_col, max_row, max_col), max
         exclusive; predicted_iou; stability_score (on the low-res logits); point (row, col) of the prompt;
-        crop_box (min_row, min_col, max_row, max_col). A constant image gives [] without running the model.
+        crop_box (min_row, min_col, max_row, max_col), max exclusive. A constant image gives [] without running
+        the model.
         """
         records = self.propose(image, progress=progress, cancel=cancel).filter(**self.thresholds())
         shape = np.shape(image)[:2]

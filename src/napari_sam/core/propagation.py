@@ -537,9 +537,10 @@ def propagate_object(volume: np.ndarray, z: int, points=None, point_labels=None,
     """Segment one object in 3D from a prompt on slice ``z``.
 
     volume: (Z, Y, X) or (Z, Y, X, C), any dtype. points: (N, 2) (row, col) on slice z, point_labels (N,)
-    1/0; box: (4,) (min_row, min_col, max_row, max_col). model: a Sam, a name/path for load_model, or None
-    (the built-in model, or the model of ``embeddings``). embeddings: a StackEmbeddings of ``volume`` (default:
-    one is opened in the disk cache). params: :class:`PropagationParams` fields, and ``cancel`` (callable).
+    1/0; box: (4,) (min_row, min_col, max_row, max_col), max inclusive. model: a Sam, a name/path for
+    load_model, or None (the built-in model, or the model of ``embeddings``). embeddings: a StackEmbeddings of
+    ``volume`` (default: one is opened in the disk cache). params: :class:`PropagationParams` fields, and
+    ``cancel`` (callable).
 
     Returns (mask (Z, Y, X) bool, scores (Z,) float32: predicted IoU per slice, NaN where the object is absent).
     """
