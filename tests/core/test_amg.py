@@ -111,10 +111,40 @@ def test_image_smaller_than_crops(tiny_model, image):
     (dict(crop_overlap_ratio=1.0), "crop_overlap_ratio"), (dict(points_per_batch=0), "points_per_batch"),
     (dict(min_mask_region_area=-5), "min_mask_region_area"), (dict(stability_score_offset=-1), "offset"),
     (dict(points_per_side=None), "point_grids"), (dict(points_per_side=2.5), "points_per_side"),
+    # point_grids: a list of non-empty (N, 2) grids in [0, 1] (they were reshaped or gave no masks, silently)
+    (dict(point_grids=[np.full((4, 3), 0.5)]), r"point_grids\[0\] has shape \(4, 3\).*\(N, 2\)"),
+    (dict(point_grids=[np.zeros((0, 2))]), r"point_grids\[0\] has shape \(0, 2\).*non-empty"),
+    (dict(point_grids=[np.full((4, 2), 1.5)]), r"point_grids\[0\] has values outside \[0, 1\]"),
+    (dict(point_grids=[np.full((4, 2), np.nan)]), r"point_grids\[0\] has values outside \[0, 1\] \(or NaN"),
+    (dict(point_grids=np.full((4, 2), 0.5)), r"one array of shape \(4, 2\); pass a list"),
+    (dict(point_grids=[]), "point_grids has 0 grid"),
 ])
 def test_bad_parameters(tiny_model, bad, word):
+    if "point_grids" in bad:
+        bad = dict(bad, points_per_side=None)
     with pytest.raises(ValueError, match=word):
         AutomaticMaskGenerator(tiny_model, **bad)
+
+
+def test_point_grids_equal_the_grid_of_points_per_side(tiny_model, image):
+    from napari_sam.core.amg_utils import build_all_layer_point_grids
+
+    grids = [g.tolist() for g in build_all_layer_point_grids(6, 0, 1)]  # lists are fine too
+    gen = AutomaticMaskGenerator(tiny_model, **{**OPEN, "points_per_side": None}, point_grids=grids)
+    ref = AutomaticMaskGenerator(tiny_model, **OPEN)
+    assert np.array_equal(gen.point_grids[0], ref.point_grids[0])
+    assert [r["bbox"] for r in gen.generate(image)] == [r["bbox"] for r in ref.generate(image)]
+
+
+@pytest.mark.parametrize("area", [float("nan"), 2.7, -1, "16"])
+def test_min_object_area_must_be_a_whole_number(tiny_model, area):
+    with pytest.raises(ValueError, match=f"min_object_area={area!r} must be an integer >= 0"):
+        segment_everything(np.zeros((16, 16), np.uint8), tiny_model, **OPEN, min_object_area=area)
+
+
+def test_min_object_area_as_a_whole_float_is_that_number(tiny_model, image):
+    a = segment_everything(image, tiny_model, **OPEN, min_object_area=40.0)
+    assert np.array_equal(a, segment_everything(image, tiny_model, **OPEN, min_object_area=40))
 
 
 def test_bad_images(tiny_model):

@@ -152,6 +152,40 @@ def test_bad_input_is_rejected(nuclei_sample):
         evaluate_image(OraclePredictor(labels), image, labels, prompts=("lasso",))
 
 
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(n_clicks=0), "n_clicks=0 must be an integer >= 1"), (dict(n_clicks=-1), "n_clicks=-1 must be"),
+    (dict(n_clicks=2.5), "n_clicks=2.5 must be an integer"), (dict(chunk=0), "chunk=0 must be an integer >= 1"),
+    (dict(max_objects=0), "max_objects=0 must be"), (dict(max_objects=-1), "max_objects=-1 must be"),
+    (dict(prompts="lasso"), r"unknown prompt type\(s\) \['lasso'\]"),
+])
+def test_bad_arguments_are_named(nuclei_sample, kwargs, match):
+    image, labels = nuclei_sample
+    with pytest.raises(ValueError, match=match):
+        evaluate_image(OraclePredictor(labels), image, labels, **kwargs)
+
+
+def test_float_labels_are_refused_not_scored(nuclei_sample):
+    image, labels = nuclei_sample
+    # labels + 0.5 would make the background (0.5) an "object" scored like the others
+    with pytest.raises(ValueError, match="labels must be integers.*float64"):
+        evaluate_image(OraclePredictor(labels), image, labels + 0.5, prompts=("box",))
+    res = evaluate_image(OraclePredictor(labels), image, labels.astype(np.uint16), prompts=("box",), max_objects=4)
+    np.testing.assert_array_equal(res["box"], np.ones(4))
+
+
+def test_one_prompt_as_a_string_is_that_prompt(nuclei_sample):
+    image, labels = nuclei_sample
+    one = evaluate_image(OraclePredictor(labels, erode=1), image, labels, prompts="box", max_objects=5)
+    ref = evaluate_image(OraclePredictor(labels, erode=1), image, labels, prompts=("box",), max_objects=5)
+    assert one["box"].shape == (5,) and one["point"].size == 0
+    np.testing.assert_array_equal(one["box"], ref["box"])
+
+
+def test_center_point_of_an_empty_mask_is_refused():
+    with pytest.raises(ValueError, match="mask is empty"):
+        center_point(np.zeros((8, 8), bool))
+
+
 def _one_image_folder(tmp_path, tiny_model, nuclei_sample):
     """(folder, checkpoint): the real sample image and its labels as ``a_image.png`` / ``a_label.tif``, and the
     random-weight model saved as a checkpoint file."""

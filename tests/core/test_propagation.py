@@ -114,7 +114,7 @@ def test_uncalibrated_ranking_undoes_the_checkpoints_candidate_bias(volume, emb,
 
 def test_stop_rules(volume, emb):
     kw = dict(points=[[48, 48]], embeddings=emb, views="xy", strategy="point")
-    mask, scores = propagate_object(volume, 4, iou_threshold=1.01, **kw)  # predicted IoU never reaches it
+    mask, scores = propagate_object(volume, 4, iou_threshold=1.0, **kw)  # random weights: predicted IoU stays below
     assert mask.any(axis=(1, 2)).tolist() == [False] * 4 + [True] + [False] * 3
     mask, _ = propagate_object(volume, 4, min_area=volume.shape[1] * volume.shape[2] + 1, iou_threshold=0, **kw)
     assert mask.any(axis=(1, 2)).sum() == 1  # "vanished" under min_area
@@ -143,6 +143,23 @@ def test_strategy_defaults_and_bad_parameters():
         make_params({"direction": "sideways"})
     with pytest.raises(ValueError, match="unknown select"):
         make_params({"select": "best"})
+
+
+@pytest.mark.parametrize("bad,match", [
+    # each of these propagated nothing, or dropped a stop rule, or failed with a misleading message
+    (dict(iou_threshold=5), r"iou_threshold=5 must be a number in \[0, 1\]"),
+    (dict(iou_threshold=float("nan")), r"iou_threshold=nan must be a number in \[0, 1\]"),
+    (dict(overlap_threshold=float("nan")), r"overlap_threshold=nan must be a number in \[0, 1\]"),
+    (dict(overlap_threshold=-0.1), r"overlap_threshold=-0.1 must be"),
+    (dict(min_area=-1), "min_area=-1 must be an integer >= 0"), (dict(min_area=2.5), "min_area=2.5 must be"),
+    (dict(max_slices=-1), "max_slices=-1 must be an integer >= 0"),
+    (dict(box_extension=-5), "box_extension=-5 must be a number >= 0"),
+    (dict(box_extension=float("inf")), "box_extension=inf must be a number >= 0"),
+])
+def test_parameters_out_of_range_are_named(bad, match):
+    with pytest.raises(ValueError, match=match):
+        make_params(bad)
+    assert make_params({"max_slices": 0, "min_area": 0, "box_extension": 0.25}).max_slices == 0  # the limits pass
 
 
 def test_prompt_helpers():
@@ -212,6 +229,13 @@ def test_bad_input(volume, emb, tiny_model):
         propagate_object(volume, -1, points=[[5, 5]], embeddings=emb, views="xy")
     with pytest.raises(ValueError, match="give a prompt"):
         propagate_object(volume, 2, embeddings=emb, views="xy")
+    for pts in ([[2, 22, 22]], [2, 22, 22]):  # (z, row, col): z is its own argument
+        with pytest.raises(ValueError, match=r"points are \(row, col\) on slice z; give z on its own"):
+            propagate_object(volume, 2, points=pts, embeddings=emb, views="xy")
+    with pytest.raises(ValueError, match=r"points must have shape \(N, 2\) or \(B, N, 2\).*got \(1, 4\)"):
+        propagate_object(volume, 2, points=[[1, 2, 22, 22]], embeddings=emb, views="xy")
+    with pytest.raises(ValueError, match="point_labels has shape"):
+        propagate_object(volume, 2, points=[[22, 22], [30, 30]], point_labels=[1], embeddings=emb, views="xy")
     with pytest.raises(ValueError, match="another stack"):
         propagate_object(volume[:, ::-1], 2, points=[[5, 5]], embeddings=emb, views="xy")
     with pytest.raises(ValueError, match="seed mask of object 0 on slice 1 is empty"):

@@ -121,7 +121,7 @@ class AnnotatorWidget(AnnotatorJobs, QWidget):
 
     @_main_thread
     def add_box(self, box) -> None:
-        """Add a box prompt (min_row, min_col, max_row, max_col) on the current plane."""
+        """Add a box prompt (min_row, min_col, max_row, max_col), max inclusive, on the current plane."""
         boxes = self._ensure_layers()[1]
         lead = list(L.plane_index(self.viewer, self.image_layer))
         r0, c0, r1, c1 = box

@@ -5,7 +5,8 @@ faster because it (1) filters by predicted IoU and stability on the low-res logi
 survivors, and only in the window where they have foreground, (2) keeps masks as tight patches instead of
 full-size tensors and RLEs, (3) runs NMS in numpy without torchvision.
 
-Coordinates are (row, col); boxes are (min_row, min_col, max_row, max_col) with max exclusive.
+Coordinates are (row, col); the records' boxes (``bbox``, ``crop_box``) are (min_row, min_col, max_row, max_col)
+with max exclusive (``image[r0:r1, c0:c1]``), unlike box prompts (:mod:`napari_sam.core.prompts`: max inclusive).
 """
 
 from __future__ import annotations
@@ -129,7 +130,7 @@ class AutomaticMaskGenerator:
             self.point_grids = build_all_layer_point_grids(points_per_side, crop_n_layers,
                                                            crop_n_points_downscale_factor)
         else:
-            self.point_grids = [np.asarray(g, dtype=np.float64).reshape(-1, 2) for g in point_grids]
+            self.point_grids = _check_grids(point_grids)
             if len(self.point_grids) < crop_n_layers + 1:
                 raise ValueError(f"point_grids has {len(self.point_grids)} grid(s); crop_n_layers={crop_n_layers} "
                                  f"needs {crop_n_layers + 1}")
@@ -184,7 +185,8 @@ class AutomaticMaskGenerator:
 
         Each record: segmentation bool (H, W); area int; bbox (min_row, min_col, max_row, max_col), max
         exclusive; predicted_iou; stability_score (on the low-res logits); point (row, col) of the prompt;
-        crop_box (min_row, min_col, max_row, max_col). A constant image gives [] without running the model.
+        crop_box (min_row, min_col, max_row, max_col), max exclusive. A constant image gives [] without running
+        the model.
         """
         records = self.propose(image, progress=progress, cancel=cancel).filter(**self.thresholds())
         shape = np.shape(image)[:2]
@@ -338,6 +340,22 @@ def _check_unit(name: str, v) -> None:
         raise ValueError(f"{name}={v!r} must be a number in [0, 1]")
 
 
+def _check_grids(point_grids) -> list[np.ndarray]:
+    """point_grids as the reference takes them: a list of (N, 2) grids in [0, 1], one per crop layer."""
+    if isinstance(point_grids, np.ndarray) and point_grids.ndim == 2:
+        raise ValueError(f"point_grids is one array of shape {point_grids.shape}; pass a list of (N, 2) grids, one "
+                         "per crop layer, e.g. point_grids=[grid]")
+    grids = [np.asarray(g, dtype=np.float64) for g in point_grids]
+    for i, g in enumerate(grids):
+        if g.ndim != 2 or g.shape[1] != 2 or len(g) == 0:
+            raise ValueError(f"point_grids[{i}] has shape {g.shape}; each grid must be a non-empty (N, 2) array of "
+                             "(row, col) points normalised to [0, 1]")
+        if not (np.all(np.isfinite(g)) and g.min() >= 0 and g.max() <= 1):
+            raise ValueError(f"point_grids[{i}] has values outside [0, 1] (or NaN/inf); grid points are (row, col) "
+                             "normalised to [0, 1]: divide pixel coordinates by the image's (height, width)")
+    return grids
+
+
 def segment_everything(image: np.ndarray, model: Sam | str | os.PathLike | None = None, *,
                        max_untiled: int = 2048, tile_size: int = 1024, halo: int = 128,
                        min_object_area: int | None = None, progress: Progress | None = None,
@@ -366,9 +384,10 @@ def segment_everything(image: np.ndarray, model: Sam | str | os.PathLike | None 
     rgb = to_rgb_uint8(image)
     if min_object_area is None:
         min_object_area = default_min_object_area(gen.model, gen.min_mask_region_area)
+    if isinstance(min_object_area, (float, np.floating)) and float(min_object_area).is_integer():
+        min_object_area = int(min_object_area)  # a whole number given as a float (e.g. 16.0)
+    _check_int("min_object_area", min_object_area, 0)
     min_area = int(min_object_area)
-    if min_area < 0:
-        raise ValueError(f"min_object_area={min_object_area!r} must be >= 0 (pixels)")
     if not (16 <= tile_size and 0 < halo < tile_size and max_untiled >= tile_size):
         raise ValueError(f"tiling needs 16 <= tile_size, 0 < halo < tile_size and max_untiled >= tile_size; got "
                          f"tile_size={tile_size}, halo={halo}, max_untiled={max_untiled}")

@@ -1,7 +1,7 @@
 """Interactive annotation logic without a viewer: prompts -> masks -> new label ids (pure numpy + torch).
 
 The napari annotator delegates here; everything is testable without Qt. Coordinates are (row, col);
-boxes are (min_row, min_col, max_row, max_col); label images are integer (H, W) arrays, 0 = background.
+boxes are (min_row, min_col, max_row, max_col), max inclusive; label images are integer (H, W) arrays, 0 = background.
 """
 
 from __future__ import annotations
@@ -95,7 +95,7 @@ def stack_plane_embedding(
 @dataclass(frozen=True)
 class Prompts:
     """The prompts of one image plane. points: float (N, 2) (row, col); labels: int (N,) 1 positive /
-    0 negative; boxes: float (M, 4) (min_row, min_col, max_row, max_col)."""
+    0 negative; boxes: float (M, 4) (min_row, min_col, max_row, max_col), max inclusive."""
 
     points: np.ndarray = field(default_factory=lambda: np.zeros((0, 2)))
     labels: np.ndarray = field(default_factory=lambda: np.zeros((0,), dtype=np.int64))

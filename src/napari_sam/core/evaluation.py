@@ -4,7 +4,7 @@ Per instance of a ground-truth label image (H, W) (0 = background):
 
 - ``point``: one positive point at the object's centre (the maximum of its distance transform), multimask;
   scored by the top-ranked mask (highest predicted IoU) and by the oracle (best of the 3, ``oracle``).
-- ``box``: the object's tight box, single mask.
+- ``box``: the object's tight box (min_row, min_col, max_row, max_col), max inclusive; single mask.
 - ``clicks``: k = 1..n interactive clicks: the centre point first (top-ranked mask), then each click at the
   centre of the largest error region of the current mask (missed -> positive, extra -> negative), all the
   clicks so far as the prompt, and the previous low-res logits as mask input where the model refines with
@@ -29,6 +29,8 @@ PROMPTS = ("point", "box", "clicks")
 def center_point(mask: np.ndarray) -> tuple[int, int]:
     """(row, col) of the maximum of the distance transform of a bool mask (the point deepest inside it)."""
     rows, cols = np.nonzero(mask.any(1))[0], np.nonzero(mask.any(0))[0]
+    if rows.size == 0:
+        raise ValueError("center_point needs a mask with at least one True pixel; the mask is empty")
     r0, r1, c0, c1 = rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
     dt = ndimage.distance_transform_edt(np.pad(mask[r0:r1, c0:c1], 1))
     r, c = np.unravel_index(int(np.argmax(dt)), dt.shape)
@@ -86,26 +88,35 @@ def evaluate_image(predictor, image: np.ndarray, labels: np.ndarray, prompts: It
     """Per-instance IoUs for one image: {"point": (N,), "oracle": (N,), "box": (N,), "clicks": (N, n_clicks)}.
 
     ``predictor`` is a :class:`napari_sam.core.predictor.SamPredictor`; ``labels`` (H, W) int must match the
-    image's (H, W). Objects are processed ``chunk`` at a time in one batched decoder call. ``refine``: feed each
-    click round the previous low-res logits (None: as the predictor's model does, see ``refine_logits_of``).
+    image's (H, W). ``prompts``: some of :data:`PROMPTS`, or one of them as a string; the ``box`` prompt is the
+    object's tight box (min_row, min_col, max_row, max_col) with max inclusive. Objects are processed ``chunk`` at
+    a time in one batched decoder call. ``refine``: feed each click round the previous low-res logits (None: as
+    the predictor's model does, see ``refine_logits_of``).
     ``enforce_negatives``: the annotator's protocol, where each click round's mask loses what its negative clicks
     mark (:func:`napari_sam.core.annotation.enforce_negative_points`); the logits fed back stay the model's.
     ``follow_positives``: also the annotator's, where a click round's mask that leaves out one of its positive
     clicks is decoded again with a box around it, the previous round's mask and the positive clicks
     (:func:`napari_sam.core.annotation.follow_positive_points`); its logits are then fed back.
     """
+    from .amg import _check_int
     from .annotation import enforce_negative_points, follow_positive_points
     from .build import refine_logits_of
 
-    if refine is None:
-        refine = refine_logits_of(getattr(predictor, "model", None))
-    prompts = tuple(prompts)
+    prompts = (prompts,) if isinstance(prompts, str) else tuple(prompts)
     bad = set(prompts) - set(PROMPTS)
     if bad:
         raise ValueError(f"unknown prompt type(s) {sorted(bad)}; use {PROMPTS}")
+    _check_int("n_clicks", n_clicks, 1)
+    _check_int("chunk", chunk, 1)
+    if max_objects is not None:
+        _check_int("max_objects", max_objects, 1)
     labels = np.asarray(labels)
     if labels.shape != np.shape(image)[:2]:
         raise ValueError(f"labels shape {labels.shape} does not match the image's {np.shape(image)[:2]}")
+    if not (np.issubdtype(labels.dtype, np.integer) or labels.dtype == bool):
+        raise ValueError(f"labels must be integers (instance ids, 0 = background), got dtype {labels.dtype}")
+    if refine is None:
+        refine = refine_logits_of(getattr(predictor, "model", None))
     ids = instance_ids(labels, max_objects, seed)
     out: dict[str, list] = {k: [] for k in ("point", "oracle", "box", "clicks")}
     if ids.size == 0:

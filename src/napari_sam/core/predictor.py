@@ -220,7 +220,7 @@ class SamPredictor:
 
         points: (N, 2) float (row, col) in image pixels, or (B, N, 2) for B objects; point_labels: (N,) or
         (B, N), 1 positive / 0 negative (default all positive). Points outside the image are clipped.
-        box: (4,) (min_row, min_col, max_row, max_col), or (B, 4). mask_input: low-res logits (L, L),
+        box: (4,) (min_row, min_col, max_row, max_col), max inclusive, or (B, 4). mask_input: low-res logits (L, L),
         (1, L, L) or (B, 1, L, L) from a previous prediction. multimask: 3 candidates (ambiguity) or 1.
         return_logits: masks are float32 logits at image size instead of bool (-1e4 outside a zoom window).
         mask_windows: the previous prediction's ``windows``, (4,) or (B, 4), when ``mask_input`` came from a

@@ -1,6 +1,9 @@
 """Prompt validation and the one conversion between napari/numpy (row, col) and SAM (x, y).
 
-Public API coordinates are always (row, col); boxes are (min_row, min_col, max_row, max_col).
+Public API coordinates are always (row, col); box prompts are (min_row, min_col, max_row, max_col) with max
+inclusive: (max_row, max_col) is the last pixel inside the box, so a mask's tight box is (rows.min(), cols.min(),
+rows.max(), cols.max()), as the reference's training and evaluation boxes. (Segment-everything records' ``bbox``
+is the other convention, max exclusive: see :mod:`napari_sam.core.amg`.)
 :func:`rc_to_xy` is the only place in the code base that swaps axes.
 """
 
@@ -63,7 +66,8 @@ def validate_points(points, point_labels, image_shape: tuple[int, int], clip: bo
 
 
 def validate_boxes(box, image_shape: tuple[int, int]) -> np.ndarray:
-    """Box (4,) or (B, 4) as (min_row, min_col, max_row, max_col) -> (B, 4) float64, clipped to the image."""
+    """Box (4,) or (B, 4) as (min_row, min_col, max_row, max_col), max inclusive -> (B, 4) float64, clipped to
+    the image (0 .. H - 1, 0 .. W - 1)."""
     b = np.asarray(box, dtype=np.float64)
     if b.ndim == 1:
         b = b[None]

@@ -23,10 +23,12 @@ from dataclasses import dataclass, fields
 import numpy as np
 from scipy import ndimage
 
+from .amg import _check_int, _check_unit
 from .build import checkpoint_meta
 from .embedding_store import StackEmbeddings, validate_stack
 from .image import check_denoise
 from .predictor import SamPredictor
+from .prompts import validate_points
 from .propagation_views import VIEWS, check_spacing, orthogonal_views
 
 # What the next slice is prompted with, and each strategy's own stop rule and candidate choice (make_params applies
@@ -127,6 +129,15 @@ def make_params(params: Mapping) -> PropagationParams:
         raise ValueError(f"unknown views {params['views']!r}; choose one of {VIEWS}")
     over = {k: v for k, v in STRATEGIES[strategy].items() if k in names}
     p = PropagationParams(**{**over, **params})
+    _check_unit("iou_threshold", p.iou_threshold)
+    _check_unit("overlap_threshold", p.overlap_threshold)
+    _check_int("min_area", p.min_area, 0)
+    if p.max_slices is not None:
+        _check_int("max_slices", p.max_slices, 0)  # 0: the prompted slice only; None: no limit
+    if not (isinstance(p.box_extension, (int, float, np.integer, np.floating)) and np.isfinite(p.box_extension)
+            and p.box_extension >= 0):
+        raise ValueError(f"box_extension={p.box_extension!r} must be a number >= 0 (0.1: the box grows by 10% of "
+                         "its size on each side)")
     if p.spacing is not None:
         object.__setattr__(p, "spacing", check_spacing(p.spacing))
     if isinstance(p.view_step, (bool, np.bool_)) or not isinstance(p.view_step, (int, np.integer)) or p.view_step < 1:
@@ -467,6 +478,11 @@ def iter_propagate_object(volume: np.ndarray, z: int, points=None, point_labels=
     if points is None and box is None:
         raise ValueError("give a prompt on slice z: points=(N, 2) (row, col) and/or box=(4,)")
     p = make_params(params)
+    if points is not None:
+        if np.shape(points)[-1:] == (3,):
+            raise ValueError(f"points has shape {np.shape(points)}: points are (row, col) on slice z; give z on its "
+                             "own, e.g. propagate_object(volume, z, points=[[row, col]])")
+        validate_points(points, point_labels, vol.shape[1:3])
     predictor.set_embedding(emb[z])
     single_point = box is None and np.asarray(points).reshape(-1, 2).shape[0] == 1
     pred = predictor.predict(points=points, point_labels=point_labels, box=box, multimask=single_point)
@@ -521,9 +537,10 @@ def propagate_object(volume: np.ndarray, z: int, points=None, point_labels=None,
     """Segment one object in 3D from a prompt on slice ``z``.
 
     volume: (Z, Y, X) or (Z, Y, X, C), any dtype. points: (N, 2) (row, col) on slice z, point_labels (N,)
-    1/0; box: (4,) (min_row, min_col, max_row, max_col). model: a Sam, a name/path for load_model, or None
-    (the built-in model, or the model of ``embeddings``). embeddings: a StackEmbeddings of ``volume`` (default:
-    one is opened in the disk cache). params: :class:`PropagationParams` fields, and ``cancel`` (callable).
+    1/0; box: (4,) (min_row, min_col, max_row, max_col), max inclusive. model: a Sam, a name/path for
+    load_model, or None (the built-in model, or the model of ``embeddings``). embeddings: a StackEmbeddings of
+    ``volume`` (default: one is opened in the disk cache). params: :class:`PropagationParams` fields, and
+    ``cancel`` (callable).
 
     Returns (mask (Z, Y, X) bool, scores (Z,) float32: predicted IoU per slice, NaN where the object is absent).
     """
