@@ -116,3 +116,61 @@ def test_without_a_model_the_worker_loads_the_built_in_one(make_napari_viewer, q
     qtbot.waitUntil(lambda: not widget.busy(), timeout=120000)
     assert widget.result == "done", widget.status.text()
     assert state.model is widget.tuned and state.model_name == "builtin+finetuned"
+
+
+def test_the_sam_preview_is_not_offered_as_labels(make_napari_viewer, nuclei_sample, tiny_model):
+    """The annotator's preview layer holds no committed objects: it is neither listed nor chosen by default."""
+    from napari_sam._widgets._layers import PREVIEW_NAME
+    from napari_sam._widgets._state import get_state
+    from napari_sam._widgets.finetune import FinetuneWidget
+
+    viewer = make_napari_viewer(show=True)
+    get_state(viewer).set_model(tiny_model, "random nsam_t")
+    viewer.add_image(nuclei_sample[0], name="nuclei")
+    viewer.add_labels(np.zeros(nuclei_sample[1].shape, np.uint8), name=PREVIEW_NAME)
+    viewer.add_labels(nuclei_sample[1].astype(np.int32), name="committed")
+    widget = FinetuneWidget(viewer)
+    items = [widget.labels_combo.itemText(i) for i in range(widget.labels_combo.count())]
+    assert items == ["committed"] and widget.labels_combo.currentText() == "committed"
+    viewer.layers.remove(PREVIEW_NAME)
+    viewer.add_labels(np.zeros(nuclei_sample[1].shape, np.uint8), name=PREVIEW_NAME)  # added later: not listed
+    assert widget.labels_combo.count() == 1 and widget.labels_combo.currentText() == "committed"
+
+
+def test_multiscale_image_trains_at_full_resolution(scene, qtbot, tiny_model):
+    """A multiscale image is tuned on its full-resolution level (its labels have that shape); labels of another
+    shape are refused at once, naming both layers and shapes, and nothing starts."""
+    from napari_sam._widgets._state import get_state
+
+    viewer, widget = scene
+    img = viewer.layers["nuclei"].data
+    viewer.layers.remove("nuclei")
+    viewer.add_image([img, img[::2, ::2]], multiscale=True, name="pyramid")
+    widget.image_combo.setCurrentText("pyramid")
+    assert widget.run(steps=1)
+    qtbot.waitUntil(lambda: not widget.busy(), timeout=120000)
+    assert widget.result == "done", widget.status.text()
+    state = get_state(viewer)
+    tuned = state.model
+    small = viewer.add_labels(np.asarray(viewer.layers["committed"].data)[::2, ::2], name="small")
+    widget.labels_combo.setCurrentText("small")
+    assert not widget.run(steps=1) and not widget.busy()
+    h, w = img.shape[:2]
+    assert widget.status.text() == (f"labels 'small' have shape {small.data.shape} but image 'pyramid' has {(h, w)}; "
+                                    "choose a Labels layer of the image's shape")
+    assert state.model is tuned
+
+
+def test_renamed_layers_stay_chosen(scene, qtbot):
+    """Renaming a layer renames it in the lists and keeps it chosen: fine-tuning runs on it."""
+    viewer, widget = scene
+    viewer.layers["nuclei"].name = "cells"
+    viewer.layers["committed"].name = "my objects"
+    assert [widget.image_combo.itemText(i) for i in range(widget.image_combo.count())] == ["cells"]
+    assert widget.image_combo.currentText() == "cells" and widget.labels_combo.currentText() == "my objects"
+    viewer.add_labels(np.zeros_like(viewer.layers["my objects"].data), name="other")
+    viewer.layers["my objects"].name = "mine"  # the choice follows the layer, not the first in the list
+    assert widget.labels_combo.currentText() == "mine"
+    assert widget.run(steps=1)
+    qtbot.waitUntil(lambda: not widget.busy(), timeout=120000)
+    assert widget.result == "done", widget.status.text()

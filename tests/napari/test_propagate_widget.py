@@ -283,3 +283,60 @@ def test_voxels_painted_while_it_runs_are_kept(scene, monkeypatch):
     assert len(painted["at"][0]) == 5 and np.all(after[painted["at"]] == 99)
     assert (after == SEED).sum() > (before == SEED).sum()  # the rest was written
     assert any("5 voxel(s) painted while propagating were kept" in n for n in notes)
+
+
+def test_views_choice_is_kept_until_another_image_is_chosen(scene, tiny_model):
+    """The user's "orthogonal views" choice survives layers being added, removed or renamed; choosing another
+    stack gives that stack's default again."""
+    viewer, w, lay, before = scene
+    assert not w.views_check.isChecked()  # the user's choice (the fixture unchecks the default)
+    points = viewer.add_points(np.zeros((0, 3)), name="some points")
+    viewer.add_labels(np.zeros_like(before), name="more labels")
+    viewer.layers.remove(points)
+    viewer.layers["stack"].name = "nuclei 3D"
+    assert not w.views_check.isChecked() and w.image_combo.currentText() == "nuclei 3D"
+    viewer.add_image(np.asarray(viewer.layers["nuclei 3D"].data)[:, ::-1], name="flipped")
+    w.set_layers("flipped", "SAM labels")
+    assert w.views_check.isChecked()
+    w.views_check.setChecked(False)
+    viewer.layers.remove("nuclei 3D")  # not the chosen image: the choice is kept
+    assert not w.views_check.isChecked() and w.image_combo.currentText() == "flipped"
+
+
+def test_renamed_layers_stay_chosen_and_propagate(scene):
+    """Renaming the stack and the labels renames them in the lists, keeps them chosen, and propagation runs on
+    them; a layer gone behind the widget's back is a clear message."""
+    viewer, w, lay, before = scene
+    viewer.add_labels(np.zeros_like(before), name="other labels")
+    viewer.layers["stack"].name = "nuclei 3D"
+    lay.name = "my nuclei"
+    assert [w.image_combo.itemText(i) for i in range(w.image_combo.count())] == ["nuclei 3D"]
+    assert w.image_combo.currentText() == "nuclei 3D" and w.labels_combo.currentText() == "my nuclei"
+    assert w.propagate(direction="up", scope="current", strategy="point", max_slices=1, **NO_STOP)
+    assert w.wait(120)
+    assert "propagated 1 object(s) from slice 4" in w.status_label.text()
+    assert (np.asarray(lay.data) == SEED).any(axis=(1, 2)).tolist() == [False] * 4 + [True] * 2 + [False] * 2
+    lay.events.name.disconnect(w._refresh)  # as if renamed where the widget could not see it
+    lay.name = "renamed unseen"
+    assert not w.propagate(scope="current")
+    assert w.status_label.text() == ("the labels layer 'my nuclei' is no longer in the viewer (removed or renamed); "
+                                     "choose the labels again")
+    assert w.labels_combo.currentText() == "renamed unseen"  # the lists were refreshed
+
+
+def test_precompute_checks_the_image_like_propagate(scene, tmp_path):
+    """An RGB stack is refused before anything is embedded, with the message Propagate gives; a grayscale stack
+    is embedded without any labels layer."""
+    viewer, w, lay, before = scene
+    stack = np.asarray(viewer.layers["stack"].data)
+    viewer.add_image(np.stack([stack] * 3, axis=-1), name="rgb stack", rgb=True)
+    w.set_layers("rgb stack", "SAM labels")
+    assert not w.propagate()
+    expected = w.status_label.text()
+    assert expected == "image 'rgb stack' is RGB; propagation needs a grayscale (Z, Y, X) stack"
+    assert not w.precompute() and not w.busy() and w.status_label.text() == expected
+    assert not (tmp_path / "cache").exists()  # nothing was embedded
+    viewer.layers.remove(lay)
+    w.set_layers("stack", "")
+    assert w.precompute() and w.wait(120)
+    assert "embedding done: 0 slice(s) left" in w.status_label.text()

@@ -17,6 +17,7 @@ from qtpy.QtGui import QPainter, QPen, QPolygonF
 from qtpy.QtWidgets import (QComboBox, QDoubleSpinBox, QFileDialog, QFormLayout, QHBoxLayout, QLabel,
                             QProgressBar, QPushButton, QSpinBox, QVBoxLayout, QWidget)
 
+from . import _layers as L
 from ._state import get_state
 from ._workers import CancelToken, run_in_thread
 
@@ -49,6 +50,23 @@ class LossCurve(QWidget):
         p.drawText(4, 14, f"loss {v[-1]:.3f}")
 
 
+def refill(combo: QComboBox, layers: list) -> None:
+    """List ``layers`` in ``combo`` by name (each layer its item's data), without signals; the layer chosen before
+    stays chosen, renamed or not."""
+    chosen = combo.currentData()
+    combo.blockSignals(True)
+    combo.clear()
+    for ly in layers:
+        combo.addItem(ly.name, ly)
+    combo.setCurrentIndex(next((i for i, ly in enumerate(layers) if ly is chosen), 0 if layers else -1))
+    combo.blockSignals(False)
+
+
+def full_resolution(layer):
+    """A layer's data; for a multiscale layer its full-resolution level (``data`` alone is the lowest)."""
+    return layer.data[0] if layer.multiscale else layer.data
+
+
 class _Relay(QObject):
     step = Signal(int, int, float)  # step, total, loss
     phase = Signal(str)
@@ -61,6 +79,7 @@ def run_finetune(model, images, labels, steps: int, mode: str, lr: float, cancel
     was loaded here, else None). Empty ``labels`` (named ``labels_name`` in the message) raise ValueError."""
     from napari_sam.core.training import finetune_iter
 
+    images, labels = np.asarray(images), np.asarray(labels)  # read here: a large (lazy) level would freeze the viewer
     if not (labels.any() if labels.ndim < 3 else any(plane.any() for plane in labels)):  # stops at a labelled plane
         raise ValueError(f"Labels layer {labels_name!r} has no objects: commit some objects first")
     loaded = None
@@ -101,8 +120,10 @@ class FinetuneWidget(QWidget):
         self._relay.step.connect(self._on_step)
         self._relay.phase.connect(self._message)
         self._build_ui()
-        for ev in (self.viewer.layers.events.inserted, self.viewer.layers.events.removed):
-            ev.connect(self._refresh)
+        self.viewer.layers.events.inserted.connect(self._layer_added)
+        self.viewer.layers.events.removed.connect(self._layer_removed)
+        for ly in self.viewer.layers:
+            ly.events.name.connect(self._refresh)  # a renamed layer stays listed, and chosen, under its new name
         self._refresh()
 
     # ------------------------------------------------------------------ UI
@@ -148,13 +169,17 @@ class FinetuneWidget(QWidget):
         lay.addWidget(self.curve)
         lay.addWidget(self.status)
 
+    def _layer_added(self, event) -> None:
+        event.value.events.name.connect(self._refresh)
+        self._refresh()
+
+    def _layer_removed(self, event) -> None:
+        event.value.events.name.disconnect(self._refresh)
+        self._refresh()
+
     def _refresh(self, *_) -> None:
         for combo, kind in ((self.image_combo, napari.layers.Image), (self.labels_combo, napari.layers.Labels)):
-            cur = combo.currentText()
-            combo.clear()
-            combo.addItems([ly.name for ly in self.viewer.layers if isinstance(ly, kind)])
-            if cur:
-                combo.setCurrentText(cur)
+            refill(combo, [ly for ly in self.viewer.layers if isinstance(ly, kind) and ly.name != L.PREVIEW_NAME])
 
     def _message(self, text: str) -> None:
         self.status.setText(text)
@@ -180,7 +205,12 @@ class FinetuneWidget(QWidget):
         if img_name not in names or lab_name not in names:
             self._message("choose an image layer and a Labels layer with committed objects first")
             return False
-        image, labels = np.asarray(self.viewer.layers[img_name].data), np.asarray(self.viewer.layers[lab_name].data)
+        image_layer, labels_layer = self.viewer.layers[img_name], self.viewer.layers[lab_name]
+        image, labels = full_resolution(image_layer), full_resolution(labels_layer)  # the worker reads them
+        if tuple(labels.shape) != L.image_shape(image_layer):
+            self._message(f"labels {lab_name!r} have shape {tuple(labels.shape)} but image {img_name!r} has "
+                          f"{L.image_shape(image_layer)}; choose a Labels layer of the image's shape")
+            return False
         model = self.state.model  # None: the worker loads the built-in model
         if steps is not None:
             self.steps.setValue(steps)

@@ -34,6 +34,7 @@ from ..core.propagation import (
 )
 from ..core.propagation_labels import confidence_text, plan_write, seeds_from_labels, split_by_span
 from ..core.propagation_views import ViewsWarning, view_embeddings, views_fit
+from . import _layers as L
 from ._annotator_ui import bind_denoise, denoise_spin_box
 from ._state import get_state
 from ._workers import CancelToken, ProgressRelay, process_events_until, run_in_thread
@@ -43,6 +44,18 @@ if TYPE_CHECKING:
 
 DIRECTIONS = {"through the volume": "both", "up (+z)": "up", "down (−z)": "down"}
 SCOPES = {"current object": "current", "all objects on this slice": "all"}
+
+
+def refill(combo: QComboBox, layers: list) -> None:
+    """List ``layers`` in ``combo`` by name (each layer its item's data), without signals; the layer chosen before
+    stays chosen, renamed or not."""
+    chosen = combo.currentData()
+    combo.blockSignals(True)
+    combo.clear()
+    for lay in layers:
+        combo.addItem(lay.name, lay)
+    combo.setCurrentIndex(next((i for i, lay in enumerate(layers) if lay is chosen), 0 if layers else -1))
+    combo.blockSignals(False)
 
 
 def run_propagation(volume, labels3d, z, ids, model, params, cancel, report, denoise: float = 0.0,
@@ -165,8 +178,10 @@ class PropagateWidget(QWidget):
         self._relay = ProgressRelay()
         self._relay.progressed.connect(self._on_progress)
         self._build_ui()
-        self.viewer.layers.events.inserted.connect(self._refresh)
-        self.viewer.layers.events.removed.connect(self._refresh)
+        self.viewer.layers.events.inserted.connect(self._layer_added)
+        self.viewer.layers.events.removed.connect(self._layer_removed)
+        for lay in self.viewer.layers:
+            lay.events.name.connect(self._refresh)  # a renamed layer stays listed, and chosen, under its new name
         self._refresh()
 
     # ----------------------------------------------------------------- UI
@@ -220,15 +235,23 @@ class PropagateWidget(QWidget):
         self.embed_button.clicked.connect(lambda: self.precompute())
         self.image_combo.currentTextChanged.connect(self._image_changed)
 
+    def _layer_added(self, event) -> None:
+        event.value.events.name.connect(self._refresh)
+        self._refresh()
+
+    def _layer_removed(self, event) -> None:
+        event.value.events.name.disconnect(self._refresh)
+        self._refresh()
+
     def _refresh(self, *_) -> None:
         import napari
 
+        image = self.image_combo.currentData()
         for combo, kind in ((self.image_combo, napari.layers.Image), (self.labels_combo, napari.layers.Labels)):
-            cur = combo.currentText()
-            combo.clear()
-            combo.addItems([lay.name for lay in self.viewer.layers if isinstance(lay, kind) and lay.ndim >= 3])
-            if cur:
-                combo.setCurrentText(cur)
+            refill(combo, [lay for lay in self.viewer.layers if isinstance(lay, kind) and lay.ndim >= 3
+                           and lay.name != L.PREVIEW_NAME])
+        if self.image_combo.currentData() is not image:  # another image: its defaults; else the choices stay
+            self._image_changed(self.image_combo.currentText())
 
     def _image_changed(self, name: str) -> None:
         """A stack whose first displayed axis is labelled as time is not a volume: no orthogonal views for it."""
@@ -304,13 +327,11 @@ class PropagateWidget(QWidget):
         if self.busy():
             self._message("busy; wait or cancel first", "warning")
             return False
-        iname = self.image_combo.currentText()
-        if not iname or iname not in self.viewer.layers:
-            self._message("no 3D image layer: open a (Z, Y, X) stack", "error")
+        try:
+            image, idx = self._image_input()
+        except ValueError as e:
+            self._message(str(e), "error")
             return False
-        image = self.viewer.layers[iname]
-        step = image.world_to_data(np.asarray(self.viewer.dims.point))
-        idx = [int(np.clip(np.round(step[i]), 0, image.data.shape[i] - 1)) for i in range(image.ndim)]
         volume = np.asarray(select_volume(image.data, idx))
         self._start("embedding %p%")
         spacing = tuple(float(s) for s in image.scale[-3:]) if self.views_check.isChecked() else None
@@ -338,22 +359,29 @@ class PropagateWidget(QWidget):
         self.embed_button.setEnabled(False)
 
     # ----------------------------------------------------------------- internals
-    def _inputs(self):
-        iname, lname = self.image_combo.currentText(), self.labels_combo.currentText()
-        if not iname or iname not in self.viewer.layers:
+    def _image_input(self):
+        """The chosen image layer, checked, and the data index of the viewer's current point in it; ValueError
+        (LayerError) saying what to do otherwise."""
+        iname = self.image_combo.currentText()
+        if not iname:
             raise ValueError("no 3D image layer: open a (Z, Y, X) stack")
-        if not lname or lname not in self.viewer.layers:
-            raise ValueError("no labels layer: annotate objects on a slice with the SAM annotator first")
-        image, labels = self.viewer.layers[iname], self.viewer.layers[lname]
+        image = L.named_layer(self.viewer, iname, "image", self._refresh)
         if image.rgb:
             raise ValueError(f"image {iname!r} is RGB; propagation needs a grayscale (Z, Y, X) stack")
         if image.multiscale:
             raise ValueError(f"image {iname!r} is multiscale; propagation needs a single-scale stack")
+        step = image.world_to_data(np.asarray(self.viewer.dims.point))
+        return image, [int(np.clip(np.round(step[i]), 0, image.data.shape[i] - 1)) for i in range(image.ndim)]
+
+    def _inputs(self):
+        image, idx = self._image_input()
+        iname, lname = image.name, self.labels_combo.currentText()
+        if not lname:
+            raise ValueError("no labels layer: annotate objects on a slice with the SAM annotator first")
+        labels = L.named_layer(self.viewer, lname, "labels", self._refresh)
         if tuple(labels.data.shape) != tuple(image.data.shape):
             raise ValueError(f"labels {lname!r} have shape {labels.data.shape} but image {iname!r} has "
                              f"{image.data.shape}; use a labels layer of the image's shape")
-        step = image.world_to_data(np.asarray(self.viewer.dims.point))
-        idx = [int(np.clip(np.round(step[i]), 0, image.data.shape[i] - 1)) for i in range(image.ndim)]
         lead = tuple(idx[: image.ndim - 3])
         volume = np.asarray(select_volume(image.data, idx))
         labels3d = select_volume(labels.data, idx)  # the worker takes its snapshot: the user may paint meanwhile
