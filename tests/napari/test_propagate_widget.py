@@ -316,7 +316,7 @@ def test_renamed_layers_stay_chosen_and_propagate(scene):
     assert w.wait(120)
     assert "propagated 1 object(s) from slice 4" in w.status_label.text()
     assert (np.asarray(lay.data) == SEED).any(axis=(1, 2)).tolist() == [False] * 4 + [True] * 2 + [False] * 2
-    lay.events.name.disconnect(w._refresh)  # as if renamed where the widget could not see it
+    lay.events.name.disconnect(w._renames._on_name)  # as if renamed where the widget could not see it
     lay.name = "renamed unseen"
     assert not w.propagate(scope="current")
     assert w.status_label.text() == ("the labels layer 'my nuclei' is no longer in the viewer (removed or renamed); "

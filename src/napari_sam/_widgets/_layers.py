@@ -209,10 +209,23 @@ def named_layer(viewer: napari.Viewer, name: str, what: str, refresh: Callable[[
                      "again")
 
 
+def refill(combo, layers: list) -> None:
+    """List ``layers`` in the QComboBox ``combo`` by name (each layer its item's data), without signals; the layer
+    chosen before stays chosen, renamed or not."""
+    chosen = combo.currentData()
+    combo.blockSignals(True)
+    combo.clear()
+    for lay in layers:
+        combo.addItem(lay.name, lay)
+    combo.setCurrentIndex(next((i for i, lay in enumerate(layers) if lay is chosen), 0 if layers else -1))
+    combo.blockSignals(False)
+
+
 class RenameFollower:
     """Keeps a widget's layer choices right when a layer is renamed: ``refresh()`` (the widget's own refill of
-    its combo boxes) runs, and each combo box of ``combos`` that showed the old name shows the new one.
-    The widget keeps this object; napari holds only weak references to it."""
+    its combo boxes) runs, and each combo box of ``combos`` that showed the old name shows the new one (combo
+    boxes filled by :func:`refill` follow their layers by themselves). The widget keeps this object; napari
+    holds only weak references to it."""
 
     def __init__(self, viewer: napari.Viewer, combos, refresh: Callable[[], None]) -> None:
         self.combos, self.refresh = list(combos), refresh

@@ -50,18 +50,6 @@ class LossCurve(QWidget):
         p.drawText(4, 14, f"loss {v[-1]:.3f}")
 
 
-def refill(combo: QComboBox, layers: list) -> None:
-    """List ``layers`` in ``combo`` by name (each layer its item's data), without signals; the layer chosen before
-    stays chosen, renamed or not."""
-    chosen = combo.currentData()
-    combo.blockSignals(True)
-    combo.clear()
-    for ly in layers:
-        combo.addItem(ly.name, ly)
-    combo.setCurrentIndex(next((i for i, ly in enumerate(layers) if ly is chosen), 0 if layers else -1))
-    combo.blockSignals(False)
-
-
 def full_resolution(layer):
     """A layer's data; for a multiscale layer its full-resolution level (``data`` alone is the lowest)."""
     return layer.data[0] if layer.multiscale else layer.data
@@ -120,10 +108,9 @@ class FinetuneWidget(QWidget):
         self._relay.step.connect(self._on_step)
         self._relay.phase.connect(self._message)
         self._build_ui()
-        self.viewer.layers.events.inserted.connect(self._layer_added)
-        self.viewer.layers.events.removed.connect(self._layer_removed)
-        for ly in self.viewer.layers:
-            ly.events.name.connect(self._refresh)  # a renamed layer stays listed, and chosen, under its new name
+        self.viewer.layers.events.inserted.connect(self._refresh)
+        self.viewer.layers.events.removed.connect(self._refresh)
+        self._renames = L.RenameFollower(self.viewer, (), self._refresh)  # renamed layers stay listed and chosen
         self._refresh()
 
     # ------------------------------------------------------------------ UI
@@ -169,17 +156,9 @@ class FinetuneWidget(QWidget):
         lay.addWidget(self.curve)
         lay.addWidget(self.status)
 
-    def _layer_added(self, event) -> None:
-        event.value.events.name.connect(self._refresh)
-        self._refresh()
-
-    def _layer_removed(self, event) -> None:
-        event.value.events.name.disconnect(self._refresh)
-        self._refresh()
-
     def _refresh(self, *_) -> None:
         for combo, kind in ((self.image_combo, napari.layers.Image), (self.labels_combo, napari.layers.Labels)):
-            refill(combo, [ly for ly in self.viewer.layers if isinstance(ly, kind) and ly.name != L.PREVIEW_NAME])
+            L.refill(combo, [ly for ly in self.viewer.layers if isinstance(ly, kind) and ly.name != L.PREVIEW_NAME])
 
     def _message(self, text: str) -> None:
         self.status.setText(text)

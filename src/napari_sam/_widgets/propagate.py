@@ -46,18 +46,6 @@ DIRECTIONS = {"through the volume": "both", "up (+z)": "up", "down (−z)": "dow
 SCOPES = {"current object": "current", "all objects on this slice": "all"}
 
 
-def refill(combo: QComboBox, layers: list) -> None:
-    """List ``layers`` in ``combo`` by name (each layer its item's data), without signals; the layer chosen before
-    stays chosen, renamed or not."""
-    chosen = combo.currentData()
-    combo.blockSignals(True)
-    combo.clear()
-    for lay in layers:
-        combo.addItem(lay.name, lay)
-    combo.setCurrentIndex(next((i for i, lay in enumerate(layers) if lay is chosen), 0 if layers else -1))
-    combo.blockSignals(False)
-
-
 def run_propagation(volume, labels3d, z, ids, model, params, cancel, report, denoise: float = 0.0,
                     overwrite: bool = False) -> dict[str, Any]:
     """Thread job: :func:`propagate_objects` on a snapshot of ``labels3d`` taken here (the user may paint
@@ -178,10 +166,9 @@ class PropagateWidget(QWidget):
         self._relay = ProgressRelay()
         self._relay.progressed.connect(self._on_progress)
         self._build_ui()
-        self.viewer.layers.events.inserted.connect(self._layer_added)
-        self.viewer.layers.events.removed.connect(self._layer_removed)
-        for lay in self.viewer.layers:
-            lay.events.name.connect(self._refresh)  # a renamed layer stays listed, and chosen, under its new name
+        self.viewer.layers.events.inserted.connect(self._refresh)
+        self.viewer.layers.events.removed.connect(self._refresh)
+        self._renames = L.RenameFollower(self.viewer, (), self._refresh)  # renamed layers stay listed and chosen
         self._refresh()
 
     # ----------------------------------------------------------------- UI
@@ -235,20 +222,12 @@ class PropagateWidget(QWidget):
         self.embed_button.clicked.connect(lambda: self.precompute())
         self.image_combo.currentTextChanged.connect(self._image_changed)
 
-    def _layer_added(self, event) -> None:
-        event.value.events.name.connect(self._refresh)
-        self._refresh()
-
-    def _layer_removed(self, event) -> None:
-        event.value.events.name.disconnect(self._refresh)
-        self._refresh()
-
     def _refresh(self, *_) -> None:
         import napari
 
         image = self.image_combo.currentData()
         for combo, kind in ((self.image_combo, napari.layers.Image), (self.labels_combo, napari.layers.Labels)):
-            refill(combo, [lay for lay in self.viewer.layers if isinstance(lay, kind) and lay.ndim >= 3
+            L.refill(combo, [lay for lay in self.viewer.layers if isinstance(lay, kind) and lay.ndim >= 3
                            and lay.name != L.PREVIEW_NAME])
         if self.image_combo.currentData() is not image:  # another image: its defaults; else the choices stay
             self._image_changed(self.image_combo.currentText())
