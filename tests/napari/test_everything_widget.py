@@ -240,3 +240,46 @@ def test_slider_moves_refilter_in_a_worker(scene, monkeypatch):
     out = np.asarray(viewer.layers["SAM everything"].data).copy()
     assert np.array_equal(out > 0, _core(w) > 0)
     assert "re-filtered" in w.status_label.text()
+
+
+def test_a_refilter_planned_in_a_worker_keeps_what_is_painted_meanwhile(scene):
+    """A slider move's write is planned in a worker against a snapshot of the plane; pixels painted between the
+    snapshot and the write (which the plan would change) are left as painted, and the message says how many."""
+    import time
+
+    from napari_sam._widgets.everything import filter_and_plan
+
+    viewer, w = scene
+    assert w.run(**OPEN)
+    assert w.wait(120)
+    out = viewer.layers["SAM everything"]
+    w.set_thresholds(min_object_area=0, box_nms_thresh=0.9)
+    snap = w._snapshot()
+    plan = filter_and_plan(w.proposals, dict(w._filter_params(), min_object_area=10 ** 6), snap)  # as in a worker
+    assert plan.rows.size > 20
+    spot = (plan.rows[:20], plan.cols[:20])
+    out.data_setitem(spot, 777)  # painted meanwhile, on pixels the plan changes
+    w._show_filtered(plan, snap, time.perf_counter())
+    after = np.asarray(out.data)
+    assert np.all(after[spot] == 777) and "20 pixel(s) painted meanwhile were kept" in w.status_label.text()
+    rest = (plan.rows[20:], plan.cols[20:])
+    assert np.array_equal(after[rest], plan.values[20:])
+    out.undo()  # our write is one undo step: the paint is back as it was
+    assert np.all(np.asarray(out.data)[spot] == 777)
+    w.set_thresholds(min_object_area=10 ** 5)  # the next re-filter counts those pixels as the user's
+    assert np.all(np.asarray(out.data)[spot] == 777)
+
+
+def test_many_objects_widen_a_narrow_target(scene, nuclei_sample):
+    """A uint8 target whose ids run out: the new ids do not wrap around (they did: 256 became 0), the layer is
+    widened and the user's labels are kept."""
+    viewer, w = scene
+    gt = nuclei_sample[1]
+    user = viewer.add_labels(np.where(gt > 0, 250, 0).astype(np.uint8), name="narrow")
+    w.set_target("narrow")
+    assert w.run(**OPEN)
+    assert w.wait(120)
+    data = np.asarray(user.data)
+    assert data.dtype == np.int64 and np.all(data[gt > 0] == 250)
+    new = np.unique(data[(gt == 0) & (data > 0)])
+    assert new.size > 6 and new.min() == 251 and new.max() > 255

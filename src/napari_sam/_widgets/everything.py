@@ -14,6 +14,7 @@ re-filters them and rewrites the result without running the model again. Results
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -287,12 +288,13 @@ class SegmentEverythingWidget(QWidget):
         self._timer.stop()
         self._refilter_version += 1  # a re-filter still running in a worker is now stale
         t0 = time.perf_counter()
+        snap = self._snapshot()
         try:
-            labels = filtered_labels(self.proposals, self._filter_params())
+            result = filter_and_plan(self.proposals, self._filter_params(), snap)
         except ValueError as e:  # rescoring with a model that has no scorer: the result stays as it was
             self._message(str(e), "error")
             return 0
-        return self._show_filtered(labels, t0)
+        return self._show_filtered(result, snap, t0)
 
     def _filter_params(self) -> dict:
         th, g = self.thresholds(), self.generator
@@ -301,13 +303,15 @@ class SegmentEverythingWidget(QWidget):
                     min_mask_region_area=g.min_mask_region_area, resolve_parts=self.parts_check.isChecked(),
                     rescore=self.rescore_check.isChecked(), min_object_area=int(th["min_object_area"]))
 
-    def _show_filtered(self, labels: np.ndarray, t0: float) -> int:
-        self._write(labels)
+    def _show_filtered(self, result: PlaneWrite, snap: Snapshot, t0: float) -> int:
+        kept = self._apply(result, snap)
         self.last_refilter_s = time.perf_counter() - t0
-        n = int(labels.max())
-        self._message(f"{n} objects ({len(self.proposals)} kept candidates; re-filtered in "
-                      f"{1000 * self.last_refilter_s:.0f} ms)")
-        return n
+        msg = f"{result.n_objects} objects ({len(self.proposals)} kept candidates; re-filtered in " \
+              f"{1000 * self.last_refilter_s:.0f} ms)"
+        if kept:
+            msg += f"; {kept} pixel(s) painted meanwhile were kept"
+        self._message(msg)
+        return result.n_objects
 
     def _refilter_in_worker(self) -> None:
         if self.proposals is None or self._target is None:
@@ -317,11 +321,12 @@ class SegmentEverythingWidget(QWidget):
             return
         self._refilter_version += 1
         version, proposals, t0 = self._refilter_version, self.proposals, time.perf_counter()
+        snap = self._snapshot()
 
-        def done(labels):  # (closures: run_in_thread cannot see that they belong to this widget)
+        def done(result):  # (closures: run_in_thread cannot see that they belong to this widget)
             if (qt_alive(self) and version == self._refilter_version and proposals is self.proposals
                     and self._target is not None):
-                self._show_filtered(labels, t0)
+                self._show_filtered(result, snap, t0)
 
         def failed(exc):
             if qt_alive(self):
@@ -333,8 +338,8 @@ class SegmentEverythingWidget(QWidget):
                 self._refilter_again = False
                 self._refilter_in_worker()
 
-        self._refilter_worker = run_in_thread(filtered_labels, proposals, self._filter_params(), on_return=done,
-                                              on_error=failed, on_finish=finished)
+        self._refilter_worker = run_in_thread(filter_and_plan, proposals, self._filter_params(), snap,
+                                              on_return=done, on_error=failed, on_finish=finished)
 
     # ----------------------------------------------------------------- internals
     def _schedule(self, *_) -> None:
@@ -424,37 +429,99 @@ class SegmentEverythingWidget(QWidget):
         if not self._writing:
             self._user_wrote = True
 
-    def _write(self, labels: np.ndarray) -> None:
-        """Replace our previous write with ``labels`` in ONE undo step: the plane is rebuilt from the labels it held
-        before our first write, the pixels the user changed since (kept as they are now, never written over) and
-        ``labels``. The new ids start past every id of the layer but ours, so ids committed meanwhile (e.g. by the
-        annotator) are never reused."""
+    def _snapshot(self) -> Snapshot:
+        """What a re-filter's write is planned against (taken in the main thread; the plan is made in a worker):
+        a copy of the target plane now, and our bookkeeping. Paint events from here on are checked in
+        :meth:`_apply`."""
         layer, index, others, overwrite = self._target
-        plane = np.asarray(layer.data[index])
-        if self._user_wrote and self._expected is not None:
-            self._edited |= plane != self._expected
+        snap = Snapshot(np.array(layer.data[index]), self._base, self._edited, self._expected,
+                        self._user_wrote, others, overwrite, layer.data.dtype)
         self._user_wrote = False
-        current = np.where(self._edited, plane, self._base)
-        offset = max(others, int(current.max(initial=0)))
-        rows, cols = np.nonzero((labels > 0) & ~self._edited)
-        if not overwrite:
-            free = current[rows, cols] == 0
-            rows, cols = rows[free], cols[free]
-        new = current.copy()
-        new[rows, cols] = labels[rows, cols].astype(np.int64) + offset
-        if new.max(initial=0) > np.iinfo(layer.data.dtype).max:
-            L.upgrade_dtype(layer, np.int64)
-        changed_r, changed_c = np.nonzero(new != plane)
-        self._expected = new.astype(layer.data.dtype)
-        if changed_r.size == 0:
-            return
-        lead = tuple(np.full(changed_r.size, i, dtype=np.intp) for i in index)
+        return snap
+
+    def _apply(self, plan: PlaneWrite, snap: Snapshot) -> int:
+        """Write ``plan`` in ONE undo step. Pixels the user changed since the snapshot are left as they are now
+        (the next re-filter counts them as the user's). Returns how many such pixels the plan would have
+        written."""
+        layer, index = self._target[:2]
+        self._edited, self._expected = plan.edited, plan.expected
+        rows, cols, values = plan.rows, plan.cols, plan.values
+        kept = 0
+        if self._user_wrote:  # someone painted meanwhile: write only where the plane is still as planned
+            ok = np.asarray(layer.data[index])[rows, cols] == snap.plane[rows, cols]
+            kept = int(ok.size - np.count_nonzero(ok))
+            rows, cols, values = rows[ok], cols[ok], values[ok]
+        if plan.expected.dtype != layer.data.dtype and np.can_cast(layer.data.dtype, plan.expected.dtype):
+            L.upgrade_dtype(layer, plan.expected.dtype)
+        if rows.size == 0:
+            return kept
+        lead = tuple(np.full(rows.size, i, dtype=np.intp) for i in index)
         self._writing = True
         try:
             with layer.block_history():
-                layer.data_setitem((*lead, changed_r, changed_c), new[changed_r, changed_c].astype(layer.data.dtype))
+                layer.data_setitem((*lead, rows, cols), values.astype(layer.data.dtype, copy=False))
         finally:
             self._writing = False
+        return kept
+
+
+@dataclass(eq=False)
+class Snapshot:
+    """The target plane when a re-filter started (``plane``, a copy) and the widget's bookkeeping then: the plane
+    before our first write (``base``), the pixels the user changed since (``edited``), the plane right after our
+    last write (``expected``), whether paint events came since it (``user_wrote``), the highest id off the plane
+    (``others``), the overwrite choice and the layer's dtype."""
+
+    plane: np.ndarray
+    base: np.ndarray
+    edited: np.ndarray
+    expected: np.ndarray | None
+    user_wrote: bool
+    others: int
+    overwrite: bool
+    dtype: np.dtype
+
+
+@dataclass(eq=False)
+class PlaneWrite:
+    """A planned write: the pixels (``rows``, ``cols``) whose values change to ``values``, the plane as it will
+    be (``expected``, in the dtype the layer needs), the user's pixels (``edited``) and the object count."""
+
+    rows: np.ndarray
+    cols: np.ndarray
+    values: np.ndarray
+    expected: np.ndarray
+    edited: np.ndarray
+    n_objects: int
+
+
+def plan_plane_write(labels: np.ndarray, snap: Snapshot) -> PlaneWrite:
+    """Replace our previous write with ``labels`` (H, W): the plane is rebuilt from the labels it held before our
+    first write, the pixels the user changed since (kept as they are, never written over) and ``labels``. The new
+    ids start past every id of the layer but ours, so ids committed meanwhile (e.g. by the annotator) are never
+    reused; a dtype too narrow for them becomes int64. Pure: runs in a worker."""
+    edited = snap.edited
+    if snap.user_wrote and snap.expected is not None:
+        edited = edited | (snap.plane != snap.expected)
+    current = np.where(edited, snap.plane, snap.base)
+    offset = max(snap.others, int(current.max(initial=0)))
+    rows, cols = np.nonzero((labels > 0) & ~edited)
+    if not snap.overwrite:
+        free = current[rows, cols] == 0
+        rows, cols = rows[free], cols[free]
+    new = current.astype(np.int64)
+    new[rows, cols] = labels[rows, cols].astype(np.int64) + offset
+    dtype = np.dtype(snap.dtype)
+    if new.max(initial=0) > np.iinfo(dtype).max:
+        dtype = np.dtype(np.int64)
+    changed_r, changed_c = np.nonzero(new != snap.plane)
+    return PlaneWrite(changed_r, changed_c, new[changed_r, changed_c].astype(dtype), new.astype(dtype), edited,
+                      int(labels.max(initial=0)))
+
+
+def filter_and_plan(proposals, params: dict, snap: Snapshot) -> PlaneWrite:
+    """:func:`filtered_labels` and :func:`plan_plane_write`, for a worker."""
+    return plan_plane_write(filtered_labels(proposals, params), snap)
 
 
 def filtered_labels(proposals, params: dict) -> np.ndarray:
