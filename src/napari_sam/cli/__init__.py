@@ -41,8 +41,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"napari-sam {args.command}: error: {e}", file=sys.stderr)
         return 2
     except OSError as e:  # a file that cannot be read or written: say which, without a traceback
-        first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        print(f"napari-sam {args.command}: error: {first} (is the file an image, readable, not damaged? Is the "
+        from napari_sam.core.messages import first_line
+
+        print(f"napari-sam {args.command}: error: {first_line(e)} (is the file an image, readable, not damaged? Is the "
               "output path writable?)", file=sys.stderr)
         return 2
 

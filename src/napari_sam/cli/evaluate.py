@@ -80,6 +80,7 @@ def run(args: argparse.Namespace) -> int:
 
     from napari_sam.core.build import load_model
     from napari_sam.core.evaluation import EvalResult, evaluate_dataset, markdown_table, write_results
+    from napari_sam.core.messages import first_line
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -110,8 +111,7 @@ def run(args: argparse.Namespace) -> int:
             raise
         # keep what was measured: the images done so far go to a file of their own, marked incomplete
         partial = out.with_name(out.stem + ".partial.json")
-        why = "interrupted" if isinstance(exc, KeyboardInterrupt) else \
-            (str(exc).splitlines() or [type(exc).__name__])[0]
+        why = "interrupted" if isinstance(exc, KeyboardInterrupt) else first_line(exc)
         summary = _summary(res, args, model, t0)
         summary["incomplete"] = f"stopped after {len(res.per_image)} image(s), at the one after " \
                                 f"{res.per_image[-1]['name']!r}: {why}"

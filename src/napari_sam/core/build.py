@@ -14,6 +14,7 @@ from torch import nn
 
 from .checkpoints import CHECKPOINTS, CheckpointError, get_checkpoint
 from .config import MODEL_CONFIGS, SamConfig, get_config
+from .messages import first_line
 from .device import resolve_device
 from .image import check_denoise, check_max_upscale
 from .zoom import check_zoom_window
@@ -139,7 +140,7 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[SamConfig, dict[str, torch
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated zip, pickle of another kind ...
-        first = str(e).strip().splitlines()[0][:160] if str(e).strip() else ""
+        first = first_line(e, 160, "")
         if "weights_only" in first:  # torch's advice on unpickling other objects does not apply to a bad file
             first = ""
         raise CheckpointError(

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from ..build import build_sam, load_model, save_checkpoint
 from ..device import resolve_device
 from ..image import max_upscale_of
+from ..messages import first_line
 from ..modeling.sam import Sam
 from ..predictor import canvas_input
 from .data import Sample
@@ -278,9 +279,8 @@ class Trainer:
             state = torch.load(path, map_location="cpu", weights_only=False)
             self.load_state_dict(state)
         except (RuntimeError, ValueError, KeyError, TypeError, EOFError, pickle.UnpicklingError) as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise TrainingError(f"cannot resume from {path}: it is damaged or from a run with another model or "
-                                f"mode ({first[:200]}). Start afresh with --no-resume, or choose another --out "
+                                f"mode ({first_line(e)}). Start afresh with --no-resume, or choose another --out "
                                 "folder") from e
         return True
 
