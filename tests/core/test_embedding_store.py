@@ -167,6 +167,26 @@ def test_cancel_keeps_finished_slices(stack, model):
     assert StackEmbeddings(stack, model).missing() == [2, 3, 4]  # persisted
 
 
+def test_cancel_acts_while_the_stack_is_read(stack, model, cache):
+    """Reading a large stack for its cache key takes seconds; Cancel stops it between slices (before, only once
+    the whole stack was hashed), and no store is made."""
+    from napari_sam.core.embedding_store import EmbeddingCancelled, volume_hash
+
+    asked = []
+
+    def cancelled():
+        asked.append(1)
+        return len(asked) > 2
+
+    with pytest.raises(EmbeddingCancelled):
+        volume_hash(stack, cancelled)
+    assert len(asked) == 3  # asked before each slice, stopped before the third
+    with pytest.raises(EmbeddingCancelled):
+        StackEmbeddings(stack, model, cancelled=lambda: True)
+    assert not cache.exists() or not any(cache.iterdir())
+    assert volume_hash(stack, lambda: False) == volume_hash(stack)
+
+
 def test_bad_stacks_and_indices(stack, model):
     with pytest.raises(ValueError, match="2D image"):
         validate_stack(stack[0])

@@ -142,7 +142,8 @@ class AnnotatorJobs:
                 warnings.simplefilter("always", EmbeddingCacheWarning)
                 stack = stacks.get(stack_key)
                 if stack is None:
-                    stack = StackEmbeddings(data[tuple(index[:-1])], model)  # (Z, Y, X[, C]) around the plane
+                    stack = StackEmbeddings(data[tuple(index[:-1])], model,  # (Z, Y, X[, C]) around the plane
+                                            cancelled=token.cancelled)
                     stacks.put(stack_key, stack)
                 emb = ann.stack_plane_embedding(stack, index[-1], report, token.cancelled)
             return emb, [str(c.message) for c in caught if issubclass(c.category, EmbeddingCacheWarning)]

@@ -28,7 +28,7 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from ..core.embedding_store import EmbeddingCacheWarning, StackEmbeddings, select_volume
+from ..core.embedding_store import EmbeddingCacheWarning, EmbeddingCancelled, StackEmbeddings, select_volume
 from ..core.propagation import (
     STRATEGIES, PropagationParams, finish_slices, fuse_views, iter_propagate_masks, make_params, repropagate,
 )
@@ -85,7 +85,7 @@ def propagate_objects(volume, labels3d, z, ids, model, params, cancel, report, d
     ids, seeds = seeds_from_labels(labels3d, z, ids)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", EmbeddingCacheWarning)
-        emb = StackEmbeddings(volume, model)
+        emb = StackEmbeddings(volume, model, cancelled=cancel)
     notes += [str(w.message) for w in caught if issubclass(w.category, EmbeddingCacheWarning)]
     n = volume.shape[0]
     total = len(ids) * max(n - 1, 1)
@@ -136,7 +136,7 @@ def run_embedding(volume, model, cancel, report, denoise: float = 0.0, spacing=N
         model = load_model(denoise=denoise)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", EmbeddingCacheWarning)
-        emb = StackEmbeddings(volume, model)
+        emb = StackEmbeddings(volume, model, cancelled=cancel)
         stores = [emb]
         p = PropagationParams()
         if spacing is not None and views_fit(volume, spacing, p.view_step):
@@ -418,6 +418,9 @@ class PropagateWidget(QWidget):
                       f"{values.size} voxels changed (Ctrl+Z undoes it)")
 
     def _failed(self, exc: BaseException) -> None:
+        if isinstance(exc, EmbeddingCancelled):  # while the stack was read, before any work
+            self._message("cancelled; nothing was written")
+            return
         self._message(f"propagation failed: {exc}", "error")
 
     def _finished(self) -> None:

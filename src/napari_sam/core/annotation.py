@@ -13,12 +13,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .embedding_store import StackEmbeddings
+from .embedding_store import EmbeddingCancelled, StackEmbeddings
 from .predictor import ImageEmbedding, SamPredictor
-
-
-class EmbeddingCancelled(Exception):
-    """Raised inside :func:`compute_embedding` when ``cancelled()`` turned true."""
 
 
 def encoder_stages(model) -> list[torch.nn.Module]:

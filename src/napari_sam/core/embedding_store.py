@@ -80,11 +80,18 @@ def select_volume(data: np.ndarray, current_step: Sequence[int], ndim_displayed:
     return np.asarray(arr[lead])
 
 
-def volume_hash(volume: np.ndarray) -> str:
-    """Content hash of an array (shape, dtype and bytes), computed slice by slice (no full copy)."""
+class EmbeddingCancelled(Exception):
+    """Raised when ``cancelled()`` turned true while a stack was read or a slice embedded."""
+
+
+def volume_hash(volume: np.ndarray, cancelled: Callable[[], bool] | None = None) -> str:
+    """Content hash of an array (shape, dtype and bytes), computed slice by slice (no full copy); raises
+    :class:`EmbeddingCancelled` between slices once ``cancelled()`` is true (a large stack takes seconds)."""
     h = hashlib.blake2b(digest_size=16)
     h.update(repr((volume.shape, str(volume.dtype))).encode())
     for plane in volume:
+        if cancelled is not None and cancelled():
+            raise EmbeddingCancelled("cancelled while reading the stack")
         h.update(np.ascontiguousarray(plane).tobytes())
     return h.hexdigest()
 
@@ -111,12 +118,13 @@ def model_fingerprint(model: torch.nn.Module) -> str:
     return digest
 
 
-def stack_key(volume: np.ndarray, model: torch.nn.Module, denoise: float | None = None) -> str:
+def stack_key(volume: np.ndarray, model: torch.nn.Module, denoise: float | None = None,
+              cancelled: Callable[[], bool] | None = None) -> str:
     """Cache key of (data, model, its denoising (``denoise``: instead of the model's), napari-sam version, store
-    format)."""
+    format). ``cancelled``: see :func:`volume_hash`."""
     from napari_sam import __version__
 
-    text = f"{volume_hash(volume)}-{model_fingerprint(model)}-{__version__}-{STORE_FORMAT}"
+    text = f"{volume_hash(volume, cancelled)}-{model_fingerprint(model)}-{__version__}-{STORE_FORMAT}"
     denoise = denoise_of(model) if denoise is None else check_denoise(denoise)
     if denoise:
         text += f"-denoise{denoise!r}"
@@ -220,10 +228,12 @@ class StackEmbeddings:
     or a folder to hold the stores. max_bytes: size limit of that folder (default :func:`max_cache_bytes`).
     The model's preprocessing (``denoise``, ``max_upscale``; taken when the object is made) is part of the key.
     denoise: a Gaussian sigma (pixels) for these slices instead of the model's (None: the model's).
+    cancelled: polled while the stack is read for its cache key; raises :class:`EmbeddingCancelled`.
     """
 
     def __init__(self, volume: np.ndarray, model: torch.nn.Module, cache: bool | str | os.PathLike = True,
-                 max_bytes: int | None = None, denoise: float | None = None) -> None:
+                 max_bytes: int | None = None, denoise: float | None = None,
+                 cancelled: Callable[[], bool] | None = None) -> None:
         self.volume = validate_stack(volume)
         self.model = model
         self.n_slices = int(self.volume.shape[0])
@@ -233,7 +243,7 @@ class StackEmbeddings:
         g = model.prompt_encoder.image_embedding_size
         self.feature_shape = (int(model.prompt_encoder.embed_dim), int(g[0]), int(g[1]))
         self.denoise = denoise_of(model) if denoise is None else check_denoise(denoise)
-        self.key = stack_key(self.volume, model, self.denoise)
+        self.key = stack_key(self.volume, model, self.denoise, cancelled)
         self._slice = volume_to_uint8(self.volume, self.denoise)
         self._mem: dict[int, np.ndarray] = {}  # slices not on disk (memory mode, or not yet written)
         self._read: OrderedDict[int, np.ndarray] = OrderedDict()  # recently read from disk (LRU)
