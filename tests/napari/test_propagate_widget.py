@@ -336,6 +336,10 @@ def test_precompute_checks_the_image_like_propagate(scene, tmp_path):
     assert expected == "image 'rgb stack' is RGB; propagation needs a grayscale (Z, Y, X) stack"
     assert not w.precompute() and not w.busy() and w.status_label.text() == expected
     assert not (tmp_path / "cache").exists()  # nothing was embedded
+    viewer.add_image(np.stack([stack[0]] * 2, axis=-1), name="two channels")  # (Y, X, 2): not a stack
+    w.set_layers("two channels", "SAM labels")
+    assert not w.propagate() and not w.precompute() and not w.busy()
+    assert "its last axis looks like channels" in w.status_label.text()
     viewer.layers.remove(lay)
     w.set_layers("stack", "")
     assert w.precompute() and w.wait(120)

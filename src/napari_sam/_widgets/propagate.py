@@ -349,6 +349,10 @@ class PropagateWidget(QWidget):
             raise ValueError(f"image {iname!r} is RGB; propagation needs a grayscale (Z, Y, X) stack")
         if image.multiscale:
             raise ValueError(f"image {iname!r} is multiscale; propagation needs a single-scale stack")
+        plane = tuple(image.data.shape[-2:])
+        if min(plane) < 8:  # e.g. (Y, X, 2): two channels read as a stack of (X, 2) slices
+            raise ValueError(f"image {iname!r} has slices of {plane} pixels: its last axis looks like channels; "
+                             "split them (right-click the layer › Split Stack) and propagate on one")
         step = image.world_to_data(np.asarray(self.viewer.dims.point))
         return image, [int(np.clip(np.round(step[i]), 0, image.data.shape[i] - 1)) for i in range(image.ndim)]
 
