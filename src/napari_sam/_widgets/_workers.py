@@ -17,7 +17,7 @@ from collections.abc import Callable
 from typing import Any
 
 from napari.qt.threading import create_worker
-from qtpy.QtCore import QObject, Signal
+from qtpy.QtCore import QEvent, QObject, Signal
 from qtpy.QtWidgets import QApplication
 
 
@@ -67,6 +67,30 @@ def _skip_if_deleted(callback: Callable[..., Any] | None) -> Callable[..., Any] 
         return None
 
     return call
+
+
+class _DockClosed(QObject):
+    def __init__(self, widget: QObject, callback: Callable[[], None]) -> None:
+        super().__init__(widget)
+        self._callback = callback
+        self._docked = widget.parent() is not None
+        widget.installEventFilter(self)
+
+    def eventFilter(self, obj, event) -> bool:  # noqa: N802 - Qt API
+        if event.type() == QEvent.ParentChange:
+            if obj.parent() is not None:
+                self._docked = True
+            elif self._docked:
+                self._docked = False
+                self._callback()
+        return False
+
+
+def on_dock_closed(widget: QObject, callback: Callable[[], None]) -> QObject:
+    """Call ``callback()`` when ``widget`` leaves its dock. napari's close button (``remove_dock_widget``) only
+    takes the widget out of its dock (``setParent(None)``) and does not delete it, so without this its workers
+    would finish and write into layers after the panel is gone. Returns the watcher (owned by ``widget``)."""
+    return _DockClosed(widget, callback)
 
 
 class CancelToken:
