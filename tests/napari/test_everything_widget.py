@@ -283,3 +283,150 @@ def test_many_objects_widen_a_narrow_target(scene, nuclei_sample):
     assert data.dtype == np.int64 and np.all(data[gt > 0] == 250)
     new = np.unique(data[(gt == 0) & (data > 0)])
     assert new.size > 6 and new.min() == 251 and new.max() > 255
+
+
+def _gate(monkeypatch, module, name):
+    """Make ``module.name`` wait (in its worker) until the returned event is set."""
+    import threading
+
+    gate, real = threading.Event(), getattr(module, name)
+
+    def gated(*a, **k):
+        assert gate.wait(60)
+        return real(*a, **k)
+
+    monkeypatch.setattr(module, name, gated)
+    return gate
+
+
+def test_an_object_committed_while_a_refilter_is_planned_keeps_its_id_alone(scene, monkeypatch):
+    """A slider move's write is planned in a worker; the annotator commits an object (the next free id, here 1: the
+    thresholds left no object) before the plan is written. The plan's ids came from the snapshot, so it is planned
+    again past the committed id: that id stays on the committed object alone."""
+    import napari_sam._widgets.everything as ev
+
+    viewer, w = scene
+    assert w.run(**OPEN) and w.wait(120)
+    out = viewer.layers["SAM everything"]
+    w.set_thresholds(pred_iou_thresh=1.0)  # (random IoUs are near 0)
+    assert not np.asarray(out.data).any()
+    gate = _gate(monkeypatch, ev, "filter_and_plan")
+    try:
+        w.sliders["pred_iou_thresh"].setValue(0.0)  # the user drags the slider: planned in a worker (held here)
+        assert process_until(lambda: w._refilter_worker is not None)
+        rr, cc = np.nonzero(_core(w) > 0)
+        spot = (rr[:10], cc[:10])
+        with out.block_history():  # as the annotator commits: one undo step, the next free id
+            out.data_setitem(spot, 1)
+    finally:
+        gate.set()
+    assert w.wait(60)
+    after = np.asarray(out.data)
+    assert np.count_nonzero(after == 1) == 10 and np.all(after[spot] == 1)  # id 1 is the committed object only
+    ours = np.unique(after[after > 1])
+    core = _core(w)
+    assert ours.size == np.unique(core[core > 0]).size and ours.min() == 2
+
+
+def test_an_id_committed_on_another_plane_is_not_reused(make_napari_viewer, qtbot, tiny_model, nuclei_sample):
+    """A stack: segment everything on plane 0 (thresholds then leave no object there), the annotator commits id 1
+    on plane 1; the next slider move gives plane 0's objects ids past it (the highest id off the plane was read
+    when the result was first written, and commits since are followed through the paint events)."""
+    from napari_sam._widgets._state import get_state
+
+    viewer = make_napari_viewer(show=True)
+    get_state(viewer).set_model(tiny_model, "random nsam_t")
+    viewer.add_image(np.stack([nuclei_sample[0]] * 2), name="stack")
+    viewer.dims.set_current_step(0, 0)
+    dw, w = viewer.window.add_plugin_dock_widget("napari-sam", "Segment everything")
+    qtbot.waitUntil(dw.isVisible, timeout=5000)
+    w.set_image_layer("stack")
+    assert w.run(**OPEN) and w.wait(120)
+    out = viewer.layers["SAM everything"]
+    assert np.asarray(out.data)[0].max() > 0 and not np.asarray(out.data)[1].any()
+    w.set_thresholds(pred_iou_thresh=1.0)  # (random IoUs are near 0)
+    assert not np.asarray(out.data).any()
+    rr, cc = np.nonzero(_core(w) >= 0)
+    with out.block_history():  # the annotator commits id 1 on plane 1
+        out.data_setitem((np.ones(10, int), rr[:10], cc[:10]), 1)
+    w.set_thresholds(pred_iou_thresh=0.0)
+    after = np.asarray(out.data)
+    assert np.count_nonzero(after[1] == 1) == 10 and np.count_nonzero(after == 1) == 10
+    assert after[0].max() > 1 and np.unique(after[0][after[0] > 0]).min() == 2
+
+
+def test_a_denoise_change_elsewhere_keeps_the_thresholds_and_the_result(scene, tiny_model):
+    """Another widget's denoise change (the same model) neither resets the user's thresholds nor rewrites the result
+    (no undo step), even after the user undid it; another model sets its recommended thresholds without writing,
+    and the old model's outputs are not re-filtered any more."""
+    import copy
+
+    from napari_sam._widgets._state import get_state
+
+    viewer, w = scene
+    state = get_state(viewer)
+    model = copy.deepcopy(tiny_model)  # (set_denoise changes the model object: not the shared fixture's)
+    state.set_model(model, "random copy")
+    assert w.run(**OPEN) and w.wait(120)
+    out = viewer.layers["SAM everything"]
+    w.set_thresholds(box_nms_thresh=0.5, min_object_area=50)
+    tuned, written, steps = w.thresholds(), np.asarray(out.data).copy(), len(out._undo_history)
+    state.set_denoise(1.0)  # as the 3D-propagation or the annotator widget's denoise box does
+    assert state.model is model and w.wait(10)
+    assert w.thresholds() == tuned and np.array_equal(np.asarray(out.data), written)
+    assert len(out._undo_history) == steps
+    while out._undo_history:
+        out.undo()
+    state.set_denoise(2.0)
+    assert w.wait(10) and not np.asarray(out.data).any() and not out._undo_history
+    other = copy.deepcopy(model)
+    other.checkpoint_meta = {"amg_thresholds": {"pred_iou_thresh": 0.42}, "amg_settings": {"min_object_area": 30}}
+    state.set_model(other, "other")
+    assert w.sliders["pred_iou_thresh"].value() == pytest.approx(0.42)
+    assert w.sliders["min_object_area"].value() == 30 and not w.busy()
+    assert not np.asarray(out.data).any() and not out._undo_history
+    assert w.proposals is None and "model changed" in w.status_label.text()
+    w.sliders["min_object_area"].setValue(0)
+    assert w.wait(10) and not np.asarray(out.data).any()
+
+
+def test_closing_the_dock_stops_the_run_and_writes_nothing(scene, monkeypatch):
+    """napari's close button only takes the widget out of its dock: the model run going on is cancelled and its
+    result never written."""
+    import napari_sam._widgets.everything as ev
+
+    viewer, w = scene
+    gate = _gate(monkeypatch, ev, "run_generation")
+    try:
+        assert w.run(**OPEN)
+        viewer.window.remove_dock_widget(w)
+    finally:
+        gate.set()
+    assert w.wait(120)
+    assert "SAM everything" not in viewer.layers and "cancelled" in w.status_label.text()
+
+
+def test_closing_the_dock_drops_a_refilter_in_flight(scene, monkeypatch):
+    import napari_sam._widgets.everything as ev
+
+    viewer, w = scene
+    assert w.run(**OPEN) and w.wait(120)
+    out = viewer.layers["SAM everything"]
+    written, steps = np.asarray(out.data).copy(), len(out._undo_history)
+    gate = _gate(monkeypatch, ev, "filter_and_plan")
+    try:
+        w.sliders["min_object_area"].setValue(10 ** 3)
+        assert process_until(lambda: w._refilter_worker is not None)
+        viewer.window.remove_dock_widget(w)
+    finally:
+        gate.set()
+    assert w.wait(60)
+    assert np.array_equal(np.asarray(out.data), written) and len(out._undo_history) == steps
+    w.sliders["min_object_area"].setValue(0)  # a closed panel's sliders write nothing either
+    assert w.wait(10) and np.array_equal(np.asarray(out.data), written)
+
+
+def process_until(done, timeout=10.0):
+    from napari_sam._widgets._workers import process_events_until
+
+    return process_events_until(done, timeout)

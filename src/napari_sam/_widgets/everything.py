@@ -30,7 +30,7 @@ from ..core.labels import records_to_labels
 from . import _layers as L
 from ._annotator_ui import bind_denoise, denoise_spin_box
 from ._state import get_state
-from ._workers import CancelToken, ProgressRelay, process_events_until, qt_alive, run_in_thread
+from ._workers import CancelToken, ProgressRelay, on_dock_closed, process_events_until, qt_alive, run_in_thread
 
 if TYPE_CHECKING:
     import napari
@@ -74,7 +74,10 @@ class SegmentEverythingWidget(QWidget):
         # the target plane before our first write, right after our last one, and the pixels the user changed since
         # our first (painted, erased, committed): a re-filter rebuilds the plane from these
         self._base = self._expected = self._edited = None
-        self._writing = self._user_wrote = False
+        self._writing = False
+        # paint events by others on the target: how many (and how many our last write accounted for), and the
+        # highest id they painted (on any plane: ids committed since _make_target scanned the layer)
+        self._paints = self._paints_seen = self._painted_max = 0
         self._relay = ProgressRelay()
         self._relay.progressed.connect(self._on_progress)
         self._timer = QTimer(self)
@@ -85,8 +88,10 @@ class SegmentEverythingWidget(QWidget):
         self._refilter_version = 0
         self._refilter_again = False
         self._build_ui()
+        self._model = self.state.model  # the model the settings and the kept outputs are for
         self._use_recommended(self.state.model)
-        self.state.on_model_changed_while_alive(self, type(self)._use_recommended)
+        self.state.on_model_changed_while_alive(self, type(self)._model_changed)
+        on_dock_closed(self, self._closed)
         self.viewer.layers.events.inserted.connect(self._refresh)
         self.viewer.layers.events.removed.connect(self._refresh)
         self._renames = L.RenameFollower(self.viewer, (self.image_combo, self.target_combo), self._refresh)
@@ -94,18 +99,50 @@ class SegmentEverythingWidget(QWidget):
 
     def _use_recommended(self, model) -> None:
         """Set the threshold sliders, crop layers and points per side to the model's recommended values (None:
-        the built-in model's)."""
+        the built-in model's), without re-filtering anything."""
         try:
             rec, settings = recommended_thresholds(model), recommended_settings(model)
         except Exception:  # an unreadable built-in file: keep the reference defaults
             return
-        for k, v in rec.items():
-            self.sliders[k].setValue(v)
-        self.crop_spin.setValue(settings.get("crop_n_layers", 0))
-        self.points_spin.setValue(settings.get("points_per_side", 32))
-        self.parts_check.setChecked(bool(settings.get("resolve_parts", 0)))
-        self.rescore_check.setChecked(bool(settings.get("rescore", 0)))
-        self.sliders["min_object_area"].setValue(settings.get("min_object_area", 16))
+        live = (*self.sliders.values(), self.parts_check, self.rescore_check)
+        for w in live:
+            w.blockSignals(True)
+        try:
+            for k, v in rec.items():
+                self.sliders[k].setValue(v)
+            self.crop_spin.setValue(settings.get("crop_n_layers", 0))
+            self.points_spin.setValue(settings.get("points_per_side", 32))
+            self.parts_check.setChecked(bool(settings.get("resolve_parts", 0)))
+            self.rescore_check.setChecked(bool(settings.get("rescore", 0)))
+            self.sliders["min_object_area"].setValue(settings.get("min_object_area", 16))
+        finally:
+            for w in live:
+                w.blockSignals(False)
+
+    def _model_changed(self, model) -> None:
+        """Another model (loaded, fine-tuned): its recommended settings, and the kept outputs of the old one are
+        dropped (the result stays as written; the next Run uses the new model). The same model with another
+        denoising sigma changes nothing: the user's thresholds and the result stay."""
+        if model is self._model:
+            return
+        self._model = model
+        self._use_recommended(model)
+        if self.proposals is not None:
+            self._forget()
+            self._message("the model changed: its recommended settings are set; the result stays as it is "
+                          "(Segment everything runs the new model)")
+
+    def _forget(self) -> None:
+        """Drop the kept outputs; a re-filter scheduled or running writes nothing."""
+        self._timer.stop()
+        self._refilter_version += 1
+        self.proposals = None
+        self._release_target()
+
+    def _closed(self) -> None:
+        """napari's close button took the widget out of its dock (it lives on): stop its work, write nothing."""
+        self._token.cancel()
+        self._forget()
 
     # ----------------------------------------------------------------- UI
     def _build_ui(self) -> None:
@@ -326,7 +363,10 @@ class SegmentEverythingWidget(QWidget):
         def done(result):  # (closures: run_in_thread cannot see that they belong to this widget)
             if (qt_alive(self) and version == self._refilter_version and proposals is self.proposals
                     and self._target is not None):
-                self._show_filtered(result, snap, t0)
+                if result.n_objects and self._painted_max > result.offset:
+                    self._refilter_again = True  # an id the plan gives was committed meanwhile: plan again
+                else:
+                    self._show_filtered(result, snap, t0)
 
         def failed(exc):
             if qt_alive(self):
@@ -358,7 +398,15 @@ class SegmentEverythingWidget(QWidget):
     def _done(self, result: dict) -> None:
         if result["proposals"] is None:
             return
+        if self._token.cancelled():  # too late to stop the model (e.g. the dock was closed as it ended)
+            self._message("cancelled; nothing was written")
+            return
+        if self.state.model is not None and self.state.model is not result["model"]:
+            self._message("the model changed while segment-everything ran; nothing was written: run it again to "
+                          "use the new model", "warning")
+            return
         if self.state.model is None:
+            self._model = result["model"]  # the settings were the built-in model's: they stay
             self.state.set_model(result["model"])
         self.generator, self.proposals = result["generator"], result["proposals"]
         try:
@@ -413,7 +461,7 @@ class SegmentEverythingWidget(QWidget):
                                         if i != index), default=0)
         self._base = np.array(data[index])
         self._edited = np.zeros(self._base.shape, bool)
-        self._expected, self._user_wrote = None, False
+        self._expected, self._paints_seen, self._painted_max = None, self._paints, 0
         layer.events.paint.connect(self._on_paint)
         return layer, index, others, self.overwrite_check.isChecked()
 
@@ -424,30 +472,31 @@ class SegmentEverythingWidget(QWidget):
 
     def _on_paint(self, event=None) -> None:
         """A write to the target that is not ours (a brush, the eraser, a fill, the annotator's commit): the next
-        re-filter first marks the pixels of our plane that differ from our last write as the user's. (napari emits
-        the event before it changes the data.) Undo and redo emit none: alone, they leave the plane ours."""
+        re-filter first marks the pixels of our plane that differ from our last write as the user's, and gives
+        new ids past the highest id painted (on any plane). (napari emits the event before it changes the data.)
+        Undo and redo emit none: alone, they leave the plane ours."""
         if not self._writing:
-            self._user_wrote = True
+            self._paints += 1
+            self._painted_max = max(self._painted_max, _highest_new_id(getattr(event, "value", None)))
 
     def _snapshot(self) -> Snapshot:
         """What a re-filter's write is planned against (taken in the main thread; the plan is made in a worker):
         a copy of the target plane now, and our bookkeeping. Paint events from here on are checked in
         :meth:`_apply`."""
         layer, index, others, overwrite = self._target
-        snap = Snapshot(np.array(layer.data[index]), self._base, self._edited, self._expected,
-                        self._user_wrote, others, overwrite, layer.data.dtype)
-        self._user_wrote = False
-        return snap
+        return Snapshot(np.array(layer.data[index]), self._base, self._edited, self._expected,
+                        self._paints != self._paints_seen, max(others, self._painted_max), overwrite,
+                        layer.data.dtype, self._paints)
 
     def _apply(self, plan: PlaneWrite, snap: Snapshot) -> int:
         """Write ``plan`` in ONE undo step. Pixels the user changed since the snapshot are left as they are now
         (the next re-filter counts them as the user's). Returns how many such pixels the plan would have
         written."""
         layer, index = self._target[:2]
-        self._edited, self._expected = plan.edited, plan.expected
+        self._edited, self._expected, self._paints_seen = plan.edited, plan.expected, snap.paints
         rows, cols, values = plan.rows, plan.cols, plan.values
         kept = 0
-        if self._user_wrote:  # someone painted meanwhile: write only where the plane is still as planned
+        if self._paints != snap.paints:  # someone painted meanwhile: write only where the plane is still as planned
             ok = np.asarray(layer.data[index])[rows, cols] == snap.plane[rows, cols]
             kept = int(ok.size - np.count_nonzero(ok))
             rows, cols, values = rows[ok], cols[ok], values[ok]
@@ -470,7 +519,8 @@ class Snapshot:
     """The target plane when a re-filter started (``plane``, a copy) and the widget's bookkeeping then: the plane
     before our first write (``base``), the pixels the user changed since (``edited``), the plane right after our
     last write (``expected``), whether paint events came since it (``user_wrote``), the highest id off the plane
-    (``others``), the overwrite choice and the layer's dtype."""
+    or painted by others (``others``), the overwrite choice, the layer's dtype and the count of paint events by
+    others so far (``paints``)."""
 
     plane: np.ndarray
     base: np.ndarray
@@ -480,12 +530,14 @@ class Snapshot:
     others: int
     overwrite: bool
     dtype: np.dtype
+    paints: int = 0
 
 
 @dataclass(eq=False)
 class PlaneWrite:
     """A planned write: the pixels (``rows``, ``cols``) whose values change to ``values``, the plane as it will
-    be (``expected``, in the dtype the layer needs), the user's pixels (``edited``) and the object count."""
+    be (``expected``, in the dtype the layer needs), the user's pixels (``edited``), the object count and the id
+    offset (the new ids are ``offset + 1`` on)."""
 
     rows: np.ndarray
     cols: np.ndarray
@@ -493,6 +545,7 @@ class PlaneWrite:
     expected: np.ndarray
     edited: np.ndarray
     n_objects: int
+    offset: int = 0
 
 
 def plan_plane_write(labels: np.ndarray, snap: Snapshot) -> PlaneWrite:
@@ -516,7 +569,20 @@ def plan_plane_write(labels: np.ndarray, snap: Snapshot) -> PlaneWrite:
         dtype = np.dtype(np.int64)
     changed_r, changed_c = np.nonzero(new != snap.plane)
     return PlaneWrite(changed_r, changed_c, new[changed_r, changed_c].astype(dtype), new.astype(dtype), edited,
-                      int(labels.max(initial=0)))
+                      int(labels.max(initial=0)), offset)
+
+
+def _highest_new_id(atoms) -> int:
+    """The highest label a paint event's history atoms (napari's ``events.paint`` value) wrote: a
+    ``_MaskedPaintAtom``'s ``new_value`` or the new values of an ``(indices, old, new)`` tuple (0: none)."""
+    top = 0
+    for atom in atoms or ():
+        new = getattr(atom, "new_value", None)
+        if new is None and isinstance(atom, tuple) and len(atom) == 3:
+            new = atom[2]
+        if new is not None and np.size(new):
+            top = max(top, int(np.max(new)))
+    return top
 
 
 def filter_and_plan(proposals, params: dict, snap: Snapshot) -> PlaneWrite:
