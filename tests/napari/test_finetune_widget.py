@@ -174,3 +174,64 @@ def test_renamed_layers_stay_chosen(scene, qtbot):
     assert widget.run(steps=1)
     qtbot.waitUntil(lambda: not widget.busy(), timeout=120000)
     assert widget.result == "done", widget.status.text()
+
+
+def _gate(monkeypatch):
+    """Hold the fine-tune worker at its start until the returned event is set."""
+    import threading
+
+    import napari_sam._widgets.finetune as ft
+
+    gate, real = threading.Event(), ft.run_finetune
+
+    def gated(*a, **k):
+        assert gate.wait(60)
+        return real(*a, **k)
+
+    monkeypatch.setattr(ft, "run_finetune", gated)
+    return gate
+
+
+def test_a_model_loaded_while_tuning_stays_and_the_tuned_copy_can_be_saved(scene, qtbot, tiny_model, tmp_path,
+                                                                           monkeypatch):
+    """The user loads another model while fine-tuning runs: when it ends that model stays the viewer's (under its
+    name); the tuned copy of the model it started from is kept for Save, and the message says so."""
+    import copy
+
+    from napari_sam._widgets._state import get_state
+    from napari_sam.core.build import load_model
+
+    viewer, widget = scene
+    state = get_state(viewer)
+    other = copy.deepcopy(tiny_model)
+    gate = _gate(monkeypatch)
+    try:
+        assert widget.run(steps=2)
+        state.set_model(other, "other model")
+    finally:
+        gate.set()
+    qtbot.waitUntil(lambda: not widget.busy(), timeout=120000)
+    assert widget.result == "done" and widget.tuned is not None and widget.save_btn.isEnabled()
+    assert state.model is other and state.model_name == "other model"
+    text = widget.status.text()
+    assert "'other model'" in text and "'random nsam_t' was not switched in" in text and "Save model" in text
+    path = widget.save(tmp_path / "tuned.pt")
+    w = "mask_decoder.iou_token.weight"
+    torch.testing.assert_close(load_model(path, device="cpu").state_dict()[w],
+                               widget.tuned.state_dict()[w].half().float())
+
+
+def test_closing_the_dock_stops_tuning_and_keeps_the_model(scene, qtbot, tiny_model, monkeypatch):
+    """napari's close button only takes the widget out of its dock: the training is cancelled and the viewer's
+    model is not switched when the worker ends."""
+    from napari_sam._widgets._state import get_state
+
+    viewer, widget = scene
+    gate = _gate(monkeypatch)
+    try:
+        assert widget.run(steps=2)
+        viewer.window.remove_dock_widget(widget)
+    finally:
+        gate.set()
+    qtbot.waitUntil(lambda: not widget.busy(), timeout=120000)
+    assert widget.result == "cancelled" and get_state(viewer).model is tiny_model

@@ -19,7 +19,7 @@ from qtpy.QtWidgets import (QComboBox, QDoubleSpinBox, QFileDialog, QFormLayout,
 
 from . import _layers as L
 from ._state import get_state
-from ._workers import CancelToken, run_in_thread
+from ._workers import CancelToken, on_dock_closed, run_in_thread
 
 
 class LossCurve(QWidget):
@@ -101,6 +101,7 @@ class FinetuneWidget(QWidget):
         self.state = get_state(napari_viewer)
         self._worker = self._saving = None
         self._cancel: CancelToken | None = None
+        self._base = (None, "")  # the model being tuned (None: the built-in one, loaded by the worker) and its name
         self.losses: list[float] = []
         self.tuned = None
         self.result: str = ""
@@ -112,6 +113,7 @@ class FinetuneWidget(QWidget):
         self.viewer.layers.events.removed.connect(self._refresh)
         self._renames = L.RenameFollower(self.viewer, (), self._refresh)  # renamed layers stay listed and chosen
         self._refresh()
+        on_dock_closed(self, self.cancel)  # the close button: stop training, switch nothing in
 
     # ------------------------------------------------------------------ UI
     def _build_ui(self) -> None:
@@ -191,6 +193,7 @@ class FinetuneWidget(QWidget):
                           f"{L.image_shape(image_layer)}; choose a Labels layer of the image's shape")
             return False
         model = self.state.model  # None: the worker loads the built-in model
+        self._base = (model, (self.state.model_name or "model") if model is not None else "builtin")
         if steps is not None:
             self.steps.setValue(steps)
         self.losses, self.tuned = [], None
@@ -210,18 +213,25 @@ class FinetuneWidget(QWidget):
 
     def _done(self, result) -> None:
         tuned, losses, finished, loaded = result
+        base, base_name = self._base
         if loaded is not None and self.state.model is None:
             self.state.set_model(loaded, "builtin")
-        if not finished:
+            base = loaded
+        if not finished or self._cancel.cancelled():  # (also when the dock was closed: its close button cancels)
             self.result = "cancelled"
             self._message("cancelled: the model is unchanged")
             return
         self.tuned = tuned
-        name = f"{self.state.model_name or 'model'}+finetuned"
-        self.state.set_model(tuned, name)
         self.save_btn.setEnabled(self._saving is None)
         self.result = "done"
-        self._message(f"done: loss {losses[0]:.4f} → {losses[-1]:.4f}; the viewer now uses {name!r}")
+        done = f"done: loss {losses[0]:.4f} → {losses[-1]:.4f}"
+        if self.state.model is not base:  # the user loaded another model meanwhile: it stays
+            self._message(f"{done}; the viewer now uses {self.state.model_name or 'another model'!r}, so the tuned "
+                          f"copy of {base_name!r} was not switched in: save it with Save model…")
+            return
+        name = f"{base_name}+finetuned"
+        self.state.set_model(tuned, name)
+        self._message(f"{done}; the viewer now uses {name!r}")
 
     def _failed(self, exc: BaseException) -> None:
         self.result = "failed"
