@@ -344,3 +344,28 @@ def test_precompute_checks_the_image_like_propagate(scene, tmp_path):
     w.set_layers("stack", "")
     assert w.precompute() and w.wait(120)
     assert "embedding done: 0 slice(s) left" in w.status_label.text()
+
+
+def test_closing_the_dock_stops_the_propagation_and_writes_nothing(scene, monkeypatch):
+    """napari's close button only takes the widget out of its dock: the propagation going on is cancelled and its
+    result never written."""
+    import threading
+
+    import napari_sam._widgets.propagate as prop
+
+    viewer, w, lay, before = scene
+    gate, real = threading.Event(), prop.run_propagation
+
+    def gated(*a, **k):
+        assert gate.wait(60)
+        return real(*a, **k)
+
+    monkeypatch.setattr(prop, "run_propagation", gated)
+    try:
+        assert w.propagate(direction="both", scope="current", strategy="point", **NO_STOP)
+        viewer.window.remove_dock_widget(w)
+    finally:
+        gate.set()
+    assert w.wait(120)
+    assert np.array_equal(np.asarray(lay.data), before) and not lay._undo_history
+    assert "nothing was written" in w.status_label.text()

@@ -37,7 +37,7 @@ from ..core.propagation_views import ViewsWarning, view_embeddings, views_fit
 from . import _layers as L
 from ._annotator_ui import bind_denoise, denoise_spin_box
 from ._state import get_state
-from ._workers import CancelToken, ProgressRelay, process_events_until, run_in_thread
+from ._workers import CancelToken, ProgressRelay, on_dock_closed, process_events_until, run_in_thread
 
 if TYPE_CHECKING:
     import napari
@@ -170,6 +170,7 @@ class PropagateWidget(QWidget):
         self.viewer.layers.events.removed.connect(self._refresh)
         self._renames = L.RenameFollower(self.viewer, (), self._refresh)  # renamed layers stay listed and chosen
         self._refresh()
+        on_dock_closed(self, self.cancel)  # the close button: stop the work, write nothing
 
     # ----------------------------------------------------------------- UI
     def _build_ui(self) -> None:
@@ -378,7 +379,7 @@ class PropagateWidget(QWidget):
             self.state.set_model(out["model"], "builtin")
         for note in out["notes"]:
             self._message(note, "warning")
-        if out["cancelled"]:
+        if out["cancelled"] or self._token.cancelled():  # (also when the dock was closed: its close button cancels)
             self._message("propagation cancelled; nothing was written")
             return
         labels, lead, z = self._target
