@@ -259,3 +259,27 @@ def test_write_failure_midway_keeps_going_in_memory(stack, model):
     with pytest.warns(EmbeddingCacheWarning, match="slice 0 .* damaged"):  # its chunk went with the folder
         assert torch.equal(emb[0].features, first)  # recomputed in memory, never wrong
     assert emb.missing() == [2, 3, 4]
+
+
+def test_a_slice_edited_in_place_is_never_stored_under_the_old_key(stack, model):
+    """The key is the hash of the data when the stack is opened; a slice edited in place afterwards (the volume is
+    a live view) raises StackChanged when it is embedded or checked, and nothing of it is stored: a later session on
+    the original data never gets the edited slice's embedding."""
+    from napari_sam.core.embedding_store import StackChanged
+
+    vol = stack.copy()
+    emb = StackEmbeddings(vol, model)
+    emb[0]  # embedded and stored before the edit
+    vol[:] = vol[:, ::-1]  # e.g. flipped in place from the napari console
+    with pytest.raises(StackChanged, match="slice 2 of the stack changed after it was opened"):
+        emb[2]
+    with pytest.raises(StackChanged, match="slice 0"):
+        emb.check_slice(0)  # a stored slice is checked on request (one slice's hash)
+    assert emb.missing() == [1, 2, 3, 4]
+    reopened = StackEmbeddings(stack, model)  # the original data, as a later session opens it
+    assert reopened.missing() == [1, 2, 3, 4]
+    np.testing.assert_array_equal(reopened.features(2), StackEmbeddings(stack, model, cache=False).features(2))
+    edited = StackEmbeddings(vol, model)  # opened again: its own key, embeds the new pixels
+    assert edited.key != emb.key and edited.missing() == [0, 1, 2, 3, 4]
+    edited.check_slice(2)
+    np.testing.assert_array_equal(edited.features(2), StackEmbeddings(vol.copy(), model, cache=False).features(2))

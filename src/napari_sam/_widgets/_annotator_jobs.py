@@ -2,7 +2,9 @@
 
 Each step runs in a thread worker (``_workers.run_in_thread``); the main thread only starts jobs and
 applies results. A result is applied only if nothing changed meanwhile (``_version``); prompts added
-while the embedding runs are picked up when it ends (queued, not lost).
+while the embedding runs are picked up when it ends (queued, not lost). Each cached embedding keeps the hash of
+the pixels it is of; the prediction worker checks the plane against it, so an image edited in place (no napari
+event) is embedded again, never predicted on with the old pixels' embedding.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import warnings
 import numpy as np
 
 from ..core import annotation as ann
-from ..core.embedding_store import EmbeddingCacheWarning, StackEmbeddings
+from ..core.embedding_store import EmbeddingCacheWarning, StackChanged, StackEmbeddings, plane_digest
 from . import _layers as L
 from ._workers import CancelToken, run_in_thread
 
@@ -67,6 +69,8 @@ class AnnotatorJobs:
     def _update(self) -> None:
         """Model -> embedding of the current plane -> prediction, each step in a worker when needed."""
         image = self.image_layer
+        if self._closed:
+            return  # the dock was closed
         if image is None or self.points_layer is None:
             return self._set_result(None)
         if self.state.model is None:
@@ -83,10 +87,11 @@ class AnnotatorJobs:
             self._message(f"{outside} point(s) outside the image were ignored", "warning")
         if prompts.empty:
             return self._set_result(None)
-        key = (id(image), id(image.data), index, self.state.model_key)
-        emb = self.state.embeddings.get(key)
-        if emb is None:
+        key = (id(image), (id(image.data), self._data_gen), index, self.state.model_key)
+        cached = self.state.embeddings.get(key)  # (embedding, plane_digest of its pixels or None)
+        if cached is None:
             return self._start_embedding(image, index, key)
+        emb, digest = cached
         if self._predict_worker is not None:
             self._pending = True  # re-run when the running prediction ends (stale results are dropped)
             return
@@ -94,17 +99,21 @@ class AnnotatorJobs:
         r = self.result
         mask_input = mask_window = previous = None
         if (r is not None and not r.batch and not self.ui.batch_check.isChecked() and r.prompts is not None
-                and self._result_plane == index and prompts.extends(r.prompts)):
+                and self._result_plane == index and self._result_gen == self._data_gen
+                and prompts.extends(r.prompts)):
             previous = r.mask
             if self.ui.refine_check.isChecked():
                 mask_input, mask_window = r.logits[r.choice], r.window
         version, batch, model = self._version, self.ui.batch_check.isChecked(), self.state.model
         enforce, follow, zoom = (self.ui.enforce_check.isChecked(), self.ui.follow_check.isChecked(),
                                  self.ui.zoom_check.isChecked())
+        data = image.data[0] if image.multiscale else image.data
 
         def job():
             from ..core.predictor import SamPredictor
 
+            if digest is not None and plane_digest(data[index]) != digest:
+                return None  # the plane was edited in place since it was embedded
             p = SamPredictor(model)
             p.set_embedding(emb)
             p.zoom = zoom
@@ -113,13 +122,15 @@ class AnnotatorJobs:
             return res, res.preview()
 
         self._predict_worker = run_in_thread(
-            job, on_return=self._weak(lambda w, out: w._predicted(out, version, index)),
+            job, on_return=self._weak(lambda w, out: w._predicted(out, version, index, key)),
             on_error=self._weak(lambda w, e: w._message(f"prediction failed: {e}", "error")),
             on_finish=self._weak(type(self)._predict_done))
 
     def _start_embedding(self, image, index, key) -> None:
         if self._embed_worker is not None:
             if self._embed_key == key:
+                if self._embed_token.cancelled():  # cancelled (Cancel, then a click): embed again when it ends
+                    self._embed_restart = self._embed_quiet = True
                 return  # clicks made meanwhile are queued: _update runs again when it ends
             self._cancel_embedding(restart=True)
             return  # the old run ends soon (cancelled); _embed_done restarts the chain
@@ -130,31 +141,42 @@ class AnnotatorJobs:
         token, report = self._embed_token, self._relay.report
         self._start_progress("embedding image" + (f" plane {index}" if index else ""))
 
-        stacks, stack_key = self.state.stacks, (id(image), id(image.data), index[:-1], model_key)
+        stacks, stack_key = self.state.stacks, (id(image), (id(image.data), self._data_gen), index[:-1], model_key)
+        hashed = isinstance(data, np.ndarray)  # in-memory data can be edited in place: keep the hash of its pixels
+
+        def open_stack():
+            stack = StackEmbeddings(data[tuple(index[:-1])], model,  # (Z, Y, X[, C]) around the plane
+                                    cancelled=token.cancelled)
+            stacks.put(stack_key, stack)
+            return stack
 
         def job():
             from ..core.predictor import SamPredictor
 
-            if not index:  # a 2D image: memory only
-                return ann.compute_embedding(SamPredictor(model), np.asarray(data), report, token.cancelled), []
+            if not index:  # a 2D image: memory only (hashed first: an edit meanwhile is caught when predicting)
+                digest = plane_digest(data) if hashed else None
+                emb = ann.compute_embedding(SamPredictor(model), np.asarray(data), report, token.cancelled)
+                return emb, digest, []
             # a plane of a stack: through the on-disk embedding cache, so reopening the data is instant
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always", EmbeddingCacheWarning)
                 stack = stacks.get(stack_key)
-                if stack is None:
-                    stack = StackEmbeddings(data[tuple(index[:-1])], model,  # (Z, Y, X[, C]) around the plane
-                                            cancelled=token.cancelled)
-                    stacks.put(stack_key, stack)
-                emb = ann.stack_plane_embedding(stack, index[-1], report, token.cancelled)
-            return emb, [str(c.message) for c in caught if issubclass(c.category, EmbeddingCacheWarning)]
+                stack = open_stack() if stack is None else stack
+                try:
+                    emb = ann.stack_plane_embedding(stack, index[-1], report, token.cancelled)
+                except StackChanged:  # edited in place since it was hashed: hash it again (a new cache key)
+                    stack = open_stack()
+                    emb = ann.stack_plane_embedding(stack, index[-1], report, token.cancelled)
+            notes = [str(c.message) for c in caught if issubclass(c.category, EmbeddingCacheWarning)]
+            return emb, stack.digest(index[-1]) if hashed else None, notes
 
         def done(w, out):
-            emb, notes = out
+            emb, digest, notes = out
             w._embed_ok = True
             for note in notes:
                 w._message(note, "warning")
             if model_key == w.state.model_key:
-                w.state.embeddings.put(key, emb)
+                w.state.embeddings.put(key, (emb, digest))
 
         def failed(w, exc):
             w._embed_ok = False
@@ -174,7 +196,13 @@ class AnnotatorJobs:
             self._timer.start()  # predict with every prompt added meanwhile, or embed the new plane / model
 
     @_main_thread
-    def _predicted(self, out, version: int, index: tuple) -> None:
+    def _predicted(self, out, version: int, index: tuple, key) -> None:
+        if self._closed:
+            return  # the dock was closed
+        if out is None:  # the plane's pixels are not those it was embedded from: embed it again
+            self.state.embeddings.put(key, None)
+            self._message("the image changed since it was embedded (edited in place); embedding it again")
+            return self._changed()
         res, preview = out
         if version != self._version:
             return  # stale: prompts changed while it ran

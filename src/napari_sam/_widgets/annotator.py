@@ -24,7 +24,7 @@ from . import _layers as L
 from ._annotator_jobs import AnnotatorJobs, _main_thread
 from ._annotator_ui import MODEL_CHOICES, NEW_LAYER, SHORTCUTS, AnnotatorUI, bind_denoise
 from ._state import get_state
-from ._workers import CancelToken, ProgressRelay, process_events_until, qt_alive
+from ._workers import CancelToken, ProgressRelay, on_dock_closed, process_events_until, qt_alive
 
 if TYPE_CHECKING:
     import napari
@@ -51,6 +51,9 @@ class AnnotatorWidget(AnnotatorJobs, QWidget):
         self.ui = AnnotatorUI(self)
         self.result: ann.Result | None = None  # the latest prediction shown in the preview
         self._result_plane: tuple = ()  # the plane index the result was predicted on
+        self._data_gen = self._result_gen = 0  # bumps when the image's data is replaced; that of the result
+        self._closed = False  # the dock was closed (napari keeps the widget: it must stop acting)
+        self._refine_model = None  # weak reference to the model that last set the refine default
         self.image_layer = None
         self.points_layer = self.boxes_layer = self.preview_layer = self._preview_image = None
         self._version = 0  # bumps on every change of prompts / plane / image / model
@@ -75,7 +78,9 @@ class AnnotatorWidget(AnnotatorJobs, QWidget):
         handlers = {key: self._key_handler(action) for key, (action, _) in SHORTCUTS.items()}
         for key, handler in handlers.items():
             self.viewer.bind_key(key, handler, overwrite=True)
-        self.destroyed.connect(self._teardown_callback(handlers))
+        teardown = self._teardown_callback(handlers)
+        self.destroyed.connect(teardown)
+        on_dock_closed(self, self._weak(lambda w: w._on_dock_closed(teardown)))
         self._renames = L.RenameFollower(self.viewer, (self.ui.image_combo, self.ui.labels_combo),
                                          self._refresh_combos)
         self._refresh_combos()
@@ -161,6 +166,10 @@ class AnnotatorWidget(AnnotatorJobs, QWidget):
             return []
         index = L.plane_index(self.viewer, self.image_layer)
         prompts, _ = L.read_prompts(self.points_layer, self.boxes_layer, self.image_layer, index)
+        if self._result_gen != self._data_gen:
+            self._message("the image's data changed since this preview was computed; wait for the new preview, "
+                          "or add a point to predict again", "warning")
+            return []
         if self._result_plane != index or r.prompts is None or r.prompts.key() != prompts.key():
             self._message("the preview is not of this plane's prompts (they changed, or the plane did, and no new "
                           "preview came: the embedding was cancelled or failed); add a point to predict again",
@@ -298,6 +307,9 @@ class AnnotatorWidget(AnnotatorJobs, QWidget):
             self._message(problem, "warning")
             return
         old, self.image_layer = self.image_layer, layer
+        if old is not None:
+            old.events.data.disconnect(self._on_image_data)
+        layer.events.data.connect(self._on_image_data)
         notes = []
         if old is not None and old is not layer:
             notes = self._switch_layers(old, layer)
@@ -355,13 +367,45 @@ class AnnotatorWidget(AnnotatorJobs, QWidget):
         layer = event.value
         if layer is self.image_layer:
             self.image_layer = None
+            layer.events.data.disconnect(self._on_image_data)
             self._cancel_embedding(restart=False, quiet=True)
-            self._message(f"image {layer.name!r} was removed; choose another image", "warning")
+            if not self._closed:
+                self._removed_message(f"image {layer.name!r} was removed; choose another image")
         if layer is self.points_layer or layer is self.boxes_layer:
             self.points_layer = self.boxes_layer = None
         if layer is self.preview_layer:
             self.preview_layer = None
         self._refresh_combos()
+        self._changed()
+
+    def _removed_message(self, text: str) -> None:
+        """Warn that the image was removed, unless the viewer is closing (it removes every layer, then closes its
+        window: the notification is sent once control returns to the event loop, if the window is still shown)."""
+        self.ui.status_label.setText(text)
+        self.viewer.status = text
+        shown = self.window().isVisible()
+
+        def notify(w) -> None:
+            if w.window().isVisible() or not shown:
+                _notify(text, "warning")
+
+        QTimer.singleShot(0, self._weak(notify))
+
+    def _on_dock_closed(self, teardown) -> None:
+        """napari's close button took the widget out of its dock without deleting it: stop the running embedding,
+        predict no more, clear the preview (a new annotator reuses the layer) and unbind the shortcuts."""
+        self._closed = True
+        self._timer.stop()
+        self._pending = False
+        self._cancel_embedding(restart=False, quiet=True)
+        self._set_result(None)
+        teardown()
+
+    @_main_thread
+    def _on_image_data(self, *_) -> None:
+        """The image's data was replaced (``layer.data = ...``): embeddings and the preview are of the old data."""
+        self._data_gen += 1
+        self._cancel_embedding(restart=True, quiet=True)
         self._changed()
 
     @_main_thread
@@ -374,7 +418,8 @@ class AnnotatorWidget(AnnotatorJobs, QWidget):
     def _changed(self, *_) -> None:
         """Prompts, plane, image or model changed: results in flight are stale; re-predict (debounced)."""
         self._version += 1
-        self._timer.start()
+        if not self._closed:
+            self._timer.start()
 
     def _on_model_changed(self, model) -> None:
         self._cancel_embedding(restart=True)
@@ -382,13 +427,15 @@ class AnnotatorWidget(AnnotatorJobs, QWidget):
         self._changed()
 
     def _show_model(self) -> None:
-        """The model's name and device; its own default for *refine with the previous mask* (the built-in model
-        refines better without its logits)."""
+        """The model's name and device; a new model sets its own default for *refine with the previous mask* (the
+        built-in model refines better without its logits); the same model with other settings (denoising) keeps
+        the user's choice."""
         m = self.state.model
-        if m is not None:
+        if m is not None and (self._refine_model is None or self._refine_model() is not m):
             from ..core.build import refine_logits_of
 
             self.ui.refine_check.setChecked(refine_logits_of(m))
+            self._refine_model = weakref.ref(m)
         self.ui.model_label.setText("model: none loaded (loads on first click)" if m is None else
                                     f"model: {self.state.model_name or 'custom'} on {m.device}")
 
@@ -400,6 +447,7 @@ class AnnotatorWidget(AnnotatorJobs, QWidget):
     def _set_result(self, res: ann.Result | None, preview: np.ndarray | None = None, index: tuple = ()) -> None:
         self.result = res
         self._result_plane = index  # the plane the result was predicted on (commit checks it)
+        self._result_gen = self._data_gen  # and the image data (results of replaced data are dropped before)
         self._show_result(res, preview)
 
     def _show_result(self, res: ann.Result | None, preview: np.ndarray | None = None) -> None:
@@ -424,14 +472,29 @@ class AnnotatorWidget(AnnotatorJobs, QWidget):
             if lay is not None and lay in self.viewer.layers:
                 self.viewer.layers.remove(lay)
             im = self.image_layer
-            lay = self.viewer.add_labels(np.zeros(shape, np.uint8), name=L.PREVIEW_NAME, opacity=0.5,
-                                         **L.overlay_kwargs(im, 2))
+            lay = self._reusable_preview(shape)
+            if lay is None:
+                lay = self.viewer.add_labels(np.zeros(shape, np.uint8), name=L.PREVIEW_NAME, opacity=0.5,
+                                             **L.overlay_kwargs(im, 2))
+            else:
+                lay.data = np.zeros(shape, np.uint8)
             lay.editable = False
             self.preview_layer, self._preview_image = lay, im
             if self.points_layer is not None:  # keep the prompts on top and active
                 self.viewer.layers.move(self.viewer.layers.index(lay), self.viewer.layers.index(self.points_layer))
                 self.viewer.layers.selection.active = self.points_layer
         return lay
+
+    def _reusable_preview(self, shape):
+        """The preview layer a closed annotator left, if it fits the image (shape and transform), else None."""
+        import napari
+
+        lay = self.viewer.layers[L.PREVIEW_NAME] if L.PREVIEW_NAME in self.viewer.layers else None
+        if not isinstance(lay, napari.layers.Labels) or lay.data.shape != tuple(shape):
+            return None
+        want = L.overlay_kwargs(self.image_layer, 2)
+        have = {k: lay.affine.affine_matrix if k == "affine" else getattr(lay, k) for k in want}
+        return lay if all(np.allclose(have[k], want[k]) for k in want) else None
 
     def _target_labels(self):
         name = self.ui.labels_combo.currentText()

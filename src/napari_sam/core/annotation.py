@@ -80,8 +80,11 @@ def stack_plane_embedding(
 ) -> ImageEmbedding:
     """Embedding of slice ``z`` of a stack through its disk cache (:class:`StackEmbeddings`): loaded if an
     earlier session stored it, else computed (with progress and cancellation as in :func:`compute_embedding`)
-    and stored. The slice is normalised with the whole stack's contrast, as propagation does."""
+    and stored. The slice is normalised with the whole stack's contrast, as propagation does. Raises
+    :class:`~napari_sam.core.embedding_store.StackChanged` when the slice was edited in place since the stack was
+    opened (a stored embedding is checked too: one slice's hash); open the stack again."""
     if stack.is_computed(z):
+        stack.check_slice(z)
         return stack[z]
     with _encoder_progress(stack.model, progress, cancelled):
         return stack[z]

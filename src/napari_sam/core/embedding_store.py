@@ -6,6 +6,8 @@ hashes the data (shape, dtype, bytes), the model (config + weights) and our vers
 same model reopens instantly, changed data or weights never reuse a stale cache. Features are stored float16,
 (Z, C, G, G), one chunk per slice. Each slice has a CRC32 written *after* its chunk: a slice whose chunk is
 missing, torn or corrupted (crash, full disk) is recomputed, never returned. An unreadable store is rebuilt.
+The data is hashed once, when the object is made; a slice edited in place afterwards is caught when it is read
+for its embedding (its own hash no longer matches): :class:`StackChanged`, and nothing is stored under the key.
 A read-only, full or too-small cache folder falls back to memory with an :class:`EmbeddingCacheWarning`.
 """
 
@@ -84,15 +86,31 @@ class EmbeddingCancelled(Exception):
     """Raised when ``cancelled()`` turned true while a stack was read or a slice embedded."""
 
 
-def volume_hash(volume: np.ndarray, cancelled: Callable[[], bool] | None = None) -> str:
+class StackChanged(ValueError):
+    """A slice of a stack was edited in place after the stack was hashed for its cache key."""
+
+
+def plane_digest(plane: np.ndarray) -> bytes:
+    """Content hash of one slice or image (shape, dtype and bytes)."""
+    h = hashlib.blake2b(repr((plane.shape, str(plane.dtype))).encode(), digest_size=16)
+    h.update(np.ascontiguousarray(plane).reshape(-1).view(np.uint8))
+    return h.digest()
+
+
+def volume_hash(volume: np.ndarray, cancelled: Callable[[], bool] | None = None,
+                digests: list[bytes] | None = None) -> str:
     """Content hash of an array (shape, dtype and bytes), computed slice by slice (no full copy); raises
-    :class:`EmbeddingCancelled` between slices once ``cancelled()`` is true (a large stack takes seconds)."""
+    :class:`EmbeddingCancelled` between slices once ``cancelled()`` is true (a large stack takes seconds).
+    ``digests``: a list that receives the :func:`plane_digest` of each slice, in order."""
     h = hashlib.blake2b(digest_size=16)
     h.update(repr((volume.shape, str(volume.dtype))).encode())
     for plane in volume:
         if cancelled is not None and cancelled():
             raise EmbeddingCancelled("cancelled while reading the stack")
-        h.update(np.ascontiguousarray(plane).tobytes())
+        digest = plane_digest(plane)
+        h.update(digest)
+        if digests is not None:
+            digests.append(digest)
     return h.hexdigest()
 
 
@@ -119,12 +137,12 @@ def model_fingerprint(model: torch.nn.Module) -> str:
 
 
 def stack_key(volume: np.ndarray, model: torch.nn.Module, denoise: float | None = None,
-              cancelled: Callable[[], bool] | None = None) -> str:
+              cancelled: Callable[[], bool] | None = None, digests: list[bytes] | None = None) -> str:
     """Cache key of (data, model, its denoising (``denoise``: instead of the model's), napari-sam version, store
-    format). ``cancelled``: see :func:`volume_hash`."""
+    format). ``cancelled``, ``digests``: see :func:`volume_hash`."""
     from napari_sam import __version__
 
-    text = f"{volume_hash(volume, cancelled)}-{model_fingerprint(model)}-{__version__}-{STORE_FORMAT}"
+    text = f"{volume_hash(volume, cancelled, digests)}-{model_fingerprint(model)}-{__version__}-{STORE_FORMAT}"
     denoise = denoise_of(model) if denoise is None else check_denoise(denoise)
     if denoise:
         text += f"-denoise{denoise!r}"
@@ -152,8 +170,8 @@ def volume_to_uint8(volume: np.ndarray, denoise: float = 0.0) -> Callable[[int],
         if hi <= lo:
             lo, hi = float(sample.min()), float(sample.max())
 
-    def get(z: int) -> np.ndarray:
-        plane = np.asarray(vol[z])
+    def get(z: int, plane: np.ndarray | None = None) -> np.ndarray:  # plane: vol[z], when already read
+        plane = np.asarray(vol[z] if plane is None else plane)
         if plane.ndim == 3 and plane.shape[-1] == 1:
             plane = plane[..., 0]
         if plane.ndim == 3 and plane.shape[-1] == 4:
@@ -229,6 +247,8 @@ class StackEmbeddings:
     The model's preprocessing (``denoise``, ``max_upscale``; taken when the object is made) is part of the key.
     denoise: a Gaussian sigma (pixels) for these slices instead of the model's (None: the model's).
     cancelled: polled while the stack is read for its cache key; raises :class:`EmbeddingCancelled`.
+    The data is hashed here: a slice edited in place later raises :class:`StackChanged` when it is embedded (or
+    checked, :meth:`check_slice`); open the stack again.
     """
 
     def __init__(self, volume: np.ndarray, model: torch.nn.Module, cache: bool | str | os.PathLike = True,
@@ -243,7 +263,8 @@ class StackEmbeddings:
         g = model.prompt_encoder.image_embedding_size
         self.feature_shape = (int(model.prompt_encoder.embed_dim), int(g[0]), int(g[1]))
         self.denoise = denoise_of(model) if denoise is None else check_denoise(denoise)
-        self.key = stack_key(self.volume, model, self.denoise, cancelled)
+        self._digests: list[bytes] = []  # plane_digest of each slice when the key was made
+        self.key = stack_key(self.volume, model, self.denoise, cancelled, self._digests)
         self._slice = volume_to_uint8(self.volume, self.denoise)
         self._mem: dict[int, np.ndarray] = {}  # slices not on disk (memory mode, or not yet written)
         self._read: OrderedDict[int, np.ndarray] = OrderedDict()  # recently read from disk (LRU)
@@ -387,6 +408,23 @@ class StackEmbeddings:
             raise IndexError(f"slice {z} is outside the stack (0 .. {self.n_slices - 1})")
         return int(z)
 
+    def digest(self, z: int) -> bytes:
+        """:func:`plane_digest` of slice z when the stack was opened (the content its embedding is of)."""
+        return self._digests[self._check_z(z)]
+
+    def _read_checked(self, z: int) -> np.ndarray:
+        """A copy of slice z, checked against its digest: :class:`StackChanged` if it was edited since."""
+        plane = np.array(self.volume[z])
+        if plane_digest(plane) != self._digests[z]:
+            raise StackChanged(f"slice {z} of the stack changed after it was opened (edited in place); open the "
+                               "stack again")
+        return plane
+
+    def check_slice(self, z: int) -> None:
+        """Raise :class:`StackChanged` if slice z no longer holds the data it had when the stack was opened (an
+        in-place edit): its stored embedding would be of other pixels. Costs one slice's hash."""
+        self._read_checked(self._check_z(z))
+
     def __getitem__(self, z: int) -> ImageEmbedding:
         z = self._check_z(z)
         feats16 = self._load_slice(z)
@@ -402,10 +440,11 @@ class StackEmbeddings:
 
     @torch.inference_mode()
     def _encode(self, zs: Sequence[int]) -> list[np.ndarray]:
-        """float16 (C, G, G) features of slices ``zs``, one encoder call each (results never depend on batching)."""
+        """float16 (C, G, G) features of slices ``zs``, one encoder call each (results never depend on batching).
+        Raises :class:`StackChanged` for a slice edited since the stack was opened (nothing is stored)."""
         out = []
         for z in zs:
-            x, _ = encoder_input(self.model, self._slice(z), self.max_upscale)
+            x, _ = encoder_input(self.model, self._slice(z, self._read_checked(z)), self.max_upscale)
             out.append(self.model.image_encoder(x)[0].cpu().numpy().astype(np.float16))
         return out
 
