@@ -174,7 +174,7 @@ def test_a_denoise_change_keeps_the_refine_choice(annotator, qtbot, model):
 def test_the_close_button_stops_the_annotator_and_a_new_one_takes_over(annotator, qtbot, model, nuclei_sample,
                                                                        gate, monkeypatch):
     """napari's close button (``remove_dock_widget``: the widget is not deleted) cancels the running embedding,
-    unbinds the shortcuts and stops predicting; a new annotator reuses the preview layer. Closing the viewer
+    unbinds the shortcuts and stops predicting; a new annotator reuses the preview and labels layers. Closing the viewer
     warns of no removed image."""
     from napari.utils.key_bindings import coerce_keybinding
 
@@ -200,6 +200,8 @@ def test_the_close_button_stops_the_annotator_and_a_new_one_takes_over(annotator
     wait_idle(qtbot, w2)
     assert w2.result is not None and w2.preview_layer is viewer.layers["SAM preview"]
     assert [lay.name for lay in viewer.layers].count("SAM preview") == 1 and "SAM preview [1]" not in viewer.layers
+    assert w2.commit() and w2.ui.labels_combo.currentText() == "SAM labels"  # the same target, no "SAM labels [1]"
+    assert [lay.name for lay in viewer.layers].count("SAM labels") == 1 and "SAM labels [1]" not in viewer.layers
     assert all(coerce_keybinding(k) in viewer.keymap for k in SHORTCUTS)
     notes = []
     monkeypatch.setattr(mod, "_notify", lambda text, level="info": notes.append(text))

@@ -53,6 +53,7 @@ class AnnotatorWidget(AnnotatorJobs, QWidget):
         self._result_plane: tuple = ()  # the plane index the result was predicted on
         self._data_gen = self._result_gen = 0  # bumps when the image's data is replaced; that of the result
         self._closed = False  # the dock was closed (napari keeps the widget: it must stop acting)
+        self._adopt_labels = True  # the first target may be the "SAM labels" an earlier annotator left
         self._refine_model = None  # weak reference to the model that last set the refine default
         self.image_layer = None
         self.points_layer = self.boxes_layer = self.preview_layer = self._preview_image = None
@@ -501,11 +502,28 @@ class AnnotatorWidget(AnnotatorJobs, QWidget):
         if name and name != NEW_LAYER:
             return L.named_layer(self.viewer, name, "target labels", self._refresh_combos)
         im = self.image_layer
-        lay = self.viewer.add_labels(np.zeros(L.image_shape(im), np.uint32), name=L.LABELS_NAME,
-                                     **L.overlay_kwargs(im))
+        lay = self._reusable_labels() if self._adopt_labels else None
+        self._adopt_labels = False
+        if lay is None:
+            lay = self.viewer.add_labels(np.zeros(L.image_shape(im), np.uint32), name=L.LABELS_NAME,
+                                         **L.overlay_kwargs(im))
         self.ui.labels_combo.setCurrentText(lay.name)
         if self.points_layer is not None:
             self.viewer.layers.selection.active = self.points_layer
+        return lay
+
+    def _reusable_labels(self):
+        """The "SAM labels" layer an earlier annotator of this viewer left, if it fits and overlays the image (a
+        reopened annotator goes on committing there, instead of starting "SAM labels [1]"), else None."""
+        import napari
+
+        lay = self.viewer.layers[L.LABELS_NAME] if L.LABELS_NAME in self.viewer.layers else None
+        if not isinstance(lay, napari.layers.Labels) or not L.same_transform(lay, self.image_layer):
+            return None
+        try:
+            L.check_target(lay, self.image_layer)
+        except L.LayerError:
+            return None
         return lay
 
     def _message(self, text: str, level: str = "info") -> None:
