@@ -119,24 +119,36 @@ def run_in_thread(
     ``on_return(result)`` or ``on_error(exception)`` runs in the main thread, then ``on_finish()``; callbacks
     that are methods of a widget Qt has since deleted are skipped.
     """
-    on_return, on_error, on_finish = map(_skip_if_deleted, (on_return, on_error, on_finish))
+    # napari keeps every worker it made (the window's task list) until the viewer closes: the job and its callbacks
+    # live in this dict, emptied as the job ends, so a finished job holds none of its arrays (images, masks, plans)
+    held: dict[str, Any] = dict(zip(("func", "args", "kwargs"), (func, args, kwargs)))
+    held.update(zip(("return", "error", "finish"), map(_skip_if_deleted, (on_return, on_error, on_finish))))
 
     def guarded():
+        f, a, kw = held.pop("func"), held.pop("args"), held.pop("kwargs")
         try:
-            return func(*args, **kwargs)
+            return f(*a, **kw)
         except BaseException as exc:  # noqa: BLE001 - everything is reported as a message, never re-raised
             return _Failed(exc)
+        finally:
+            del f, a, kw
 
     def returned(result):
         if isinstance(result, _Failed):
-            if on_error is not None:
-                on_error(result.exc)
-        elif on_return is not None:
-            on_return(result)
+            callback, result = held.get("error"), result.exc
+        else:
+            callback = held.get("return")
+        held.pop("return", None), held.pop("error", None)
+        if callback is not None:
+            callback(result)
 
-    worker = create_worker(guarded, _start_thread=False, _connect={"returned": returned})
-    if on_finish is not None:
-        worker.finished.connect(on_finish)
+    def finished():
+        callback = held.pop("finish", None)
+        held.clear()
+        if callback is not None:
+            callback()
+
+    worker = create_worker(guarded, _start_thread=False, _connect={"returned": returned, "finished": finished})
     worker.start()
     return worker
 
