@@ -102,17 +102,33 @@ def to_rgb_uint8(image: np.ndarray, low_pct: float = 0.5, high_pct: float = 99.5
         raise ValueError("image contains NaN or inf pixels; replace them, e.g. np.nan_to_num(image)")
     arr = denoise_plane(arr, denoise)
     if arr.dtype != np.uint8:
-        arr = _normalise(arr.astype(np.float64, copy=False), low_pct, high_pct)
+        arr = _normalise(arr, low_pct, high_pct)
     if arr.ndim == 2:
         arr = np.repeat(arr[..., None], 3, axis=-1)
     return np.ascontiguousarray(arr)
 
 
+#: elements scaled at a time by :func:`_normalise` (float64 chunks of 32 MB instead of whole-image copies)
+NORMALISE_CHUNK = 1 << 22
+
+
 def _normalise(arr: np.ndarray, low_pct: float, high_pct: float) -> np.ndarray:
-    lo, hi = np.percentile(arr, [low_pct, high_pct])
+    """``arr`` (any real dtype) -> uint8 between its ``low_pct`` and ``high_pct`` percentiles, computed in float64
+    chunk by chunk: an 8192-px uint16 plane no longer makes several float64 copies of itself (2 GB). Integer
+    percentiles are taken on the data as it is (the same values as on a float64 copy)."""
+    sample = arr if np.issubdtype(arr.dtype, np.integer) or arr.dtype == np.float64 else arr.astype(np.float64)
+    lo, hi = np.percentile(sample, [low_pct, high_pct])
+    del sample
     if hi <= lo:
         lo, hi = float(arr.min()), float(arr.max())
     if hi <= lo:
         return np.zeros(arr.shape, dtype=np.uint8)
-    out = (arr - lo) * (255.0 / (hi - lo))
-    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+    flat = np.ascontiguousarray(arr).reshape(-1)
+    out = np.empty(flat.size, dtype=np.uint8)
+    scale = 255.0 / (hi - lo)
+    for i in range(0, flat.size, NORMALISE_CHUNK):
+        part = flat[i:i + NORMALISE_CHUNK].astype(np.float64)
+        part -= lo
+        part *= scale
+        out[i:i + NORMALISE_CHUNK] = np.clip(np.rint(part, out=part), 0, 255, out=part)
+    return out.reshape(arr.shape)
