@@ -187,6 +187,13 @@ def test_cancel_writes_nothing_and_bad_parameters(scene):
     assert "SAM everything" not in viewer.layers
     assert not w.run(points_per_side=0)
     assert "points_per_side" in w.status_label.text()
+    img = viewer.layers["nuclei"].data
+    viewer.add_image(np.tile(img, (1, 9) + (1,) * (img.ndim - 2)), name="mosaic")  # 2304 px wide: not tiled here
+    w.set_image_layer("mosaic")
+    assert w.run(points_per_side=2)
+    assert "is segmented whole" in w.status_label.text() and "napari-sam segment` tile" in w.status_label.text()
+    w.cancel()
+    assert w.wait(120)
 
 
 def test_sliders_follow_the_models_recommended_thresholds_while_the_widget_lives(make_napari_viewer, qtbot,

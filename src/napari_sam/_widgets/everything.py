@@ -39,6 +39,7 @@ NEW_LAYER = "[new layer]"
 OUTPUT_NAME = "SAM everything"
 FLOOR = 0.5  # candidates are kept down to this IoU / stability (or lower thresholds), so sliders go that low live
 LIVE = ("pred_iou_thresh", "stability_score_thresh", "box_nms_thresh", "min_object_area")
+LARGE_PLANE = 2048  # the side above which segment_everything() tiles an image (its max_untiled)
 
 
 def run_generation(model, image: np.ndarray, params: dict, cancel, report, denoise: float = 0.0) -> dict:
@@ -308,8 +309,13 @@ class SegmentEverythingWidget(QWidget):
         self.progress.setValue(0)
         self.run_button.setEnabled(False)
         self.cancel_button.setEnabled(True)
-        self._message("running the model" + ("" if self.state.model is not None else
-                                              " (loading the built-in model first)"))
+        note = "" if self.state.model is not None else " (loading the built-in model first)"
+        if max(plane.shape[:2]) > LARGE_PLANE:  # the widget does not tile (its live sliders need every candidate)
+            self._message(f"running the model{note}; this plane is {max(plane.shape[:2])} px and is segmented "
+                          "whole, shrunk to the model's input: small objects may be missed. For large images, "
+                          "napari_sam.segment_everything(image) and `napari-sam segment` tile them", "warning")
+        else:
+            self._message("running the model" + note)
         self.worker = run_in_thread(run_generation, self.state.model, plane, p, self._token.cancelled,
                                     self._relay.report, denoise=self.state.denoise, on_return=self._done,
                                     on_error=self._failed,
