@@ -37,3 +37,30 @@ def test_a_finished_job_keeps_no_reference_to_its_data(make_napari_viewer, qtbot
     gc.collect()
     assert arg_ref() is None and result_ref[0]() is None
     assert worker is not None  # the worker itself lives on (napari keeps it), empty
+
+
+def test_the_embedding_cache_is_bounded_in_bytes(nuclei_sample):
+    """Each cached embedding of a large image keeps the image copy zoomed decoding reads (192 MB at 8192 px), so
+    the viewer's cache is bounded in bytes too, not only in entries; the newest entry always stays."""
+    import torch
+
+    from napari_sam._widgets._state import EmbeddingLRU
+    from napari_sam.core.predictor import ImageEmbedding
+    from napari_sam.core.zoom import ZoomSource
+
+    gray = nuclei_sample[0] if nuclei_sample[0].ndim == 2 else nuclei_sample[0][..., 0]
+    rgb = np.ascontiguousarray(np.repeat(np.tile(gray, (4, 4))[..., None], 3, -1))  # 1024 px of real pixels
+
+    def emb():
+        return ImageEmbedding(torch.zeros(1, 128, 32, 32), rgb.shape[:2], (512, 512), ZoomSource(rgb.copy(), 256))
+
+    one = rgb.nbytes + 128 * 32 * 32 * 4
+    cache = EmbeddingLRU(max_items=32, max_bytes=3 * one)
+    for k in range(5):
+        cache.put(k, (emb(), b"digest"))
+    assert len(cache) == 3 and cache.nbytes == 3 * one and 0 not in cache and 4 in cache
+    cache.put("huge", (ImageEmbedding(torch.zeros(1, 128, 32, 32), (8, 8), (512, 512),
+                                      ZoomSource(np.zeros((4096, 1024, 3), np.uint8), 256)), None))
+    assert len(cache) == 1 and "huge" in cache  # the newest entry stays, whatever its size
+    cache.put(5, None)  # an invalidated entry costs nothing
+    assert len(cache) == 1 and cache.nbytes == 0

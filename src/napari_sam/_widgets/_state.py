@@ -13,17 +13,40 @@ from collections import OrderedDict
 from collections.abc import Callable, Hashable
 from typing import Any
 
+import numpy as np
+
 from ._workers import qt_alive
 
 _STATES: "weakref.WeakKeyDictionary[Any, ViewerState]" = weakref.WeakKeyDictionary()
 
 
-class EmbeddingLRU:
-    """Bounded LRU of image embeddings keyed by e.g. (layer id, data hash, slice index, model key)."""
+#: the most bytes the embeddings of one viewer keep in memory (features, and the image copy zoomed decoding reads)
+EMBEDDING_CACHE_BYTES = 2 << 30
 
-    def __init__(self, max_items: int = 32) -> None:
-        self.max_items = max_items
+
+def _nbytes(value: Any) -> int:
+    """Memory of a cached value: an ImageEmbedding's features and its zoom source's image copy (an 8192-px image
+    keeps a 192 MB RGB copy), through tuples; 0 for anything else."""
+    feats = getattr(value, "features", None)
+    if feats is None and isinstance(value, tuple):
+        return sum(_nbytes(v) for v in value)
+    n = 0
+    if hasattr(feats, "element_size"):
+        n += feats.numel() * feats.element_size()
+    rgb = getattr(getattr(value, "source", None), "rgb", None)
+    if isinstance(rgb, np.ndarray):
+        n += rgb.nbytes
+    return n
+
+
+class EmbeddingLRU:
+    """Bounded LRU of image embeddings keyed by e.g. (layer id, data hash, slice index, model key): at most
+    ``max_items`` entries and ``max_bytes`` of them (:func:`_nbytes`; the newest entry is kept whatever its size)."""
+
+    def __init__(self, max_items: int = 32, max_bytes: int = EMBEDDING_CACHE_BYTES) -> None:
+        self.max_items, self.max_bytes = max_items, max_bytes
         self._d: OrderedDict[Hashable, Any] = OrderedDict()
+        self._sizes: dict[Hashable, int] = {}
         self._lock = threading.Lock()
 
     def get(self, key: Hashable) -> Any | None:
@@ -37,12 +60,19 @@ class EmbeddingLRU:
         with self._lock:
             self._d[key] = value
             self._d.move_to_end(key)
-            while len(self._d) > self.max_items:
-                self._d.popitem(last=False)
+            self._sizes[key] = _nbytes(value)
+            while len(self._d) > 1 and (len(self._d) > self.max_items or sum(self._sizes.values()) > self.max_bytes):
+                old, _ = self._d.popitem(last=False)
+                self._sizes.pop(old, None)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(self._sizes.values())
 
     def clear(self) -> None:
         with self._lock:
             self._d.clear()
+            self._sizes.clear()
 
     def __len__(self) -> int:
         return len(self._d)
