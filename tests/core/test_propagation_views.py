@@ -83,7 +83,7 @@ def test_vote_exact_reference():
 
 
 def test_bad_input_and_parameters(tiny_model):
-    from napari_sam.core.propagation import make_params, propagate_object
+    from napari_sam.core.propagation import make_params
 
     assert check_spacing(None) == (1.0, 1.0, 1.0)
     for bad in ((1, 1), (0, 1, 1), (1, np.nan, 1), "abc", 3):

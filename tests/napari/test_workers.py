@@ -27,15 +27,17 @@ def test_a_finished_job_keeps_no_reference_to_its_data(make_napari_viewer, qtbot
         result_ref.append(weakref.ref(out))
         return out
 
-    def on_return(out):  # a callback closing over the input, as the widgets' closures do
-        seen.append(float(out.mean()) == 2 * float(image.mean()))
+    def callback_holding(payload):  # a callback closing over an array, as the widgets' closures do
+        return lambda out: seen.append(payload.shape == out.shape)
 
+    payload = np.array(nuclei_sample[0])
+    payload_ref, on_return = weakref.ref(payload), callback_holding(payload)
     worker = run_in_thread(job, image, on_return=on_return, on_finish=lambda: seen.append("finished"))
     qtbot.waitUntil(lambda: "finished" in seen, timeout=20000)
     assert seen == [True, "finished"]
-    del image, on_return, job
+    del image, payload, on_return, job
     gc.collect()
-    assert arg_ref() is None and result_ref[0]() is None
+    assert arg_ref() is None and result_ref[0]() is None and payload_ref() is None
     assert worker is not None  # the worker itself lives on (napari keeps it), empty
 
 

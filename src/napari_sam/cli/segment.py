@@ -198,7 +198,7 @@ def run(args: argparse.Namespace) -> int:
         try:
             n = segment_file(src, output_path(src, out_dir), gen, args.min_object_area, args.quiet, prefix)
         except KeyboardInterrupt:
-            print(f"\ninterrupted; finished outputs are kept, rerun the same command to resume", file=sys.stderr)
+            print("\ninterrupted; finished outputs are kept, rerun the same command to resume", file=sys.stderr)
             return 130
         except Exception as e:  # one bad file must not stop the batch
             failed.append(src)

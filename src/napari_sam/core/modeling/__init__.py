@@ -1,1 +1,3 @@
 from .sam import Sam
+
+__all__ = ["Sam"]
