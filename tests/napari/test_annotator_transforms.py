@@ -140,3 +140,36 @@ def test_renamed_layers_stay_chosen(annotator, qtbot, nuclei_sample):
     target.name = "everything"
     viewer.layers["raw"].name = "raw2"
     assert ev.target_combo.currentText() == "everything" and ev.image_combo.currentText() == "raw2"
+
+
+def test_another_images_preview_is_never_committed_and_targets_are_found_again(annotator, qtbot, nuclei_sample):
+    """Switching images drops the preview (it was of the other image: before, Commit wrote it into the new image's
+    labels, and the next click refined with its logits); switching back and forth between images of two shapes
+    finds each image's labels layer again instead of making a new one at every switch."""
+    viewer, w = annotator
+    img, gt = nuclei_sample
+    w.add_point(interior_point(gt == 1))
+    wait_idle(qtbot, w)
+    assert w.result is not None
+    viewer.add_image(img.copy(), name="same shape")
+    w.set_image_layer("same shape")
+    assert w.result is None and w.commit() == [] and not np.asarray(viewer.layers["SAM labels"].data).any()
+    viewer.add_image(img[:128, :160].copy(), name="small")
+    for name in ("small", "nuclei", "small", "nuclei", "small"):
+        w.set_image_layer(name)
+    labels = [ly.name for ly in viewer.layers if isinstance(ly, napari.layers.Labels)]
+    assert labels == ["SAM preview", "SAM labels", "SAM labels [1]"] and w.ui.labels_combo.currentText() == \
+        "SAM labels [1]"
+    assert "objects now go to 'SAM labels [1]'" in w.ui.status_label.text()
+
+
+def test_a_closed_annotator_makes_no_layers(annotator, qtbot, nuclei_sample):
+    """After its ✕ (napari keeps the widget), removing the image and adding another made the closed annotator
+    choose it and create its prompt, preview and labels layers."""
+    viewer, w = annotator
+    viewer.window.remove_dock_widget(w)
+    before = [ly.name for ly in viewer.layers]
+    viewer.layers.remove("nuclei")
+    viewer.add_image(nuclei_sample[0].copy(), name="next")
+    assert [ly.name for ly in viewer.layers] == [n for n in before if n != "nuclei"] + ["next"]
+    assert w.image_layer is None

@@ -303,6 +303,8 @@ class AnnotatorWidget(AnnotatorJobs, QWidget):
             self._set_image(self.viewer.layers[name])
 
     def _set_image(self, layer) -> None:
+        if self._closed:
+            return  # the dock was closed: a layer event must not make it act again
         problem = L.image_problem(layer)
         if problem:
             self._message(problem, "warning")
@@ -313,13 +315,14 @@ class AnnotatorWidget(AnnotatorJobs, QWidget):
         layer.events.data.connect(self._on_image_data)
         notes = []
         if old is not None and old is not layer:
+            self._set_result(None)  # the preview is of the other image: never committed or refined here
             notes = self._switch_layers(old, layer)
         dtype = (layer.data[0] if layer.multiscale else layer.data).dtype
         if dtype != np.uint8:
             notes.append(f"image {layer.name!r} is {dtype}: it is scaled to 8 bit per plane (0.5–99.5 percentiles)")
         self._ensure_layers()
         if notes:
-            self._message("; ".join(notes))
+            self._message("; ".join(notes).replace("{target}", repr(self.ui.labels_combo.currentText())))
         self._changed()
 
     def _switch_layers(self, old, new) -> list[str]:
@@ -343,8 +346,9 @@ class AnnotatorWidget(AnnotatorJobs, QWidget):
                 fits = False
             if not fits:
                 self.ui.labels_combo.setCurrentText(NEW_LAYER)
-                notes.append(f"{name!r} does not fit or overlay {new.name!r}: objects now go to a new Labels "
-                             "layer (choose another under 'labels')")
+                self._adopt_labels = True  # back on an image seen before: its "SAM labels" is found again
+                notes.append(f"{name!r} does not fit or overlay {new.name!r}: objects now go to {{target}} "
+                             "(choose another under 'labels')")
         return notes
 
     def _ensure_layers(self):
@@ -493,9 +497,8 @@ class AnnotatorWidget(AnnotatorJobs, QWidget):
         lay = self.viewer.layers[L.PREVIEW_NAME] if L.PREVIEW_NAME in self.viewer.layers else None
         if not isinstance(lay, napari.layers.Labels) or lay.data.shape != tuple(shape):
             return None
-        want = L.overlay_kwargs(self.image_layer, 2)
-        have = {k: lay.affine.affine_matrix if k == "affine" else getattr(lay, k) for k in want}
-        return lay if all(np.allclose(have[k], want[k]) for k in want) else None
+        want = napari.layers.Labels(np.zeros((1, 1), np.uint8), **L.overlay_kwargs(self.image_layer, 2))
+        return lay if L.same_transform(lay, want) else None  # (scale, translate, rotate, shear and affine)
 
     def _target_labels(self):
         name = self.ui.labels_combo.currentText()
@@ -513,18 +516,22 @@ class AnnotatorWidget(AnnotatorJobs, QWidget):
         return lay
 
     def _reusable_labels(self):
-        """The "SAM labels" layer an earlier annotator of this viewer left, if it fits and overlays the image (a
-        reopened annotator goes on committing there, instead of starting "SAM labels [1]"), else None."""
+        """A "SAM labels" layer (or "SAM labels [k]") made by an annotator of this viewer that fits and overlays the
+        image, else None: a reopened annotator, or one back on an image seen before, goes on committing there
+        instead of starting yet another layer."""
         import napari
 
-        lay = self.viewer.layers[L.LABELS_NAME] if L.LABELS_NAME in self.viewer.layers else None
-        if not isinstance(lay, napari.layers.Labels) or not L.same_transform(lay, self.image_layer):
-            return None
-        try:
-            L.check_target(lay, self.image_layer)
-        except L.LayerError:
-            return None
-        return lay
+        for lay in self.viewer.layers:
+            if not (isinstance(lay, napari.layers.Labels) and (lay.name == L.LABELS_NAME
+                                                               or lay.name.startswith(L.LABELS_NAME + " ["))):
+                continue
+            try:
+                L.check_target(lay, self.image_layer)
+            except L.LayerError:
+                continue
+            if L.same_transform(lay, self.image_layer):
+                return lay
+        return None
 
     def _message(self, text: str, level: str = "info") -> None:
         self.ui.status_label.setText(text)

@@ -90,6 +90,7 @@ class SegmentEverythingWidget(QWidget):
         self._refilter_again = False
         self._build_ui()
         self._model = self.state.model  # the model the settings and the kept outputs are for
+        self._run_model = None  # the viewer's model when Run was pressed
         self._use_recommended(self.state.model)
         self.state.on_model_changed_while_alive(self, type(self)._model_changed)
         on_dock_closed(self, self._closed)
@@ -304,6 +305,7 @@ class SegmentEverythingWidget(QWidget):
         self.proposals = None
         self._release_target()
         self._token = CancelToken()
+        self._run_model = self.state.model  # None: the worker loads the built-in model (one loaded meanwhile is fine)
         self._plane = (image, index, plane.shape[:2])
         self.progress.setFormat("segmenting %p%")
         self.progress.setValue(0)
@@ -407,7 +409,7 @@ class SegmentEverythingWidget(QWidget):
         if self._token.cancelled():  # too late to stop the model (e.g. the dock was closed as it ended)
             self._message("cancelled; nothing was written")
             return
-        if self.state.model is not None and self.state.model is not result["model"]:
+        if self._run_model is not None and self.state.model is not self._run_model:
             self._message("the model changed while segment-everything ran; nothing was written: run it again to "
                           "use the new model", "warning")
             return
