@@ -107,7 +107,7 @@ class AnnotatorJobs:
         version, batch, model = self._version, self.ui.batch_check.isChecked(), self.state.model
         enforce, follow, zoom = (self.ui.enforce_check.isChecked(), self.ui.follow_check.isChecked(),
                                  self.ui.zoom_check.isChecked())
-        data = image.data[0] if image.multiscale else image.data
+        data = L.full_resolution(image)
 
         def job():
             from ..core.predictor import SamPredictor
@@ -134,7 +134,7 @@ class AnnotatorJobs:
                 return  # clicks made meanwhile are queued: _update runs again when it ends
             self._cancel_embedding(restart=True)
             return  # the old run ends soon (cancelled); _embed_done restarts the chain
-        data = image.data[0] if image.multiscale else image.data
+        data = L.full_resolution(image)
         model, model_key = self.state.model, self.state.model_key
         self._embed_key, self._embed_token = key, CancelToken()
         self._embed_ok = self._embed_restart = self._embed_quiet = False

@@ -51,16 +51,19 @@ def plane_index(viewer: napari.Viewer, image) -> tuple[int, ...]:
     return tuple(int(np.clip(np.round(pos[i]), 0, shape[i] - 1)) for i in range(lead))
 
 
+def full_resolution(layer):
+    """A layer's data; for a multiscale layer its full-resolution level (``data`` alone is the lowest)."""
+    return layer.data[0] if layer.multiscale else layer.data
+
+
 def image_shape(image) -> tuple[int, ...]:
     """Spatial shape of an image layer (no RGB channel axis)."""
-    data = image.data[0] if image.multiscale else image.data
-    return tuple(data.shape[: image.ndim])
+    return tuple(full_resolution(image).shape[: image.ndim])
 
 
 def image_plane(image, index: tuple[int, ...]) -> np.ndarray:
     """The 2D plane ``index`` of ``image``: (H, W) or (H, W, C) for RGB, as a numpy array."""
-    data = image.data[0] if image.multiscale else image.data
-    return np.asarray(data[index])
+    return np.asarray(full_resolution(image)[index])
 
 
 def _plain(layer) -> bool:
@@ -249,6 +252,16 @@ class RenameFollower:
         self.refresh()
         for combo in chosen:
             combo.setCurrentText(new)
+
+
+def fits_target(labels, image) -> bool:
+    """Whether ``labels`` can receive objects for ``image`` (:func:`check_target`) and overlays it
+    (:func:`same_transform`)."""
+    try:
+        check_target(labels, image)
+    except LayerError:
+        return False
+    return same_transform(labels, image)
 
 
 def check_target(labels, image) -> None:

@@ -317,7 +317,7 @@ class AnnotatorWidget(AnnotatorJobs, QWidget):
         if old is not None and old is not layer:
             self._set_result(None)  # the preview is of the other image: never committed or refined here
             notes = self._switch_layers(old, layer)
-        dtype = (layer.data[0] if layer.multiscale else layer.data).dtype
+        dtype = L.full_resolution(layer).dtype
         if dtype != np.uint8:
             notes.append(f"image {layer.name!r} is {dtype}: it is scaled to 8 bit per plane (0.5–99.5 percentiles)")
         self._ensure_layers()
@@ -338,13 +338,7 @@ class AnnotatorWidget(AnnotatorJobs, QWidget):
             notes.append(f"new prompt layers for the {new.ndim}D image")
         name = self.ui.labels_combo.currentText()
         if name and name != NEW_LAYER and name in self.viewer.layers:
-            target = self.viewer.layers[name]
-            try:
-                L.check_target(target, new)
-                fits = L.same_transform(target, new)
-            except L.LayerError:
-                fits = False
-            if not fits:
+            if not L.fits_target(self.viewer.layers[name], new):
                 self.ui.labels_combo.setCurrentText(NEW_LAYER)
                 self._adopt_labels = True  # back on an image seen before: its "SAM labels" is found again
                 notes.append(f"{name!r} does not fit or overlay {new.name!r}: objects now go to {{target}} "
@@ -525,11 +519,7 @@ class AnnotatorWidget(AnnotatorJobs, QWidget):
             if not (isinstance(lay, napari.layers.Labels) and (lay.name == L.LABELS_NAME
                                                                or lay.name.startswith(L.LABELS_NAME + " ["))):
                 continue
-            try:
-                L.check_target(lay, self.image_layer)
-            except L.LayerError:
-                continue
-            if L.same_transform(lay, self.image_layer):
+            if L.fits_target(lay, self.image_layer):
                 return lay
         return None
 

@@ -50,11 +50,6 @@ class LossCurve(QWidget):
         p.drawText(4, 14, f"loss {v[-1]:.3f}")
 
 
-def full_resolution(layer):
-    """A layer's data; for a multiscale layer its full-resolution level (``data`` alone is the lowest)."""
-    return layer.data[0] if layer.multiscale else layer.data
-
-
 class _Relay(QObject):
     step = Signal(int, int, float)  # step, total, loss
     phase = Signal(str)
@@ -187,7 +182,7 @@ class FinetuneWidget(QWidget):
             self._message("choose an image layer and a Labels layer with committed objects first")
             return False
         image_layer, labels_layer = self.viewer.layers[img_name], self.viewer.layers[lab_name]
-        image, labels = full_resolution(image_layer), full_resolution(labels_layer)  # the worker reads them
+        image, labels = L.full_resolution(image_layer), L.full_resolution(labels_layer)  # the worker reads them
         if tuple(labels.shape) != L.image_shape(image_layer):
             self._message(f"labels {lab_name!r} have shape {tuple(labels.shape)} but image {img_name!r} has "
                           f"{L.image_shape(image_layer)}; choose a Labels layer of the image's shape")
