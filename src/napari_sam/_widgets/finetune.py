@@ -240,11 +240,18 @@ class FinetuneWidget(QWidget):
     def save(self, path: str | Path) -> Path:
         """Save the tuned model as a checkpoint that ``napari_sam.load_model(path)`` reads (synchronous, for
         scripts; the Save button uses :meth:`save_in_thread`)."""
-        from napari_sam.core.build import save_checkpoint
-
         if self.tuned is None:
             raise RuntimeError("nothing to save: fine-tune first")
-        return save_checkpoint(self.tuned, path, half=True, finetuned_steps=len(self.losses))
+        return self._save_job()(path)
+
+    def _save_job(self):
+        """The one spelling of the save: ``job(path) -> Path`` for the tuned model as it is now (fp16, with the
+        number of fine-tuning steps), for :meth:`save` and the Save button's worker alike."""
+        from functools import partial
+
+        from napari_sam.core.build import save_checkpoint
+
+        return partial(save_checkpoint, self.tuned, half=True, finetuned_steps=len(self.losses))
 
     def _save_dialog(self) -> None:
         path, _ = QFileDialog.getSaveFileName(self, "Save fine-tuned model", "finetuned.pt", "Checkpoint (*.pt)")
@@ -254,16 +261,14 @@ class FinetuneWidget(QWidget):
     def save_in_thread(self, path: str | Path):
         """Save the tuned model to ``path`` in a worker (a large model takes seconds); the status line says where it
         went or why it failed. Returns the worker (None if there is nothing to save)."""
-        from napari_sam.core.build import save_checkpoint
-
         if self.tuned is None:
             self._message("nothing to save: fine-tune first")
             return None
         self.save_btn.setEnabled(False)
         self._save_path = path
         self._message(f"saving {path}…")
-        self._saving = run_in_thread(save_checkpoint, self.tuned, path, half=True, finetuned_steps=len(self.losses),
-                                     on_return=self._save_done, on_error=self._save_failed, on_finish=self._saved)
+        self._saving = run_in_thread(self._save_job(), path, on_return=self._save_done, on_error=self._save_failed,
+                                     on_finish=self._saved)
         return self._saving
 
     def _save_done(self, path: Path) -> None:
