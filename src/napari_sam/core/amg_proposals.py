@@ -87,6 +87,17 @@ class CropProposals:
         return m
 
 
+def compact_gray_source(image: np.ndarray) -> np.ndarray:
+    """What :class:`MaskProposals` keeps for its grayscale image: for uint8 RGB (H, W, 3) with equal channels,
+    one channel (H, W) uint8; other uint8 RGB as it is (a copy); anything else (a float32 gray image) as it is."""
+    a = np.asarray(image)
+    if a.dtype == np.uint8 and a.ndim == 3:
+        if a.shape[-1] == 1 or (np.array_equal(a[..., 0], a[..., 1]) and np.array_equal(a[..., 0], a[..., 2])):
+            return np.ascontiguousarray(a[..., 0])
+        return a.copy()
+    return a
+
+
 class MaskProposals:
     """All kept candidates of one image; :meth:`filter` turns them into the final mask set."""
 
@@ -96,19 +107,36 @@ class MaskProposals:
         self.crops = crops
         self.floors = dict(floors)  # thresholds the candidates were kept at; filter() cannot go below
         self.scorer = scorer  # a CandidateScorer (the model checkpoint's) or None
-        self.gray = gray  # (H, W) float32 grayscale image, for a candidate scorer's intensity features
+        # gray: (H, W) float32 grayscale image, or the uint8 RGB model input (H, W, 3) whose channel mean it is;
+        # the grayscale image for a candidate scorer's intensity features, kept compact (see :attr:`gray`)
+        self._gray_source = None if gray is None else compact_gray_source(gray)
         self._quality: dict[int, np.ndarray] = {}
-        self._maps = None
+
+    @property
+    def gray(self) -> np.ndarray | None:
+        """(H, W) float32 grayscale image (the mean of the model input's RGB channels), for a candidate scorer's
+        intensity features; made when asked from the compact copy kept (uint8, one channel when the image is
+        gray), so kept proposals hold no float copy of the image."""
+        src = self._gray_source
+        if src is None or src.dtype != np.uint8:
+            return src
+        if src.ndim == 2:
+            return src.astype(np.float32)  # (v + v + v) / 3 == v exactly
+        return src.mean(-1, dtype=np.float32)
+
+    @gray.setter
+    def gray(self, value: np.ndarray | None) -> None:
+        self._gray_source = None if value is None else compact_gray_source(value)
 
     def maps(self) -> tuple[np.ndarray, ...]:
-        """The scorer's image maps (:func:`~napari_sam.core.amg_quality.image_maps`), computed once."""
-        if self._maps is None:
-            from .amg_quality import image_maps
+        """The scorer's image maps (:func:`~napari_sam.core.amg_quality.image_maps`); made at each call (not kept:
+        two float32 copies of the image)."""
+        from .amg_quality import image_maps
 
-            if self.gray is None:
-                raise ValueError("these proposals kept no grayscale image for the scorer's intensity features")
-            self._maps = image_maps(self.gray)
-        return self._maps
+        gray = self.gray
+        if gray is None:
+            raise ValueError("these proposals kept no grayscale image for the scorer's intensity features")
+        return image_maps(gray)
 
     def __len__(self) -> int:
         return sum(len(c) for c in self.crops)
@@ -120,16 +148,28 @@ class MaskProposals:
             raise ValueError("rescore needs a candidate scorer, and this model's checkpoint has none ('amg_quality'"
                              " metadata; the built-in model has one): turn rescore off, or fit a scorer with "
                              "benchmarks/eval_amg.py --fit-scorer")
-        if ci not in self._quality:
+        if ci not in self._quality:  # every crop's at once: the image maps are made once and not kept
             from .amg_quality import candidate_features, scored_candidates
 
-            crop = self.crops[ci]
-            q = np.zeros(len(crop), dtype=np.float32)
-            idx = scored_candidates(crop, self.scorer.floors)
-            if len(idx):
-                q[idx] = self.scorer(candidate_features(crop, idx, self.maps()))
-            self._quality[ci] = q
+            maps = None
+            for k, crop in enumerate(self.crops):
+                if k in self._quality:
+                    continue
+                q = np.zeros(len(crop), dtype=np.float32)
+                idx = scored_candidates(crop, self.scorer.floors)
+                if len(idx):
+                    maps = self.maps() if maps is None else maps
+                    q[idx] = self.scorer(candidate_features(crop, idx, maps))
+                self._quality[k] = q
         return self._quality[ci]
+
+    def labels(self, min_object_area: int = 0, **thresholds) -> np.ndarray:
+        """The instance label image (H, W) int32 of :meth:`filter` (``thresholds``: its arguments), painted and
+        cleaned by :func:`~napari_sam.core.labels.records_to_labels` with ``min_object_area``. What
+        :func:`~napari_sam.core.amg.segment_everything` returns for an untiled image."""
+        from .labels import records_to_labels
+
+        return records_to_labels(self.filter(**thresholds), self.image_shape, min_object_area)
 
     def filter(self, pred_iou_thresh: float = 0.88, stability_score_thresh: float = 0.95,
                box_nms_thresh: float = 0.7, crop_nms_thresh: float = 0.7,
