@@ -8,9 +8,9 @@ Scriptable::
 The model runs once in a thread worker (progress, cancel); its outputs are kept, so moving a threshold slider
 re-filters them and rewrites the result without running the model again. A plane with a side over LARGE_PLANE px is
 segmented in tiles (TILE_SIZE px cores with a TILE_HALO px halo, as ``napari_sam.segment_everything`` and
-``napari-sam segment`` do): the outputs of every tile are kept, and a slider move re-filters and re-stitches them. Results go into a new Labels layer
-("SAM everything") or into a chosen Labels layer of the image's shape; existing labels are kept unless
-"overwrite" is checked, and every write (including each slider change) is ONE undo step.
+``napari-sam segment`` do): the outputs of every tile are kept, and a slider move re-filters and re-stitches them.
+Results go into a new Labels layer ("SAM everything") or into a chosen Labels layer of the image's shape; existing
+labels are kept unless "overwrite" is checked, and every write (including each slider change) is ONE undo step.
 """
 
 from __future__ import annotations
