@@ -55,7 +55,8 @@ class CropProposals:
     stability: list = field(default_factory=list)
     points: list = field(default_factory=list)  # (row, col), image frame
     windows: list = field(default_factory=list)
-    _masks: dict = field(default_factory=dict)
+    _masks: dict = field(default_factory=dict)  # candidate -> Mask or None: the last filter's survivors (see trim)
+    _boxes: dict = field(default_factory=dict)  # candidate -> its mask's box, or None for an empty mask
 
     def __len__(self) -> int:
         return len(self.windows)
@@ -65,10 +66,27 @@ class CropProposals:
         self.stability = np.asarray(self.stability, dtype=np.float32).reshape(-1)
         self.points = np.asarray(self.points, dtype=np.float64).reshape(-1, 2)
 
+    def box(self, i: int) -> np.ndarray | None:
+        """The box of candidate i's full-resolution mask (:attr:`Mask.box`; kept once computed), or None if it is
+        empty."""
+        if i not in self._boxes:
+            self.mask(i)
+        return self._boxes[i]
+
+    def trim(self, keep) -> None:
+        """Drop the cached full-resolution masks except those of candidates ``keep`` (their boxes stay): what
+        kept proposals hold between re-filters is the boxes and the current result's masks, not a mask for every
+        candidate a threshold ever let through."""
+        masks = self._masks
+        self._masks = {i: masks[i] for i in keep if i in masks}
+
     def mask(self, i: int) -> Mask | None:
-        """Full-resolution mask of candidate i (cached), or None if it is empty."""
-        if i in self._masks:
-            return self._masks[i]
+        """Full-resolution mask of candidate i (cached until :meth:`trim`), or None if it is empty."""
+        m = self._masks.get(i, False)  # (one lookup: a worker may trim while another thread reads)
+        if m is not False:
+            return m
+        if i in self._boxes and self._boxes[i] is None:
+            return None
         w = self.windows[i]
         m = None
         if w is not None:
@@ -84,6 +102,7 @@ class CropProposals:
                 box = np.array([r + rows[0], c + cols[0], r + rows[-1], c + cols[-1]], dtype=np.int64)
                 m = Mask(box, np.ascontiguousarray(patch))
         self._masks[i] = m
+        self._boxes[i] = None if m is None else m.box
         return m
 
 
@@ -187,7 +206,7 @@ class MaskProposals:
         candidates were kept at act as the floors.
         """
         h, w = self.image_shape
-        all_masks, all_boxes, iou, stab, pts, crop_idx = [], [], [], [], [], []
+        all_masks, all_boxes, iou, stab, pts, crop_idx, cand = [], [], [], [], [], [], []
         for ci, crop in enumerate(self.crops):
             if len(crop) == 0:
                 continue
@@ -197,11 +216,11 @@ class MaskProposals:
                 sel &= score > pred_iou_thresh
             if stability_score_thresh > 0:
                 sel &= crop.stability >= stability_score_thresh
-            idx = [i for i in np.flatnonzero(sel) if crop.mask(i) is not None]
+            idx = [i for i in np.flatnonzero(sel) if crop.box(i) is not None]
             if not idx:
                 continue
             idx = np.asarray(idx)
-            boxes = np.stack([crop.mask(i).box for i in idx])
+            boxes = np.stack([crop.box(i) for i in idx])
             if crop.crop_box != (0, 0, h, w):
                 idx_keep = ~is_box_near_crop_edge(boxes, crop.crop_box, (0, 0, h, w))
                 idx, boxes = idx[idx_keep], boxes[idx_keep]
@@ -213,24 +232,27 @@ class MaskProposals:
             stab.append(crop.stability[idx])
             pts.append(crop.points[idx])
             crop_idx.append(np.full(len(idx), ci))
+            cand.append(idx)
         if not all_masks:
+            self._trim([], [])
             return []
         boxes = np.concatenate(all_boxes)
-        iou, stab, pts, crop_idx = (np.concatenate(x) for x in (iou, stab, pts, crop_idx))
+        iou, stab, pts, crop_idx, cand = (np.concatenate(x) for x in (iou, stab, pts, crop_idx, cand))
         order = np.arange(len(all_masks))
         if len(self.crops) > 1:
             crop_boxes = np.array([self.crops[c].crop_box for c in crop_idx], dtype=np.float64)
             order = nms(boxes, 1.0 / box_area(crop_boxes), crop_nms_thresh)
         masks = [all_masks[i] for i in order]
-        boxes, iou, stab, pts, crop_idx = boxes[order], iou[order], stab[order], pts[order], crop_idx[order]
+        boxes, iou, stab, pts, crop_idx, cand = (x[order] for x in (boxes, iou, stab, pts, crop_idx, cand))
         if min_mask_region_area > 0:
             keep, masks, boxes = _clean_small_regions(masks, (h, w), min_mask_region_area,
                                                       max(box_nms_thresh, crop_nms_thresh))
-            iou, stab, pts, crop_idx = iou[keep], stab[keep], pts[keep], crop_idx[keep]
+            iou, stab, pts, crop_idx, cand = iou[keep], stab[keep], pts[keep], crop_idx[keep], cand[keep]
         if resolve_parts:
             keep = np.flatnonzero(resolve_parts_of(masks))
             masks = [masks[i] for i in keep]
-            iou, stab, pts, crop_idx = iou[keep], stab[keep], pts[keep], crop_idx[keep]
+            iou, stab, pts, crop_idx, cand = iou[keep], stab[keep], pts[keep], crop_idx[keep], cand[keep]
+        self._trim(crop_idx, cand)
         records = []
         for k, m in enumerate(masks):
             r0, c0, r1, c1 = (int(v) for v in m.box)
@@ -244,6 +266,12 @@ class MaskProposals:
                 "crop_box": tuple(int(v) for v in self.crops[crop_idx[k]].crop_box),
             })
         return records
+
+    def _trim(self, crop_idx, cand) -> None:
+        """Keep the full-resolution masks of the result (candidates ``cand`` of crops ``crop_idx``) only."""
+        crop_idx, cand = np.asarray(crop_idx, dtype=np.int64), np.asarray(cand, dtype=np.int64)
+        for ci, crop in enumerate(self.crops):
+            crop.trim(cand[crop_idx == ci].tolist())
 
 
 def _clean_small_regions(masks: list[Mask], shape: tuple[int, int], min_area: int, nms_thresh: float):
