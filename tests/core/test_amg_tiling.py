@@ -110,10 +110,14 @@ def test_kept_tile_proposals_hold_no_float_copy_of_the_image(tiny_model, nuclei_
     image = nuclei_sample[0]
     gen = AutomaticMaskGenerator(tiny_model, points_per_side=2)
     one = gen.propose(image)
+
+    def images_kept(p):
+        return [v for v in vars(p).values() if isinstance(v, np.ndarray) and v.ndim >= 2]
+
+    assert images_kept(one) and all(a.dtype == np.uint8 and a.ndim == 2 for a in images_kept(one))
     kept = gen.propose_tiled(image, tile_size=128, halo=32)
-    for p in (one, *kept.tiles):
-        arrays = [v for v in vars(p).values() if isinstance(v, np.ndarray) and v.ndim >= 2]
-        assert arrays and all(a.dtype == np.uint8 and a.ndim == 2 for a in arrays)
+    for p in kept.tiles:
+        assert images_kept(p) and all(a.dtype == np.uint8 and a.ndim == 2 for a in images_kept(p))
     shared = kept.tiles[0]._gray_source.base
     assert shared is not None and all(p._gray_source.base is shared for p in kept.tiles)
     rgb = to_rgb_uint8(image)
@@ -179,3 +183,24 @@ def test_nuclei_crossing_tile_borders_come_out_whole(builtin, one_torch_thread):
 
     lab = kept.labels(16, **gen.thresholds())
     assert whole(lab) >= 8, (whole(lab), len(crossing))
+
+
+def test_kept_proposals_keep_masks_of_the_result_only(tiny_model, nuclei_sample):
+    """Re-filtering keeps the full-resolution masks of its result only (and every candidate's box): a threshold
+    that once let every candidate through leaves no mask per candidate behind; masks dropped are made again, the
+    same, when a later threshold needs them."""
+    from napari_sam.core.amg import AutomaticMaskGenerator
+
+    image = nuclei_sample[0]
+    p = AutomaticMaskGenerator(tiny_model, points_per_side=6, pred_iou_thresh=0.0,
+                               stability_score_thresh=0.0).propose(image)
+    loose = dict(pred_iou_thresh=0.0, stability_score_thresh=0.0, box_nms_thresh=1.0)
+    every = p.filter(**loose)
+    few = p.filter(**dict(loose, box_nms_thresh=0.2))
+    cached = [m for c in p.crops for m in c._masks.values() if m is not None]
+    assert len(cached) == len(few) < len(every) // 4
+    assert all(any(m is r["segmentation_patch"] for r in few) for m in cached)
+    again = p.filter(**loose)
+    assert len(again) == len(every)
+    for a, b in zip(again, every):
+        assert a["bbox"] == b["bbox"] and np.array_equal(a["segmentation_patch"].patch, b["segmentation_patch"].patch)

@@ -77,12 +77,13 @@ def test_a_large_plane_is_tiled_as_the_api_tiles_it_and_refilters_live(make_napa
     seen = []
     w._relay.progressed.connect(lambda d, t: seen.append((d, t)))
     assert w.run(points_per_side=8)
-    assert "4 tiles" in w.status_label.text()
+    told = w.status_label.text()
     assert w.wait(120)
     out = viewer.layers["SAM everything"]
     first = np.asarray(out.data).copy()
     expected = _api(w, image, builtin, tiling, 8)
     assert np.array_equal(first, expected)
+    assert "segmented in 4 tiles of 128 px" in told and "in 4 tiles;" in w.status_label.text()
     untiled = _api(w, image, builtin, dict(max_untiled=2048), 8)
     assert first.max() > untiled.max() >= 5  # (tiles of 128 px find the small nuclei the whole plane misses)
     # progress counts the points of all tiles
@@ -144,10 +145,11 @@ def test_nuclei_crossing_tile_borders_come_out_whole(make_napari_viewer, qtbot, 
     tiling = _tile_small(monkeypatch, large_plane=512, tile_size=256, halo=64)
     viewer, w = _widget(make_napari_viewer, qtbot, builtin, image)
     assert w.run(points_per_side=8)
-    assert "9 tiles" in w.status_label.text()
+    told = w.status_label.text()
     assert w.wait(300)
     out = np.asarray(viewer.layers["SAM everything"].data)
     assert np.array_equal(out, _api(w, image, builtin, tiling, 8))
+    assert "segmented in 9 tiles" in told
     crossing = set()
     for b in (256, 512):
         if b < gt.shape[0]:
