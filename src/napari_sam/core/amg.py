@@ -23,8 +23,8 @@ from .amg_utils import build_all_layer_point_grids, generate_crop_boxes, stabili
 from .image import to_rgb_uint8
 from .modeling.sam import Sam
 from .predictor import SamPredictor
-from .tiling import TiledProposals, segment_tiled, tile_boxes
 from .prompts import rc_to_xy
+from .tiling import TiledProposals, segment_tiled, tile_boxes
 from .transforms import _upsample_operators, scale_coords
 
 Progress = Callable[[int, int], None]
