@@ -188,10 +188,10 @@ def test_cancel_writes_nothing_and_bad_parameters(scene):
     assert not w.run(points_per_side=0)
     assert "points_per_side" in w.status_label.text()
     img = viewer.layers["nuclei"].data
-    viewer.add_image(np.tile(img, (1, 9) + (1,) * (img.ndim - 2)), name="mosaic")  # 2304 px wide: not tiled here
+    viewer.add_image(np.tile(img, (1, 9) + (1,) * (img.ndim - 2)), name="mosaic")  # 2304 px wide: tiled
     w.set_image_layer("mosaic")
     assert w.run(points_per_side=2)
-    assert "is segmented whole" in w.status_label.text() and "napari-sam segment` tile" in w.status_label.text()
+    assert "segmented in 3 tiles of 1024 px" in w.status_label.text()
     w.cancel()
     assert w.wait(120)
 
@@ -233,13 +233,13 @@ def test_slider_moves_refilter_in_a_worker(scene, monkeypatch):
     viewer, w = scene
     assert w.run(**OPEN) and w.wait(120)
     threads = []
-    real = ev.records_to_labels
+    real = ev.filtered_labels
 
     def spy(*a, **k):
         threads.append(threading.current_thread() is threading.main_thread())
         return real(*a, **k)
 
-    monkeypatch.setattr(ev, "records_to_labels", spy)
+    monkeypatch.setattr(ev, "filtered_labels", spy)
     w.sliders["box_nms_thresh"].setValue(0.5)
     w.sliders["min_object_area"].setValue(40)  # while the first may still run
     assert w.busy() and w.wait(60)

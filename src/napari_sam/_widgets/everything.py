@@ -6,9 +6,11 @@ Scriptable::
     w.set_image_layer("nuclei"); w.run(points_per_side=16); w.wait(); w.set_thresholds(pred_iou_thresh=0.9)
 
 The model runs once in a thread worker (progress, cancel); its outputs are kept, so moving a threshold slider
-re-filters them and rewrites the result without running the model again. Results go into a new Labels layer
-("SAM everything") or into a chosen Labels layer of the image's shape; existing labels are kept unless
-"overwrite" is checked, and every write (including each slider change) is ONE undo step.
+re-filters them and rewrites the result without running the model again. A plane with a side over LARGE_PLANE px is
+segmented in tiles (TILE_SIZE px cores with a TILE_HALO px halo, as ``napari_sam.segment_everything`` and
+``napari-sam segment`` do): the outputs of every tile are kept, and a slider move re-filters and re-stitches them.
+Results go into a new Labels layer ("SAM everything") or into a chosen Labels layer of the image's shape; existing
+labels are kept unless "overwrite" is checked, and every write (including each slider change) is ONE undo step.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from qtpy.QtWidgets import (
 from superqt import QLabeledDoubleSlider, QLabeledSlider
 
 from ..core.amg import AutomaticMaskGenerator, recommended_settings, recommended_thresholds
-from ..core.labels import records_to_labels
+from ..core.tiling import tile_boxes
 from . import _layers as L
 from ._annotator_ui import bind_denoise, denoise_spin_box
 from ._state import get_state
@@ -39,12 +41,16 @@ NEW_LAYER = "[new layer]"
 OUTPUT_NAME = "SAM everything"
 FLOOR = 0.5  # candidates are kept down to this IoU / stability (or lower thresholds), so sliders go that low live
 LIVE = ("pred_iou_thresh", "stability_score_thresh", "box_nms_thresh", "min_object_area")
-LARGE_PLANE = 2048  # the side above which segment_everything() tiles an image (its max_untiled)
+LARGE_PLANE = 2048  # the side above which a plane is tiled (segment_everything()'s max_untiled default)
+TILE_SIZE = 1024  # tiles' core size and halo on a large plane (segment_everything()'s tile_size and halo defaults)
+TILE_HALO = 128
 
 
-def run_generation(model, image: np.ndarray, params: dict, cancel, report, denoise: float = 0.0) -> dict:
+def run_generation(model, image: np.ndarray, params: dict, cancel, report, denoise: float = 0.0,
+                   tiling: tuple[int, int] | None = None) -> dict:
     """Thread job: load the built-in model if needed (with the viewer's ``denoise`` sigma), run the model once,
-    keep the candidates."""
+    keep the candidates: MaskProposals, or with ``tiling`` = (tile_size, halo) TiledProposals (the model runs tile
+    by tile; ``report`` counts the points of all tiles)."""
     if model is None:
         from ..core.build import load_model
 
@@ -53,9 +59,12 @@ def run_generation(model, image: np.ndarray, params: dict, cancel, report, denoi
     floors = {"pred_iou_thresh": FLOOR, "stability_score_thresh": FLOOR}
     if gen.scorer is not None:  # keep what the scorer judges, so that rescoring can be switched on live
         floors = {k: min(v, gen.scorer.floors[k]) for k, v in floors.items()}
-    proposals = gen.propose(image, progress=report, cancel=cancel,
-                            iou_floor=min(floors["pred_iou_thresh"], gen.pred_iou_thresh),
-                            stability_floor=min(floors["stability_score_thresh"], gen.stability_score_thresh))
+    kw = dict(progress=report, cancel=cancel, iou_floor=min(floors["pred_iou_thresh"], gen.pred_iou_thresh),
+              stability_floor=min(floors["stability_score_thresh"], gen.stability_score_thresh))
+    if tiling is not None:
+        proposals = gen.propose_tiled(image, tile_size=tiling[0], halo=tiling[1], **kw)
+    else:
+        proposals = gen.propose(image, **kw)
     return {"model": model, "proposals": proposals, "generator": gen}
 
 
@@ -312,16 +321,17 @@ class SegmentEverythingWidget(QWidget):
         self.run_button.setEnabled(False)
         self.cancel_button.setEnabled(True)
         note = "" if self.state.model is not None else " (loading the built-in model first)"
-        if max(plane.shape[:2]) > LARGE_PLANE:  # the widget does not tile (its live sliders need every candidate)
-            self._message(f"running the model{note}; this plane is {max(plane.shape[:2])} px and is segmented "
-                          "whole, shrunk to the model's input: small objects may be missed. For large images, "
-                          "napari_sam.segment_everything(image) and `napari-sam segment` tile them", "warning")
+        tiling = None
+        if max(plane.shape[:2]) > LARGE_PLANE:  # tiled as segment_everything() tiles it
+            tiling = (TILE_SIZE, TILE_HALO)
+            n = len(tile_boxes(plane.shape[:2], TILE_SIZE, TILE_HALO))
+            self._message(f"running the model{note}; this plane is {plane.shape[0]} x {plane.shape[1]} px: it is "
+                          f"segmented in {n} tiles of {TILE_SIZE} px (with a {TILE_HALO} px overlap), stitched")
         else:
             self._message("running the model" + note)
         self.worker = run_in_thread(run_generation, self.state.model, plane, p, self._token.cancelled,
-                                    self._relay.report, denoise=self.state.denoise, on_return=self._done,
-                                    on_error=self._failed,
-                                    on_finish=self._finished)
+                                    self._relay.report, denoise=self.state.denoise, tiling=tiling,
+                                    on_return=self._done, on_error=self._failed, on_finish=self._finished)
         return True
 
     def refilter(self) -> int:
@@ -351,7 +361,9 @@ class SegmentEverythingWidget(QWidget):
     def _show_filtered(self, result: PlaneWrite, snap: Snapshot, t0: float) -> int:
         kept = self._apply(result, snap)
         self.last_refilter_s = time.perf_counter() - t0
-        msg = f"{result.n_objects} objects ({len(self.proposals)} kept candidates; re-filtered in " \
+        tiles = getattr(self.proposals, "tiles", None)
+        where = f" in {len(tiles)} tiles" if tiles is not None else ""
+        msg = f"{result.n_objects} objects ({len(self.proposals)} kept candidates{where}; re-filtered in " \
               f"{1000 * self.last_refilter_s:.0f} ms)"
         if kept:
             msg += f"; {kept} pixel(s) painted meanwhile were kept"
@@ -599,11 +611,12 @@ def filter_and_plan(proposals, params: dict, snap: Snapshot) -> PlaneWrite:
 
 
 def filtered_labels(proposals, params: dict) -> np.ndarray:
-    """The label image of the kept model outputs ``proposals`` under ``params`` (MaskProposals.filter's arguments
-    and ``min_object_area``); ValueError when they cannot apply. Pure: runs in a worker for slider moves."""
+    """The label image (H, W) int32 of the kept model outputs ``proposals`` (MaskProposals, or TiledProposals:
+    re-filtered tile by tile and stitched) under ``params`` (MaskProposals.filter's arguments and
+    ``min_object_area``); ValueError when they cannot apply. Pure: runs in a worker for slider moves."""
     params = dict(params)
     area = params.pop("min_object_area")
-    return records_to_labels(proposals.filter(**params), proposals.image_shape, area)
+    return proposals.labels(area, **params)
 
 
 def _validate(params: dict) -> None:

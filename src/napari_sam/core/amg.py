@@ -24,6 +24,7 @@ from .image import to_rgb_uint8
 from .modeling.sam import Sam
 from .predictor import SamPredictor
 from .prompts import rc_to_xy
+from .tiling import TiledProposals, segment_tiled, tile_boxes
 from .transforms import _upsample_operators, scale_coords
 
 Progress = Callable[[int, int], None]
@@ -209,9 +210,8 @@ class AutomaticMaskGenerator:
         floors = {"pred_iou_thresh": iou_floor, "stability_score_thresh": stab_floor}
         rgb = to_rgb_uint8(image)
         h, w = rgb.shape[:2]
-        gray = rgb.mean(-1, dtype=np.float32)  # for a candidate scorer's intensity features
         if rgb.min() == rgb.max():  # constant image: nothing to segment
-            return MaskProposals((h, w), [], floors, self.scorer, gray)
+            return MaskProposals((h, w), [], floors, self.scorer, rgb)
         crop_boxes, layers = generate_crop_boxes((h, w), self.crop_n_layers, self.crop_overlap_ratio)
         total = sum(len(self.point_grids[lay]) for lay in layers)
         done = 0
@@ -221,7 +221,48 @@ class AutomaticMaskGenerator:
                                       lambda n, d0=done: progress and progress(d0 + n, total))
             done += len(self.point_grids[layer])
             crops.append(crop)
-        return MaskProposals((h, w), crops, floors, self.scorer, gray)
+        # (the scorer's intensity features read the RGB's channel mean: kept as a compact uint8 copy)
+        return MaskProposals((h, w), crops, floors, self.scorer, rgb)
+
+    def points_per_image(self) -> int:
+        """How many point prompts :meth:`propose` decodes for one image (every crop of every crop layer)."""
+        _, layers = generate_crop_boxes((64, 64), self.crop_n_layers, self.crop_overlap_ratio)
+        return sum(len(self.point_grids[lay]) for lay in layers)
+
+    def propose_tiled(self, image: np.ndarray, tile_size: int = 1024, halo: int = 128,
+                      progress: Progress | None = None, cancel: Cancel | None = None,
+                      iou_floor: float | None = None, stability_floor: float | None = None) -> TiledProposals:
+        """:meth:`propose` for each tile of a large image (:func:`~napari_sam.core.tiling.tile_boxes`: ``tile_size``
+        cores with a ``halo``), kept as :class:`~napari_sam.core.tiling.TiledProposals`: its ``labels(min_area,
+        **thresholds)`` is exactly :func:`segment_everything`'s tiled result at those thresholds, tile size and
+        halo. image: 2D, as for :meth:`propose`. progress(done_points, total_points) counts the points of all
+        tiles; cancel() -> True stops with :class:`Cancelled` between tiles and inside one. Memory kept: the
+        candidates of every tile, whose grayscale copies share one compact (uint8) copy of the image."""
+        from .amg_proposals import compact_gray_source
+
+        if not (16 <= tile_size and 0 < halo < tile_size):
+            raise ValueError(f"tiling needs 16 <= tile_size and 0 < halo < tile_size; got tile_size={tile_size}, "
+                             f"halo={halo}")
+        rgb = to_rgb_uint8(image)
+        boxes = tile_boxes(rgb.shape[:2], tile_size, halo)
+        per_tile = self.points_per_image()
+        total = per_tile * len(boxes)
+        gray = compact_gray_source(rgb)  # one copy for all tiles: each tile keeps a view of it
+        del rgb
+        tiles = []
+        for k, (_, (t0, l0, t1, l1)) in enumerate(boxes):
+            _check_cancel(cancel)
+            tile = gray[t0:t1, l0:l1]
+            if tile.ndim == 2:  # (the model reads RGB)
+                tile = np.repeat(tile[..., None], 3, axis=-1)
+            p = self.propose(tile, progress=None if progress is None else
+                             (lambda d, t, d0=k * per_tile: progress(d0 + d, total)),
+                             cancel=cancel, iou_floor=iou_floor, stability_floor=stability_floor)
+            p._gray_source = gray[t0:t1, l0:l1]  # the shared copy, not one per tile
+            tiles.append(p)
+            if progress is not None:
+                progress((k + 1) * per_tile, total)
+        return TiledProposals(gray.shape[:2], boxes, tiles, tile_size, halo)
 
     # ------------------------------------------------------------------ internals
     def _process_crop(self, rgb, box, layer, iou_floor, stab_floor, cancel, progress) -> CropProposals:
@@ -372,9 +413,6 @@ def segment_everything(image: np.ndarray, model: Sam | str | os.PathLike | None 
     its recommended ``rescore``, candidates are thresholded and ranked by its learned candidate scorer.
     progress(done, total) counts points (or tiles when tiled). A constant image gives all zeros.
     """
-    from .labels import records_to_labels
-    from .tiling import segment_tiled
-
     if isinstance(model, AutomaticMaskGenerator):
         if params:
             raise ValueError("pass parameters to the AutomaticMaskGenerator, not to segment_everything")
@@ -393,8 +431,7 @@ def segment_everything(image: np.ndarray, model: Sam | str | os.PathLike | None 
                          f"tile_size={tile_size}, halo={halo}, max_untiled={max_untiled}")
 
     def one(tile: np.ndarray, prog: Progress | None = None) -> np.ndarray:
-        recs = gen.propose(tile, progress=prog, cancel=cancel).filter(**gen.thresholds())
-        return records_to_labels(recs, tile.shape[:2], min_area)
+        return gen.propose(tile, progress=prog, cancel=cancel).labels(min_area, **gen.thresholds())
 
     if max(rgb.shape[:2]) <= max_untiled:
         return one(rgb, progress)

@@ -55,7 +55,8 @@ class CropProposals:
     stability: list = field(default_factory=list)
     points: list = field(default_factory=list)  # (row, col), image frame
     windows: list = field(default_factory=list)
-    _masks: dict = field(default_factory=dict)
+    _masks: dict = field(default_factory=dict)  # candidate -> Mask or None: the last filter's survivors (see trim)
+    _boxes: dict = field(default_factory=dict)  # candidate -> its mask's box, or None for an empty mask
 
     def __len__(self) -> int:
         return len(self.windows)
@@ -65,10 +66,27 @@ class CropProposals:
         self.stability = np.asarray(self.stability, dtype=np.float32).reshape(-1)
         self.points = np.asarray(self.points, dtype=np.float64).reshape(-1, 2)
 
+    def box(self, i: int) -> np.ndarray | None:
+        """The box of candidate i's full-resolution mask (:attr:`Mask.box`; kept once computed), or None if it is
+        empty."""
+        if i not in self._boxes:
+            self.mask(i)
+        return self._boxes[i]
+
+    def trim(self, keep) -> None:
+        """Drop the cached full-resolution masks except those of candidates ``keep`` (their boxes stay): what
+        kept proposals hold between re-filters is the boxes and the current result's masks, not a mask for every
+        candidate a threshold ever let through."""
+        masks = self._masks
+        self._masks = {i: masks[i] for i in keep if i in masks}
+
     def mask(self, i: int) -> Mask | None:
-        """Full-resolution mask of candidate i (cached), or None if it is empty."""
-        if i in self._masks:
-            return self._masks[i]
+        """Full-resolution mask of candidate i (cached until :meth:`trim`), or None if it is empty."""
+        m = self._masks.get(i, False)  # (one lookup: a worker may trim while another thread reads)
+        if m is not False:
+            return m
+        if i in self._boxes and self._boxes[i] is None:
+            return None
         w = self.windows[i]
         m = None
         if w is not None:
@@ -84,7 +102,19 @@ class CropProposals:
                 box = np.array([r + rows[0], c + cols[0], r + rows[-1], c + cols[-1]], dtype=np.int64)
                 m = Mask(box, np.ascontiguousarray(patch))
         self._masks[i] = m
+        self._boxes[i] = None if m is None else m.box
         return m
+
+
+def compact_gray_source(image: np.ndarray) -> np.ndarray:
+    """What :class:`MaskProposals` keeps for its grayscale image: for uint8 RGB (H, W, 3) with equal channels,
+    one channel (H, W) uint8; other uint8 RGB as it is (a copy); anything else (a float32 gray image) as it is."""
+    a = np.asarray(image)
+    if a.dtype == np.uint8 and a.ndim == 3:
+        if a.shape[-1] == 1 or (np.array_equal(a[..., 0], a[..., 1]) and np.array_equal(a[..., 0], a[..., 2])):
+            return np.ascontiguousarray(a[..., 0])
+        return a.copy()
+    return a
 
 
 class MaskProposals:
@@ -96,19 +126,36 @@ class MaskProposals:
         self.crops = crops
         self.floors = dict(floors)  # thresholds the candidates were kept at; filter() cannot go below
         self.scorer = scorer  # a CandidateScorer (the model checkpoint's) or None
-        self.gray = gray  # (H, W) float32 grayscale image, for a candidate scorer's intensity features
+        # gray: (H, W) float32 grayscale image, or the uint8 RGB model input (H, W, 3) whose channel mean it is;
+        # the grayscale image for a candidate scorer's intensity features, kept compact (see :attr:`gray`)
+        self._gray_source = None if gray is None else compact_gray_source(gray)
         self._quality: dict[int, np.ndarray] = {}
-        self._maps = None
+
+    @property
+    def gray(self) -> np.ndarray | None:
+        """(H, W) float32 grayscale image (the mean of the model input's RGB channels), for a candidate scorer's
+        intensity features; made when asked from the compact copy kept (uint8, one channel when the image is
+        gray), so kept proposals hold no float copy of the image."""
+        src = self._gray_source
+        if src is None or src.dtype != np.uint8:
+            return src
+        if src.ndim == 2:
+            return src.astype(np.float32)  # (v + v + v) / 3 == v exactly
+        return src.mean(-1, dtype=np.float32)
+
+    @gray.setter
+    def gray(self, value: np.ndarray | None) -> None:
+        self._gray_source = None if value is None else compact_gray_source(value)
 
     def maps(self) -> tuple[np.ndarray, ...]:
-        """The scorer's image maps (:func:`~napari_sam.core.amg_quality.image_maps`), computed once."""
-        if self._maps is None:
-            from .amg_quality import image_maps
+        """The scorer's image maps (:func:`~napari_sam.core.amg_quality.image_maps`); made at each call (not kept:
+        two float32 copies of the image)."""
+        from .amg_quality import image_maps
 
-            if self.gray is None:
-                raise ValueError("these proposals kept no grayscale image for the scorer's intensity features")
-            self._maps = image_maps(self.gray)
-        return self._maps
+        gray = self.gray
+        if gray is None:
+            raise ValueError("these proposals kept no grayscale image for the scorer's intensity features")
+        return image_maps(gray)
 
     def __len__(self) -> int:
         return sum(len(c) for c in self.crops)
@@ -120,16 +167,28 @@ class MaskProposals:
             raise ValueError("rescore needs a candidate scorer, and this model's checkpoint has none ('amg_quality'"
                              " metadata; the built-in model has one): turn rescore off, or fit a scorer with "
                              "benchmarks/eval_amg.py --fit-scorer")
-        if ci not in self._quality:
+        if ci not in self._quality:  # every crop's at once: the image maps are made once and not kept
             from .amg_quality import candidate_features, scored_candidates
 
-            crop = self.crops[ci]
-            q = np.zeros(len(crop), dtype=np.float32)
-            idx = scored_candidates(crop, self.scorer.floors)
-            if len(idx):
-                q[idx] = self.scorer(candidate_features(crop, idx, self.maps()))
-            self._quality[ci] = q
+            maps = None
+            for k, crop in enumerate(self.crops):
+                if k in self._quality:
+                    continue
+                q = np.zeros(len(crop), dtype=np.float32)
+                idx = scored_candidates(crop, self.scorer.floors)
+                if len(idx):
+                    maps = self.maps() if maps is None else maps
+                    q[idx] = self.scorer(candidate_features(crop, idx, maps))
+                self._quality[k] = q
         return self._quality[ci]
+
+    def labels(self, min_object_area: int = 0, **thresholds) -> np.ndarray:
+        """The instance label image (H, W) int32 of :meth:`filter` (``thresholds``: its arguments), painted and
+        cleaned by :func:`~napari_sam.core.labels.records_to_labels` with ``min_object_area``. What
+        :func:`~napari_sam.core.amg.segment_everything` returns for an untiled image."""
+        from .labels import records_to_labels
+
+        return records_to_labels(self.filter(**thresholds), self.image_shape, min_object_area)
 
     def filter(self, pred_iou_thresh: float = 0.88, stability_score_thresh: float = 0.95,
                box_nms_thresh: float = 0.7, crop_nms_thresh: float = 0.7,
@@ -147,7 +206,7 @@ class MaskProposals:
         candidates were kept at act as the floors.
         """
         h, w = self.image_shape
-        all_masks, all_boxes, iou, stab, pts, crop_idx = [], [], [], [], [], []
+        all_masks, all_boxes, iou, stab, pts, crop_idx, cand = [], [], [], [], [], [], []
         for ci, crop in enumerate(self.crops):
             if len(crop) == 0:
                 continue
@@ -157,11 +216,11 @@ class MaskProposals:
                 sel &= score > pred_iou_thresh
             if stability_score_thresh > 0:
                 sel &= crop.stability >= stability_score_thresh
-            idx = [i for i in np.flatnonzero(sel) if crop.mask(i) is not None]
+            idx = [i for i in np.flatnonzero(sel) if crop.box(i) is not None]
             if not idx:
                 continue
             idx = np.asarray(idx)
-            boxes = np.stack([crop.mask(i).box for i in idx])
+            boxes = np.stack([crop.box(i) for i in idx])
             if crop.crop_box != (0, 0, h, w):
                 idx_keep = ~is_box_near_crop_edge(boxes, crop.crop_box, (0, 0, h, w))
                 idx, boxes = idx[idx_keep], boxes[idx_keep]
@@ -173,24 +232,27 @@ class MaskProposals:
             stab.append(crop.stability[idx])
             pts.append(crop.points[idx])
             crop_idx.append(np.full(len(idx), ci))
+            cand.append(idx)
         if not all_masks:
+            self._trim([], [])
             return []
         boxes = np.concatenate(all_boxes)
-        iou, stab, pts, crop_idx = (np.concatenate(x) for x in (iou, stab, pts, crop_idx))
+        iou, stab, pts, crop_idx, cand = (np.concatenate(x) for x in (iou, stab, pts, crop_idx, cand))
         order = np.arange(len(all_masks))
         if len(self.crops) > 1:
             crop_boxes = np.array([self.crops[c].crop_box for c in crop_idx], dtype=np.float64)
             order = nms(boxes, 1.0 / box_area(crop_boxes), crop_nms_thresh)
         masks = [all_masks[i] for i in order]
-        boxes, iou, stab, pts, crop_idx = boxes[order], iou[order], stab[order], pts[order], crop_idx[order]
+        boxes, iou, stab, pts, crop_idx, cand = (x[order] for x in (boxes, iou, stab, pts, crop_idx, cand))
         if min_mask_region_area > 0:
             keep, masks, boxes = _clean_small_regions(masks, (h, w), min_mask_region_area,
                                                       max(box_nms_thresh, crop_nms_thresh))
-            iou, stab, pts, crop_idx = iou[keep], stab[keep], pts[keep], crop_idx[keep]
+            iou, stab, pts, crop_idx, cand = iou[keep], stab[keep], pts[keep], crop_idx[keep], cand[keep]
         if resolve_parts:
             keep = np.flatnonzero(resolve_parts_of(masks))
             masks = [masks[i] for i in keep]
-            iou, stab, pts, crop_idx = iou[keep], stab[keep], pts[keep], crop_idx[keep]
+            iou, stab, pts, crop_idx, cand = iou[keep], stab[keep], pts[keep], crop_idx[keep], cand[keep]
+        self._trim(crop_idx, cand)
         records = []
         for k, m in enumerate(masks):
             r0, c0, r1, c1 = (int(v) for v in m.box)
@@ -204,6 +266,12 @@ class MaskProposals:
                 "crop_box": tuple(int(v) for v in self.crops[crop_idx[k]].crop_box),
             })
         return records
+
+    def _trim(self, crop_idx, cand) -> None:
+        """Keep the full-resolution masks of the result (candidates ``cand`` of crops ``crop_idx``) only."""
+        crop_idx, cand = np.asarray(crop_idx, dtype=np.int64), np.asarray(cand, dtype=np.int64)
+        for ci, crop in enumerate(self.crops):
+            crop.trim(cand[crop_idx == ci].tolist())
 
 
 def _clean_small_regions(masks: list[Mask], shape: tuple[int, int], min_area: int, nms_thresh: float):

@@ -5,6 +5,9 @@ an object is *cut* if it touches a tile side that is not an image border. Whole 
 core holds their centroid (so objects in the halo are not doubled); cut pieces are always kept, and a cut piece
 that substantially overlaps an object from another tile is merged with it (union), so objects crossing tile
 borders come out whole. Memory: one tile's segmentation plus the (H, W) int32 label image.
+
+:func:`segment_tiled` segments and stitches in one go; :class:`TiledProposals` keeps each tile's candidate masks so
+that new thresholds re-filter and re-stitch them without the model. Both stitch with one :class:`Stitcher`.
 """
 
 from __future__ import annotations
@@ -52,30 +55,30 @@ class _UnionFind:
             self.parent[max(ra, rb)] = min(ra, rb)
 
 
-def segment_tiled(image: np.ndarray, segment: Callable[[np.ndarray], np.ndarray], tile_size: int = 1024,
-                  halo: int = 128, merge_overlap: float = 0.5,
-                  progress: Callable[[int, int], None] | None = None,
-                  cancel: Callable[[], bool] | None = None) -> np.ndarray:
-    """Label image (H, W) int32 from ``segment(tile) -> (h, w) int labels`` run tile by tile.
+class Stitcher:
+    """Stitches per-tile label images into one (H, W) int32 label image, tile by tile (the rules of the module
+    docstring). ``add`` the tiles of :func:`tile_boxes` in its order, then call :meth:`labels`.
 
-    image: (H, W) or (H, W, C). Two objects merge when one of them is cut by a tile border and their overlap
-    is at least ``merge_overlap`` of the smaller one. progress(done_tiles, n_tiles); cancel() -> True stops
-    with napari_sam.core.amg.Cancelled. Labels are renumbered 1..N in raster order.
+    Two objects merge when one of them is cut by a tile border and their overlap is at least ``merge_overlap`` of
+    the smaller one (counted where both tiles saw the image). Memory: the (H, W) int32 label image and a few
+    numbers per object.
     """
-    from .amg import Cancelled
-    from .labels import _raster_relabel
 
-    h, w = image.shape[:2]
-    out = np.zeros((h, w), dtype=np.int32)
-    uf = _UnionFind()
-    cut = [False]
-    tile_of = [(0, 0, 0, 0)]
-    boxes = tile_boxes((h, w), tile_size, halo)
-    for k, (core, tile) in enumerate(boxes):
-        if cancel is not None and cancel():
-            raise Cancelled("tiled segmentation was cancelled")
+    def __init__(self, shape: tuple[int, int], merge_overlap: float = 0.5) -> None:
+        self.shape = (int(shape[0]), int(shape[1]))
+        self.merge_overlap = merge_overlap
+        self.out = np.zeros(self.shape, dtype=np.int32)
+        self._uf = _UnionFind()
+        self._cut = [False]
+        self._tile_of = [(0, 0, 0, 0)]
+
+    def add(self, core: tuple, tile: tuple, lab: np.ndarray) -> None:
+        """Add one tile's labels ``lab`` ((tile rows, tile cols) int, 0 background); ``core`` and ``tile`` are
+        its boxes from :func:`tile_boxes` (min_row, min_col, max_row, max_col), max exclusive."""
+        h, w = self.shape
+        out, uf, cut, tile_of = self.out, self._uf, self._cut, self._tile_of
         t0, l0, t1, l1 = tile
-        lab = np.asarray(segment(image[t0:t1, l0:l1]))
+        lab = np.asarray(lab)
         if lab.shape != (t1 - t0, l1 - l0):
             raise ValueError(f"segmenter returned shape {lab.shape} for a tile of shape {(t1 - t0, l1 - l0)}")
         window = out[t0:t1, l0:l1]
@@ -106,10 +109,79 @@ def segment_tiled(image: np.ndarray, segment: Callable[[np.ndarray], np.ndarray]
                 # compare only where both tiles saw the image: the overlap of their windows
                 e0, e1, e2, e3 = tile_of[e]
                 sub = m[max(0, e0 - r_off) : max(0, e2 - r_off), max(0, e1 - c_off) : max(0, e3 - c_off)]
-                if c >= merge_overlap * min(int(sub.sum()), int(seen[e])):
+                if c >= self.merge_overlap * min(int(sub.sum()), int(seen[e])):
                     uf.union(e, g)
             region[m & (region == 0)] = g
+
+    def labels(self) -> np.ndarray:
+        """The stitched label image (H, W) int32, objects renumbered 1..N in raster order."""
+        from .labels import _raster_relabel
+
+        lut = np.array([self._uf.find(i) for i in range(len(self._uf.parent))], dtype=np.int32)
+        return _raster_relabel(lut[self.out])
+
+
+def segment_tiled(image: np.ndarray, segment: Callable[[np.ndarray], np.ndarray], tile_size: int = 1024,
+                  halo: int = 128, merge_overlap: float = 0.5,
+                  progress: Callable[[int, int], None] | None = None,
+                  cancel: Callable[[], bool] | None = None) -> np.ndarray:
+    """Label image (H, W) int32 from ``segment(tile) -> (h, w) int labels`` run tile by tile.
+
+    image: (H, W) or (H, W, C). Two objects merge when one of them is cut by a tile border and their overlap
+    is at least ``merge_overlap`` of the smaller one (:class:`Stitcher`). progress(done_tiles, n_tiles);
+    cancel() -> True stops with napari_sam.core.amg.Cancelled. Labels are renumbered 1..N in raster order.
+    """
+    from .amg import Cancelled
+
+    h, w = image.shape[:2]
+    stitcher = Stitcher((h, w), merge_overlap)
+    boxes = tile_boxes((h, w), tile_size, halo)
+    for k, (core, tile) in enumerate(boxes):
+        if cancel is not None and cancel():
+            raise Cancelled("tiled segmentation was cancelled")
+        t0, l0, t1, l1 = tile
+        stitcher.add(core, tile, segment(image[t0:t1, l0:l1]))
         if progress is not None:
             progress(k + 1, len(boxes))
-    lut = np.array([uf.find(i) for i in range(len(uf.parent))], dtype=np.int32)
-    return _raster_relabel(lut[out])
+    return stitcher.labels()
+
+
+class TiledProposals:
+    """Kept model outputs of a large image, tile by tile: one
+    :class:`~napari_sam.core.amg_proposals.MaskProposals` per tile of :func:`tile_boxes` (in the tile's own
+    frame), re-filtered and stitched without running the model again (what the segment-everything widget keeps for
+    its live thresholds on a large plane). Made by
+    :meth:`~napari_sam.core.amg.AutomaticMaskGenerator.propose_tiled`.
+
+    :meth:`labels` gives exactly what :func:`~napari_sam.core.amg.segment_everything` gives for the image at the
+    same thresholds, tile size and halo: each tile's :meth:`MaskProposals.labels`, stitched by one
+    :class:`Stitcher`.
+    """
+
+    def __init__(self, image_shape: tuple[int, int], boxes: list[tuple[tuple, tuple]], tiles: list,
+                 tile_size: int, halo: int, merge_overlap: float = 0.5) -> None:
+        if len(boxes) != len(tiles):
+            raise ValueError(f"{len(tiles)} tile proposals for {len(boxes)} tile boxes")
+        self.image_shape = (int(image_shape[0]), int(image_shape[1]))
+        self.boxes = list(boxes)  # [(core, tile), ...] (min_row, min_col, max_row, max_col), max exclusive
+        self.tiles = list(tiles)  # one MaskProposals per tile, in the tile's frame
+        self.tile_size, self.halo, self.merge_overlap = int(tile_size), int(halo), merge_overlap
+
+    def __len__(self) -> int:
+        """The number of kept candidates over all tiles."""
+        return sum(len(p) for p in self.tiles)
+
+    def labels(self, min_object_area: int = 0, cancel: Callable[[], bool] | None = None,
+               **thresholds) -> np.ndarray:
+        """The stitched label image (H, W) int32 of the candidates passing ``thresholds``
+        (:meth:`MaskProposals.filter`'s arguments), each tile cleaned with ``min_object_area`` as
+        :func:`~napari_sam.core.labels.records_to_labels` does. cancel() -> True between tiles stops with
+        napari_sam.core.amg.Cancelled."""
+        from .amg import Cancelled
+
+        stitcher = Stitcher(self.image_shape, self.merge_overlap)
+        for (core, tile), p in zip(self.boxes, self.tiles):
+            if cancel is not None and cancel():
+                raise Cancelled("re-filtering the tiles was cancelled")
+            stitcher.add(core, tile, p.labels(min_object_area, **thresholds))
+        return stitcher.labels()
