@@ -29,6 +29,7 @@ from .embedding_store import StackEmbeddings, validate_stack
 from .image import check_denoise
 from .predictor import SamPredictor
 from .prompts import validate_points
+from .propagation_labels import Mask, Patch, as_patch, paste, patch_box, tight, union_box
 from .propagation_views import VIEWS, check_spacing, orthogonal_views
 
 # What the next slice is prompted with, and each strategy's own stop rule and candidate choice (make_params applies
@@ -195,19 +196,54 @@ def finish_slices(seeds: Mapping[int, np.ndarray], propagated: Mapping[int, np.n
     return {z: m for z, m in kept.items() if z in propagated}
 
 
+def smooth_patches(slices: Mapping[int, Patch], keep=()) -> dict[int, Patch]:
+    """:func:`smooth_z` on one object's slices as patches {z: (row0, col0, (h, w) bool)} (the same result, as
+    patches): each slice is voted on in the bounding box of it and its two neighbours only."""
+    keep = set(int(z) for z in keep)
+    out = {}
+    for z, p in slices.items():
+        if z in keep:
+            out[z] = p
+            continue
+        near = [slices[nz] for nz in (z - 1, z + 1) if nz in slices]
+        box = union_box([patch_box(q) for q in (p, *near)])
+        if box is None:
+            continue
+        votes = paste(p, box).astype(np.uint8)
+        for q in near:
+            votes += paste(q, box)
+        sm = votes >= 2
+        if sm.any():
+            out[z] = tight(sm, box)
+    return out
+
+
+def finish_patches(seeds: Mapping[int, Mask], propagated: Mapping[int, Patch],
+                   scores: np.ndarray | None = None) -> dict[int, Patch]:
+    """:func:`finish_slices` with the propagated slices as patches (the seeds full masks or patches): the same
+    slices, as patches."""
+    kept = smooth_patches({**{int(z): as_patch(m) for z, m in seeds.items()}, **propagated}, keep=seeds)
+    if scores is not None:
+        scores[[z for z in propagated if z not in kept]] = np.nan
+    return {z: m for z, m in kept.items() if z in propagated}
+
+
 def fuse_views(embeddings: StackEmbeddings, seeds: Sequence[Mapping[int, np.ndarray]],
                slices: Sequence[Mapping[int, np.ndarray]], scores: np.ndarray, params: PropagationParams,
                cancel: Callable[[], bool] | None = None, progress: Callable[[int, int], None] | None = None,
-               points: Sequence | None = None) -> list[dict[int, np.ndarray]]:
+               points: Sequence | None = None, patches: bool = False) -> list[dict[int, np.ndarray]]:
     """The finished XY ``slices`` of each object (per object {z: (Y, X) bool}, seeds not included) with
     ``params.views`` applied (:func:`napari_sam.core.propagation_views.orthogonal_views` for "orthogonal").
     points: per object None or [(z, (row, col)), ...], the user's positive clicks (they prompt the views where
     they lie inside the seed mask; otherwise the mask's centroid does).
     ``scores`` (B, Z) is updated in place: NaN where an object is gone; a slice only the orthogonal views found
-    gets that object's lowest XY score (the XY decoder did not reach it). Seeds keep their scores."""
+    gets that object's lowest XY score (the XY decoder did not reach it). Seeds keep their scores.
+    patches: ``slices`` are given, and returned, as patches {z: (row0, col0, (h, w) bool)} (seeds stay full masks).
+    """
     if params.views != "orthogonal":
         return [dict(s) for s in slices]
-    fused = orthogonal_views(embeddings, seeds, slices, params, params.spacing, cancel, progress, points)
+    fused = orthogonal_views(embeddings, seeds, slices, params, params.spacing, cancel, progress, points,
+                             patches=patches)
     for i, (obj, seed) in enumerate(zip(fused, seeds)):
         row = scores[i]
         xy = [float(row[z]) for z in slices[i] if np.isfinite(row[z])]
