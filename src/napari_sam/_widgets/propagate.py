@@ -31,7 +31,8 @@ from qtpy.QtWidgets import (
 
 from ..core.embedding_store import EmbeddingCacheWarning, EmbeddingCancelled, StackEmbeddings, select_volume
 from ..core.propagation import (
-    STRATEGIES, PropagationParams, finish_patches, fuse_views, iter_propagate_masks, make_params, repropagate,
+    STRATEGIES, PropagationParams, finish_patches, fuse_views, iter_propagate_masks, make_params,
+    repropagate_patches,
 )
 from ..core.propagation_labels import confidence_text, plan_slice, seeds_from_labels, split_by_span, to_patch
 from ..core.propagation_views import ViewsWarning, view_embeddings, views_fit
@@ -193,12 +194,11 @@ def propagate_objects(volume, labels3d, z, ids, model, params, cancel, report, d
         seeds = [{int(zz): np.asarray(labels3d[zz] == ids[0]) for zz in present}]
         scores[0, present] = 1.0
     elif present.size > 1:  # a correction of a 3D object: redo only the affected range
-        obj = np.zeros(labels3d.shape, bool)
-        for zz in present:
-            obj[zz] = labels3d[zz] == ids[0]
-        new, sc, (lo, hi) = repropagate(volume, obj, z, obj[z], embeddings=emb, cancel=cancel, **params)
-        del obj
-        results[0] = {zz: to_patch(new[zz]) for zz in range(lo, hi + 1) if zz != z}
+        obj = {int(zz): to_patch(labels3d[zz] == ids[0]) for zz in present}
+        new, sc, (lo, hi) = repropagate_patches(volume, obj, z, seeds[0][z], embeddings=emb, cancel=cancel,
+                                                **params)
+        results[0] = {zz: new.get(zz, obj.get(zz, to_patch(np.zeros((0, 0), bool)))) for zz in range(lo, hi + 1)
+                      if zz != z}
         scores[0] = sc
         report(total, total)
         return {"model": model, "ids": ids, "results": results, "scores": scores, "notes": notes,
