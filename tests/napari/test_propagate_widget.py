@@ -207,7 +207,7 @@ def test_the_widget_job_finishes_objects_like_propagate_masks(tmp_path, monkeypa
     from napari_sam.core.propagation import (
         finish_slices, fuse_views, iter_propagate_masks, make_params, propagate_masks,
     )
-    from napari_sam.core.propagation_labels import from_patch, plan_write, seeds_from_labels
+    from napari_sam.core.propagation_labels import plan_write, seeds_from_labels
 
     d = data_dir("gonuclear_3d_nuclei")
     img = read_image(d / "1135_crop_image.tif")[30:70]
@@ -238,7 +238,7 @@ def test_the_widget_job_finishes_objects_like_propagate_masks(tmp_path, monkeypa
         assert zs == [z for z in np.flatnonzero((ref == i + 1).any(axis=(1, 2))) if z != 20]
         assert np.array_equal(np.isfinite(out["scores"][i]), np.isfinite(ref_scores[i]))
         for z in zs:  # the same masks (where objects overlap, propagate_masks gives the voxel to the first one)
-            assert not ((ref[z] == i + 1) & ~from_patch(out["results"][i][z], ref.shape[1:])).any()
+            assert not ((ref[z] == i + 1) & ~_full(out["results"][i][z], ref.shape[1:])).any()
     assert any(out["results"][i] for i in range(len(ids)))  # something was propagated
 
 
