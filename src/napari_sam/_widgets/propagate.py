@@ -14,7 +14,9 @@ range the correction affects is redone. With "orthogonal views" checked (the def
 first axis is labelled t or time) each object is also propagated through the XZ and YZ planes, z resampled to the
 image layer's scale, and a voxel is kept where 2 of the 3 views have it. Work runs in a thread worker (progress,
 cancel); the result is written into the labels layer as ONE undoable step, and never over other objects'
-voxels unless "overwrite" is checked.
+voxels unless "overwrite" is checked. What the user paints, erases or fills while it runs is kept as it is: the write
+is planned against each propagated slice as it was at the start (the slice then, told by a digest, and the user's
+paint events since; no copy of the label volume is made), and results are kept as bounding-box patches.
 """
 
 from __future__ import annotations
@@ -61,8 +63,9 @@ def run_propagation(volume, labels3d, z, ids, model, params, cancel, report, den
     out = propagate_objects(volume, labels3d, z, ids, model, params, cancel, report, denoise)
     out["plan"], out["skipped"] = None, []
     if not out["cancelled"] and out["ids"]:
-        *out["plan"], out["skipped"] = plan_from_start(labels3d, start, edits, out["ids"], out["results"], overwrite)
-        out["plan"] = tuple(out["plan"])
+        index, old, new, out["skipped"] = plan_from_start(labels3d, start, edits, out["ids"], out["results"],
+                                                          overwrite)
+        out["plan"] = (index, old, new)
     return out
 
 
@@ -133,7 +136,8 @@ def plan_from_start(labels3d, start: list[tuple[int, bytes]], edits: EditLog | N
     checked against its start digest. A slice that does not check out (changed in a way no paint event told: an
     undo or redo, a script writing into the data) is left out. Returns ((z, row, col) index arrays, the start
     values there, the new values, [slices left out]); the main thread keeps every voxel whose value is no longer
-    the start value, exactly as against a copy of the whole volume taken at the start."""
+    the start value, exactly as against a copy of the whole volume taken at the start. Indices are int32 (12.5
+    million voxels written: 150 MB instead of 300 MB)."""
     touched = sorted({z for r in results.values() for z in r})
     parts, skipped = [], []
     for z in touched:
@@ -145,9 +149,9 @@ def plan_from_start(labels3d, start: list[tuple[int, bytes]], edits: EditLog | N
             skipped.append(z)
             continue
         r, c, v = plan_slice(plane, ids, [results.get(i, {}).get(z) for i in range(len(ids))], overwrite)
-        parts.append((np.full(r.shape, z), r, c, plane[r, c], v))
+        parts.append((np.full(r.shape, z, np.int32), r.astype(np.int32), c.astype(np.int32), plane[r, c], v))
     if not parts:
-        empty = np.zeros(0, np.int64)
+        empty = np.zeros(0, np.int32)
         none = np.zeros(0, labels3d.dtype)
         return (empty, empty, empty), none, none, skipped
     zz, rr, cc, old, new = (np.concatenate(a) for a in zip(*parts))
