@@ -274,9 +274,9 @@ def test_orthogonal_views_use_the_layer_scale_and_stay_off_for_time(scene, tiny_
 
 
 def test_voxels_painted_while_it_runs_are_kept(scene, monkeypatch):
-    """The worker plans the write against its own snapshot of the labels; voxels the user paints after that
-    snapshot (simulated here at the end of the worker) keep their paint, the rest of the result is written, and a
-    message says how many were kept."""
+    """The worker plans the write against the labels as they were at the start; voxels changed after the plan
+    (simulated here at the end of the worker, by a write no paint event reports) keep their values, the rest of
+    the result is written, and a message says how many were kept."""
     import napari_sam._widgets.propagate as prop
 
     viewer, w, lay, before = scene
