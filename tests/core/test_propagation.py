@@ -361,3 +361,123 @@ def test_split_by_span_keeps_objects_that_reach_other_slices_apart():
     assert split_by_span(labels, 1) == ([3], [7, 9])
     assert split_by_span(labels, 2) == ([4], [])
     assert split_by_span(labels[1:2], 0) == ([3, 7, 9], [])
+
+
+def _plan_dense(labels, ids, results, overwrite=False):
+    """The write plan as it was made on full (Y, X) masks, a whole slice at a time (the reference for patches)."""
+    zs, rows, cols, vals = [], [], [], []
+    for z in sorted({z for r in results.values() for z in r}):
+        old = labels[z]
+        new = old.copy()
+        masks = [(lab, results.get(i, {}).get(z)) for i, lab in enumerate(ids)]
+        for lab, m in masks:
+            if m is not None:
+                new[(old == lab) & ~m] = 0
+        claimed = np.zeros(old.shape, bool)
+        for lab, m in masks:
+            if m is not None:
+                w = m & ((new == 0) | (new == lab) | (overwrite & ~claimed)) & ~claimed
+                new[w] = lab
+                claimed |= w
+        r, c = np.nonzero(new != old)
+        zs.append(np.full(r.shape, z))
+        rows.append(r)
+        cols.append(c)
+        vals.append(new[r, c])
+    return (np.concatenate(zs), np.concatenate(rows), np.concatenate(cols)), np.concatenate(vals)
+
+
+@pytest.fixture(scope="module")
+def nuclei():
+    """GoNuclear crop 1135's ground-truth nuclei, slices 40-55 (real 3D objects, touching each other)."""
+    return read_image(data_dir("gonuclear_3d_nuclei") / "1135_crop_label.tif")[40:56].astype(np.int32)
+
+
+def test_patches_hold_exactly_the_masks(nuclei):
+    from napari_sam.core.propagation_labels import from_patch, paste, patch_box, to_patch
+
+    for lab in np.unique(nuclei[5])[1:]:
+        m = nuclei[5] == lab
+        r0, c0, p = to_patch(m)
+        rows, cols = np.nonzero(m)
+        assert (r0, c0, p.shape) == (rows.min(), cols.min(), (np.ptp(rows) + 1, np.ptp(cols) + 1))
+        assert np.array_equal(from_patch((r0, c0, p), m.shape), m) and p.sum() == m.sum()
+        assert patch_box((r0, c0, p)) == (r0, c0, r0 + p.shape[0], c0 + p.shape[1])
+        assert np.array_equal(paste((r0, c0, p), (10, 20, 60, 90)), m[10:60, 20:90])  # clipped to a box
+    r0, c0, p = to_patch(np.zeros((7, 9), bool))
+    assert p.shape == (0, 0) and patch_box((r0, c0, p)) is None and not from_patch((r0, c0, p), (7, 9)).any()
+
+
+def test_smoothing_patches_equals_full_masks(nuclei):
+    """smooth_patches / finish_patches give exactly smooth_z / finish_slices on real nuclei (several touching
+    objects' slices as one flickering object, so the majority adds and removes pixels), scores included."""
+    from napari_sam.core.propagation import finish_patches, finish_slices, smooth_patches
+    from napari_sam.core.propagation_labels import from_patch, to_patch
+
+    labs = [lab for lab in np.unique(nuclei[8])[1:] if (nuclei == lab).sum() > 500][:4]
+    assert len(labs) == 4
+    for k, lab in enumerate(labs):
+        # object k: nucleus lab, on odd slices joined by its neighbour in the list (flicker between slices)
+        full = {z: (nuclei[z] == lab) | ((nuclei[z] == labs[(k + 1) % 4]) & (z % 2 == 1))
+                for z in range(nuclei.shape[0])}
+        full = {z: m for z, m in full.items() if m.any()}
+        patches = {z: to_patch(m) for z, m in full.items()}
+        ref = smooth_z(full, keep=[8])
+        got = smooth_patches(patches, keep=[8])
+        assert sorted(got) == sorted(ref)
+        assert all(np.array_equal(from_patch(got[z], nuclei.shape[1:]), ref[z]) for z in ref)
+        seeds = {8: full[8]}
+        prop = {z: m for z, m in full.items() if z != 8}
+        s_ref, s_got = np.linspace(0.1, 1, 16, dtype=np.float32), np.linspace(0.1, 1, 16, dtype=np.float32)
+        ref = finish_slices(seeds, prop, s_ref)
+        got = finish_patches(seeds, {z: patches[z] for z in prop}, s_got)
+        assert sorted(got) == sorted(ref) and np.array_equal(s_got, s_ref, equal_nan=True)
+        assert all(np.array_equal(from_patch(got[z], nuclei.shape[1:]), ref[z]) for z in ref)
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_write_plan_of_patches_equals_full_masks(nuclei, overwrite):
+    """plan_write with patches gives exactly the plan made on full masks (voxels, order, values): real nuclei
+    moved and grown so that they take background, each other's and other objects' voxels, and one slice cleared."""
+    from scipy import ndimage
+
+    from napari_sam.core.propagation_labels import plan_write, to_patch
+
+    ids = [lab for lab in np.unique(nuclei[3])[1:] if (nuclei[3] == lab).sum() > 200][:3]
+    results = {}
+    for i, lab in enumerate(ids):
+        results[i] = {}
+        for z in range(nuclei.shape[0]):
+            m = ndimage.binary_dilation(np.roll(nuclei[z] == lab, (i + 1) * 3, axis=1), iterations=2)
+            if m.any():
+                results[i][z] = m
+    results[0][7] = np.zeros(nuclei.shape[1:], bool)  # object 0 cleared on slice 7
+    ref_index, ref_values = _plan_dense(nuclei, ids, results, overwrite)
+    index, values = plan_write(nuclei, ids, {i: {z: to_patch(m) for z, m in r.items()} for i, r in results.items()},
+                               overwrite)
+    assert ref_values.size > 1000 and (ref_values == 0).any() and len(set(ref_values.tolist())) >= 3
+    assert all(np.array_equal(a, b) for a, b in zip(index, ref_index)) and np.array_equal(values, ref_values)
+    assert values.dtype == nuclei.dtype
+    index, values = plan_write(nuclei, ids, results, overwrite)  # full masks still work
+    assert all(np.array_equal(a, b) for a, b in zip(index, ref_index)) and np.array_equal(values, ref_values)
+
+
+def test_repropagate_patches_is_repropagate(volume, emb):
+    """The patch form of a re-propagation gives exactly the slices of the full one, and no full mask."""
+    from napari_sam.core.propagation import repropagate_patches
+    from napari_sam.core.propagation_labels import from_patch, to_patch
+
+    kw = dict(embeddings=emb, strategy="point", **NO_STOP)
+    mask, _ = propagate_object(volume, 4, points=[[48, 48]], **kw)
+    corrected = mask[4].copy()
+    corrected[:10] = False
+    for extra in (dict(converge_iou=0.5), dict(converge_iou=1.01, fixed=[1]), dict(iou_threshold=0.99)):
+        new, scores, rng = repropagate(volume, mask, 4, corrected, **(kw | extra))
+        got, got_scores, got_rng = repropagate_patches(volume, {z: to_patch(mask[z]) for z in range(8)}, 4,
+                                                       corrected, **(kw | extra))
+        assert got_rng == rng and np.array_equal(got_scores, scores, equal_nan=True)
+        assert all(isinstance(p, tuple) for p in got.values())
+        out = mask.copy()
+        for z, p in got.items():
+            out[z] = from_patch(p, mask.shape[1:])
+        assert np.array_equal(out, new)

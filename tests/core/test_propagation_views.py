@@ -10,6 +10,7 @@ import pytest
 from scipy import ndimage
 
 from conftest import data_dir, read_image
+from napari_sam.core.propagation_labels import from_patch, to_patch
 from napari_sam.core.propagation_views import (
     _vote, check_spacing, reslice, resampled_depth, view_point, z_rows,
 )
@@ -54,6 +55,23 @@ def test_view_point_centroid_fallback_and_none():
     assert view_point(odd, 1, 2) is None and view_point(odd, 1, 1) == (5, 5.5)
 
 
+def _dense_votes(seeds, xy, views, shape, depths):
+    """The votes (Z, Y, X) voxel by voxel: XY slices, and each view's plane (nearest, step 2) at the nearest row."""
+    n_z, n_y, n_x = shape
+    dense = np.zeros(shape, int)
+    for z, m in {**xy, **seeds}.items():
+        dense[z] += m
+    for z in range(n_z):
+        for y in range(n_y):
+            for x in range(n_x):
+                for axis, line, along in ((1, y, x), (2, x, y)):
+                    p = min((line + 1) // 2, -(-(n_y, n_x)[axis - 1] // 2) - 1)
+                    row = int(np.rint(z * (depths[axis] - 1) / (n_z - 1)))
+                    if p in views[axis]:
+                        dense[z, y, x] += views[axis][p][row, along]
+    return dense
+
+
 def test_vote_exact_reference():
     """_vote against a dense vote: each view's planes mapped back voxel by voxel (nearest plane, nearest row)."""
     rng = np.random.default_rng(1)
@@ -63,23 +81,49 @@ def test_vote_exact_reference():
     seeds = {3: rng.random((n_y, n_x)) > 0.5}
     views = {a: {p: rng.random((depths[a], (n_x, n_y)[a - 1])) > 0.5 for p in range(0, -(-(n_y, n_x)[a - 1] // step))
                  if p != 1} for a in (1, 2)}
-    dense = np.zeros((n_z, n_y, n_x), int)
-    for z, m in {**xy, **seeds}.items():
-        dense[z] += m
-    for z in range(n_z):
-        for y in range(n_y):
-            for x in range(n_x):
-                for axis, line, along in ((1, y, x), (2, x, y)):
-                    p = min((line + 1) // 2, -(-(n_y, n_x)[axis - 1] // step) - 1)
-                    row = int(np.rint(z * (depths[axis] - 1) / (n_z - 1)))
-                    if p in views[axis]:
-                        dense[z, y, x] += views[axis][p][row, along]
+    dense = _dense_votes(seeds, xy, views, (n_z, n_y, n_x), depths)
     for first, last in ((0, n_z - 1), (2, 4)):
         got = _vote(seeds, xy, views[1], views[2], (n_z, n_y, n_x), depths, step, first, last)
         want = {z: dense[z] >= 2 for z in range(first, last + 1) if z != 3 and (dense[z] >= 2).any()}
         assert sorted(got) == sorted(want)
         for z in want:
             assert np.array_equal(got[z], want[z])
+        # the XY slices as patches, and patches back: the vote is counted in the object's bounding box only
+        got = _vote(seeds, {z: to_patch(m) for z, m in xy.items()}, views[1], views[2], (n_z, n_y, n_x), depths,
+                    step, first, last, patches=True)
+        assert sorted(got) == sorted(want)
+        for z in want:
+            assert isinstance(got[z], tuple) and np.array_equal(from_patch(got[z], (n_y, n_x)), want[z])
+
+
+def test_vote_in_a_box_of_a_small_object_on_a_large_plane():
+    """A small object far from the plane's origin: with patches the XY slices and every view's planes land where
+    the dense vote puts them (slices 0 and 4 have votes from the two views only), and the patches are cut to the
+    object."""
+    n_z, n_y, n_x, step = 5, 120, 160, 2
+    depths = {1: 9, 2: 9}
+    zz, yy, xx = np.ogrid[:n_z, :n_y, :n_x]
+    ball = ((zz - 2) * 4) ** 2 + (yy - 81) ** 2 + (xx - 117) ** 2 < 12 ** 2
+    xy = {z: ball[z] for z in (1, 3)}
+    seeds = {2: ball[2]}
+    views = {}
+    for axis in (1, 2):  # each view: the ball's plane at every other line, shifted by 2 along it
+        planes = {}
+        for p in range(-(-(n_y, n_x)[axis - 1] // step)):
+            m = np.roll(np.take(ball, p * step, axis=axis), 2, axis=1)
+            m = m[np.rint(np.linspace(0, n_z - 1, depths[axis])).astype(int)]  # (Z', W): the nearest slice
+            if m.any():
+                planes[p] = m
+        views[axis] = planes
+    dense = _dense_votes(seeds, xy, views, (n_z, n_y, n_x), depths)
+    want = {z: dense[z] >= 2 for z in range(n_z) if z != 2 and (dense[z] >= 2).any()}
+    got = _vote(seeds, {z: to_patch(m) for z, m in xy.items()}, views[1], views[2], (n_z, n_y, n_x), depths, step,
+                0, n_z - 1, patches=True)
+    assert sorted(got) == sorted(want) == [0, 1, 3, 4]
+    for z, (r0, c0, m) in got.items():
+        assert np.array_equal(from_patch((r0, c0, m), (n_y, n_x)), want[z])
+        rows, cols = np.nonzero(want[z])
+        assert (r0, c0, m.shape) == (rows.min(), cols.min(), (np.ptp(rows) + 1, np.ptp(cols) + 1))
 
 
 def test_bad_input_and_parameters(tiny_model):

@@ -203,8 +203,11 @@ def test_the_widget_job_finishes_objects_like_propagate_masks(tmp_path, monkeypa
     monkeypatch.setenv("NAPARI_SAM_CACHE_DIR", str(tmp_path / "cache"))
     from napari_sam._widgets.propagate import run_propagation
     from napari_sam.core.build import load_model
-    from napari_sam.core.propagation import propagate_masks
-    from napari_sam.core.propagation_labels import seeds_from_labels
+    from napari_sam.core.embedding_store import StackEmbeddings
+    from napari_sam.core.propagation import (
+        finish_slices, fuse_views, iter_propagate_masks, make_params, propagate_masks,
+    )
+    from napari_sam.core.propagation_labels import plan_write, seeds_from_labels
 
     d = data_dir("gonuclear_3d_nuclei")
     img = read_image(d / "1135_crop_image.tif")[30:70]
@@ -217,12 +220,25 @@ def test_the_widget_job_finishes_objects_like_propagate_masks(tmp_path, monkeypa
     ids, seeds = seeds_from_labels(labels, 20)
     ref, ref_scores = propagate_masks(img, seeds, model, **params)
     assert len(ids) >= 5 and out["ids"] == ids
+    # the write plan is exactly the one made on full (Y, X) masks by the core's full-mask functions
+    emb = StackEmbeddings(img, model)  # (cached by the job)
+    p = make_params(params)
+    slices, scores = [{} for _ in ids], np.full((len(ids), img.shape[0]), np.nan, np.float32)
+    scores[:, 20] = 1.0
+    for i, z, m, sc in iter_propagate_masks(img, seeds, embeddings=emb, **params):
+        slices[i][z], scores[i, z] = m, sc
+    slices = [finish_slices(seeds[i], obj, scores[i]) for i, obj in enumerate(slices)]
+    index, values = plan_write(labels, ids, dict(enumerate(fuse_views(emb, seeds, slices, scores, p))))
+    (zz, rr, cc), old, new = out["plan"]
+    assert all(np.array_equal(a, b) for a, b in zip((zz, rr, cc), index)) and np.array_equal(new, values)
+    assert np.array_equal(old, labels[index]) and values.size > 1000 and not out.get("skipped")
+    assert np.array_equal(out["scores"], scores, equal_nan=True)
     for i in range(len(ids)):
         zs = sorted(out["results"][i])
         assert zs == [z for z in np.flatnonzero((ref == i + 1).any(axis=(1, 2))) if z != 20]
         assert np.array_equal(np.isfinite(out["scores"][i]), np.isfinite(ref_scores[i]))
         for z in zs:  # the same masks (where objects overlap, propagate_masks gives the voxel to the first one)
-            assert not ((ref[z] == i + 1) & ~out["results"][i][z]).any()
+            assert not ((ref[z] == i + 1) & ~_full(out["results"][i][z], ref.shape[1:])).any()
     assert any(out["results"][i] for i in range(len(ids)))  # something was propagated
 
 
@@ -258,9 +274,9 @@ def test_orthogonal_views_use_the_layer_scale_and_stay_off_for_time(scene, tiny_
 
 
 def test_voxels_painted_while_it_runs_are_kept(scene, monkeypatch):
-    """The worker plans the write against its own snapshot of the labels; voxels the user paints after that
-    snapshot (simulated here at the end of the worker) keep their paint, the rest of the result is written, and a
-    message says how many were kept."""
+    """The worker plans the write against the labels as they were at the start; voxels changed after the plan
+    (simulated here at the end of the worker, by a write no paint event reports) keep their values, the rest of
+    the result is written, and a message says how many were kept."""
     import napari_sam._widgets.propagate as prop
 
     viewer, w, lay, before = scene
@@ -369,3 +385,156 @@ def test_closing_the_dock_stops_the_propagation_and_writes_nothing(scene, monkey
     assert w.wait(120)
     assert np.array_equal(np.asarray(lay.data), before) and not lay._undo_history
     assert "nothing was written" in w.status_label.text()
+
+
+def _full(mask, shape):
+    """A result slice as a full (Y, X) bool mask: a patch (row0, col0, bool) pasted, or a full mask as it is."""
+    if isinstance(mask, tuple):
+        r0, c0, m = mask
+        out = np.zeros(shape, bool)
+        out[r0: r0 + m.shape[0], c0: c0 + m.shape[1]] = m
+        return out
+    return np.asarray(mask, bool)
+
+
+def _gate(monkeypatch):
+    """The widget's job stops after propagating (the labels were read, the write is not planned yet) until
+    ``go`` is set: (ready, go, got) with got["out"] the propagation's result."""
+    import threading
+
+    import napari_sam._widgets.propagate as prop
+
+    ready, go, got, real = threading.Event(), threading.Event(), {}, prop.propagate_objects
+
+    def gated(*args, **kwargs):
+        got["out"] = real(*args, **kwargs)
+        ready.set()
+        assert go.wait(60)
+        return got["out"]
+
+    monkeypatch.setattr(prop, "propagate_objects", gated)
+    return ready, go, got
+
+
+def _noting(w):
+    notes = []
+    w._message = lambda text, level="info", show=w._message: (notes.append(text), show(text, level))
+    return notes
+
+
+def test_paint_erase_and_fill_while_it_runs_survive_and_one_undo_restores(scene, monkeypatch, qtbot):
+    """While the job runs the user erases part of another nucleus where the result lies, paints a new label and
+    fills background with another, with napari's own tools: the labels end exactly as the result planned against
+    the labels at the start, with every voxel the user changed as the user left it; ONE undo gives back exactly the
+    labels the user left. (An erase is what a copy taken when the results arrive gets wrong: it would see
+    background there and write the object over it.)"""
+    from napari_sam.core.propagation_labels import plan_write
+
+    viewer, w, lay, before = scene
+    ready, go, got = _gate(monkeypatch)
+    notes = _noting(w)
+    try:
+        assert w.propagate(direction="both", scope="current", strategy="point", **NO_STOP)
+        qtbot.waitUntil(ready.is_set, timeout=120_000)
+        res = {z: _full(m, before.shape[1:]) for z, m in got["out"]["results"][0].items()}
+        assert {3, 5, 6} <= set(res)
+        lay.brush_size = 5
+        r, c = np.argwhere((before[5] == OTHER) & res[5])[0]
+        lay.paint((5, r, c), 0)  # the eraser, on the other nucleus
+        r, c = np.argwhere((before[3] == 0) & res[3])[0]
+        lay.paint((3, r, c), 99)  # the brush, a new label
+        r, c = np.argwhere((before[6] == 0) & res[6])[0]
+        lay.fill((6, r, c), 77)  # the bucket, on background
+        edited = np.array(lay.data)
+    finally:
+        go.set()
+    assert w.wait(120)
+    user = edited != before
+    assert user[5].any() and (edited[5][user[5]] == 0).all() and (before[5][user[5]] == OTHER).any()
+    assert (edited[3][user[3]] == 99).all() and (edited[6][user[6]] == 77).all()
+    (zz, rr, cc), values = plan_write(before, [SEED], {0: res})
+    want = before.copy()
+    want[zz, rr, cc] = values
+    want[user] = edited[user]
+    after = np.asarray(lay.data)
+    assert np.array_equal(after, want)
+    assert (after == SEED).sum() > (before == SEED).sum() + 1000  # the rest was written
+    assert any("painted while propagating were kept as painted" in n for n in notes)
+    lay.undo()
+    assert np.array_equal(np.asarray(lay.data), edited)
+
+
+def test_a_change_napari_does_not_report_leaves_its_slice_as_it_is(scene, monkeypatch, qtbot):
+    """An undo while the job runs changes the labels without a paint event: the slice it changed is left exactly
+    as it is (with a message naming it), every other slice gets the result planned against the start."""
+    from napari_sam.core.propagation_labels import plan_write
+
+    viewer, w, lay, before = scene
+    lay.brush_size = 9
+    lay.paint((5, 60, 60), 44)  # drawn before the run ...
+    drawn = np.array(lay.data)
+    ready, go, got = _gate(monkeypatch)
+    notes = _noting(w)
+    try:
+        assert w.propagate(direction="both", scope="current", strategy="point", **NO_STOP)
+        qtbot.waitUntil(ready.is_set, timeout=120_000)
+        lay.undo()  # ... and undone while it runs
+    finally:
+        go.set()
+    assert w.wait(120)
+    res = {z: _full(m, before.shape[1:]) for z, m in got["out"]["results"][0].items()}
+    (zz, rr, cc), values = plan_write(drawn, [SEED], {0: res})
+    want = drawn.copy()
+    want[zz, rr, cc] = values
+    want[5] = before[5]
+    after = np.asarray(lay.data)
+    assert (want[5] != drawn[5]).any() and (want != before).sum() > 1000
+    assert np.array_equal(after, want)
+    assert any(n.startswith("slice(s) [5] changed while propagating") for n in notes)
+    lay.undo()
+    assert np.array_equal(np.asarray(lay.data), before)
+
+
+def test_labels_replaced_while_it_runs_get_nothing(scene, monkeypatch, qtbot):
+    viewer, w, lay, before = scene
+    ready, go, got = _gate(monkeypatch)
+    try:
+        assert w.propagate(direction="both", scope="current", strategy="point", **NO_STOP)
+        qtbot.waitUntil(ready.is_set, timeout=120_000)
+        lay.data = before.copy()  # e.g. a labels file opened into the layer
+    finally:
+        go.set()
+    assert w.wait(120)
+    assert np.array_equal(np.asarray(lay.data), before) and not lay._undo_history
+    assert w.status_label.text().startswith("the labels layer's data was replaced while propagating; nothing")
+
+
+def test_the_edit_log_gives_back_each_slice_as_it_was():
+    """EditLog.restore with napari's own history atoms (brush, eraser, a 3D brush, bucket fill, data_setitem), on
+    real labels of a (T, Z, Y, X) layer: each slice of the propagated time point comes back exactly as it was
+    before the edits, or before the edits from a given one on; edits of the other time point are left out."""
+    from napari_sam._widgets.propagate import EditLog
+
+    gt = read_image(data_dir("gonuclear_3d_nuclei") / "1135_crop_label.tif").astype(np.int32)
+    start = np.stack([gt[44:48, :96, :96], gt[40:44, :96, :96]])  # (2, 4, 96, 96)
+    lay = napari.layers.Labels(start.copy())
+    log = EditLog(lead=(1,))
+    lay.events.paint.connect(log.on_paint)
+    lay.brush_size = 9
+    lay.paint((1, 2, 30, 30), 9)
+    lay.paint((1, 2, 33, 34), 0)  # erases part of the paint just made
+    mid, since = np.array(lay.data), len(log)
+    lay.n_edit_dimensions = 3
+    inside = np.argwhere((start[1, 1:4] > 0).all(axis=0))
+    lay.paint((1, 2, *inside[len(inside) // 2]), 0)  # a 3D eraser on nuclei: slices 1-3
+    lay.n_edit_dimensions = 2
+    obj = np.argwhere(start[1, 3] > 0)[0]
+    lay.fill((1, 3, *obj), 12)
+    lay.paint((0, 2, 30, 30), 5)  # the other time point
+    lay.data_setitem((np.array([1, 1, 0]), np.array([0, 2, 2]), np.array([5, 6, 7]), np.array([8, 9, 10])),
+                     np.array([31, 32, 33]))
+    now = np.asarray(lay.data)
+    assert all((now[1, z] != start[1, z]).any() for z in range(4)) and (now[0] != start[0]).any()
+    for z in range(4):
+        assert np.array_equal(log.restore(np.array(now[1, z]), z), start[1, z])
+        assert np.array_equal(log.restore(np.array(now[1, z]), z, since), mid[1, z])

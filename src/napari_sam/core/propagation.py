@@ -29,6 +29,7 @@ from .embedding_store import StackEmbeddings, validate_stack
 from .image import check_denoise
 from .predictor import SamPredictor
 from .prompts import validate_points
+from .propagation_labels import Mask, Patch, as_patch, from_patch, paste, patch_box, tight, to_patch, union_box
 from .propagation_views import VIEWS, check_spacing, orthogonal_views
 
 # What the next slice is prompted with, and each strategy's own stop rule and candidate choice (make_params applies
@@ -195,19 +196,54 @@ def finish_slices(seeds: Mapping[int, np.ndarray], propagated: Mapping[int, np.n
     return {z: m for z, m in kept.items() if z in propagated}
 
 
+def smooth_patches(slices: Mapping[int, Patch], keep=()) -> dict[int, Patch]:
+    """:func:`smooth_z` on one object's slices as patches {z: (row0, col0, (h, w) bool)} (the same result, as
+    patches): each slice is voted on in the bounding box of it and its two neighbours only."""
+    keep = set(int(z) for z in keep)
+    out = {}
+    for z, p in slices.items():
+        if z in keep:
+            out[z] = p
+            continue
+        near = [slices[nz] for nz in (z - 1, z + 1) if nz in slices]
+        box = union_box([patch_box(q) for q in (p, *near)])
+        if box is None:
+            continue
+        votes = paste(p, box).astype(np.uint8)
+        for q in near:
+            votes += paste(q, box)
+        sm = votes >= 2
+        if sm.any():
+            out[z] = tight(sm, box)
+    return out
+
+
+def finish_patches(seeds: Mapping[int, Mask], propagated: Mapping[int, Patch],
+                   scores: np.ndarray | None = None) -> dict[int, Patch]:
+    """:func:`finish_slices` with the propagated slices as patches (the seeds full masks or patches): the same
+    slices, as patches."""
+    kept = smooth_patches({**{int(z): as_patch(m) for z, m in seeds.items()}, **propagated}, keep=seeds)
+    if scores is not None:
+        scores[[z for z in propagated if z not in kept]] = np.nan
+    return {z: m for z, m in kept.items() if z in propagated}
+
+
 def fuse_views(embeddings: StackEmbeddings, seeds: Sequence[Mapping[int, np.ndarray]],
                slices: Sequence[Mapping[int, np.ndarray]], scores: np.ndarray, params: PropagationParams,
                cancel: Callable[[], bool] | None = None, progress: Callable[[int, int], None] | None = None,
-               points: Sequence | None = None) -> list[dict[int, np.ndarray]]:
+               points: Sequence | None = None, patches: bool = False) -> list[dict[int, np.ndarray]]:
     """The finished XY ``slices`` of each object (per object {z: (Y, X) bool}, seeds not included) with
     ``params.views`` applied (:func:`napari_sam.core.propagation_views.orthogonal_views` for "orthogonal").
     points: per object None or [(z, (row, col)), ...], the user's positive clicks (they prompt the views where
     they lie inside the seed mask; otherwise the mask's centroid does).
     ``scores`` (B, Z) is updated in place: NaN where an object is gone; a slice only the orthogonal views found
-    gets that object's lowest XY score (the XY decoder did not reach it). Seeds keep their scores."""
+    gets that object's lowest XY score (the XY decoder did not reach it). Seeds keep their scores.
+    patches: ``slices`` are given, and returned, as patches {z: (row0, col0, (h, w) bool)} (seeds stay full masks).
+    """
     if params.views != "orthogonal":
         return [dict(s) for s in slices]
-    fused = orthogonal_views(embeddings, seeds, slices, params, params.spacing, cancel, progress, points)
+    fused = orthogonal_views(embeddings, seeds, slices, params, params.spacing, cancel, progress, points,
+                             patches=patches)
     for i, (obj, seed) in enumerate(zip(fused, seeds)):
         row = scores[i]
         xy = [float(row[z]) for z in slices[i] if np.isfinite(row[z])]
@@ -575,20 +611,44 @@ def repropagate(volume: np.ndarray, mask: np.ndarray, z: int, corrected: np.ndar
     it stops (old slices up to the next fixed slice are cleared), or it reaches a ``fixed`` (prompted) slice.
 
     Returns (new mask (Z, Y, X) bool (the input is not modified), scores (Z,) float32 (NaN where not
-    recomputed), (first, last) slice range that was recomputed).
+    recomputed), (first, last) slice range that was recomputed). :func:`repropagate_patches` does the same on
+    the object's slices as bounding-box patches.
     """
-    vol, predictor, emb = _resolve(volume, model, embeddings)
-    z = _check_z(z, vol.shape[0])
+    vol = validate_stack(volume)
     old = np.asarray(mask, dtype=bool)
     if old.shape != vol.shape[:3]:
         raise ValueError(f"mask has shape {old.shape}; expected the volume's {vol.shape[:3]}")
+    slices = {k: to_patch(old[k]) for k in range(old.shape[0]) if old[k].any()}
+    changed, scores, (first, last) = repropagate_patches(vol, slices, z, corrected, model, embeddings, fixed, cancel,
+                                                         **params)
+    new = old.copy()
+    for zz, p in changed.items():
+        new[zz] = from_patch(p, old.shape[1:])
+    return new, scores, (first, last)
+
+
+def _patch_iou(a: Patch, b: Patch) -> float:
+    """:func:`mask_iou` of two patches."""
+    box = union_box([patch_box(a), patch_box(b)])
+    return 0.0 if box is None else mask_iou(paste(a, box), paste(b, box))
+
+
+def repropagate_patches(volume: np.ndarray, slices: Mapping[int, Patch], z: int, corrected: np.ndarray, model=None,
+                        embeddings: StackEmbeddings | None = None, fixed: Sequence[int] = (),
+                        cancel: Callable[[], bool] | None = None, **params
+                        ) -> tuple[dict[int, Patch], np.ndarray, tuple[int, int]]:
+    """:func:`repropagate` with the 3D object as its slices' bounding-box patches {z: (row0, col0, (h, w) bool)}
+    (slices where it is absent left out). Returns (the slices of the recomputed range (first, last) as patches
+    (an empty patch where the object was cleared), scores (Z,) float32, (first, last))."""
+    vol, predictor, emb = _resolve(volume, model, embeddings)
+    z = _check_z(z, vol.shape[0])
+    old = {int(k): p for k, p in slices.items() if patch_box(p) is not None}
     corrected = np.asarray(corrected, dtype=bool)
     if corrected.shape != vol.shape[1:3]:
         raise ValueError(f"corrected slice has shape {corrected.shape}; expected {vol.shape[1:3]}")
     p = make_params(params)
     spec = p.spec()
-    new = old.copy()
-    new[z] = corrected
+    new = {z: to_patch(corrected)}
     scores = np.full(vol.shape[0], np.nan, np.float32)
     scores[z] = 1.0
     if not corrected.any():
@@ -600,17 +660,17 @@ def repropagate(volume: np.ndarray, mask: np.ndarray, z: int, corrected: np.ndar
     first = last = z
     for _o, zz, m, s in iter_tracks(predictor, emb, tracks, p, spec, cancel):
         t = next(t for t in tracks if t.z == zz and not t.stopped)
-        converged = old[zz].any() and mask_iou(m, old[zz]) >= p.converge_iou
-        new[zz], scores[zz] = m, s
+        new[zz], scores[zz] = to_patch(m), s
+        converged = zz in old and _patch_iou(new[zz], old[zz]) >= p.converge_iou
         first, last = min(first, zz), max(last, zz)
         if converged:
             t.stopped = True
     for t in tracks:  # a direction that stopped without converging: its stale old slices go
-        if t.stopped and not (old[t.z].any() and mask_iou(new[t.z], old[t.z]) >= p.converge_iou):
+        if t.stopped and not (t.z in old and _patch_iou(new.get(t.z, old[t.z]), old[t.z]) >= p.converge_iou):
             rng = range(t.z + t.step, t.end + t.step, t.step)
             for zz in rng:
-                if not old[zz].any():
+                if zz not in old:
                     break
-                new[zz] = False
+                new[zz] = to_patch(np.zeros((0, 0), bool))
                 first, last = min(first, zz), max(last, zz)
     return new, scores, (first, last)

@@ -29,6 +29,7 @@ from scipy import ndimage
 from .embedding_store import StackEmbeddings
 from .image import check_denoise, denoise_of
 from .predictor import SamPredictor
+from .propagation_labels import as_patch, from_patch, paste, patch_box, tight, union_box
 
 VIEWS = ("orthogonal", "xy")
 
@@ -207,7 +208,7 @@ def orthogonal_views(embeddings: StackEmbeddings, seeds: Sequence[Mapping[int, n
                      slices: Sequence[Mapping[int, np.ndarray]], params, spacing=None,
                      cancel: Callable[[], bool] | None = None,
                      progress: Callable[[int, int], None] | None = None,
-                     points=None) -> list[dict[int, np.ndarray]]:
+                     points=None, patches: bool = False) -> list[dict[int, np.ndarray]]:
     """Fuse each object's XY propagation with its propagation through the XZ and YZ views (module docstring).
 
     embeddings: the StackEmbeddings of the (Z, Y, X[, C]) volume; seeds: per object {z: (Y, X) bool} prompted
@@ -216,7 +217,9 @@ def orthogonal_views(embeddings: StackEmbeddings, seeds: Sequence[Mapping[int, n
     Returns per object {z: (Y, X) bool}: the slices (seeds not included) where at least 2 of the 3 views have
     the object, within the z range the direction allows. A stack of fewer than 3 slices, or one whose views would
     need more than :data:`MAX_VIEW_BYTES`, is returned as it came (the latter with a warning).
-    ``progress(done, total)`` is called per propagated view plane (total: an upper bound)."""
+    ``progress(done, total)`` is called per propagated view plane (total: an upper bound). patches: ``slices``
+    are given, and returned, as patches {z: (row0, col0, (h, w) bool)} (the seeds stay full masks); the vote
+    then works in each object's bounding box only."""
     from .propagation import finish_slices, iter_propagate_masks
 
     vol = embeddings.volume
@@ -263,32 +266,48 @@ def orthogonal_views(embeddings: StackEmbeddings, seeds: Sequence[Mapping[int, n
     for i, obj_seeds in enumerate(seeds):
         first, last = _z_range(obj_seeds, n_z, params.direction, params.max_slices)
         out.append(_vote(obj_seeds, slices[i], views[0][i], views[1][i], (n_z, n_y, n_x), depths, step,
-                         first, last))
+                         first, last, patches))
     return out
 
 
-def _vote(seeds, xy, xz, yz, shape, depths, step, first, last) -> dict[int, np.ndarray]:
-    """One object's slices where >= 2 of XY, XZ, YZ have it, within [first, last]; seed slices excluded."""
+def _vote(seeds, xy, xz, yz, shape, depths, step, first, last, patches: bool = False) -> dict[int, np.ndarray]:
+    """One object's slices where >= 2 of XY, XZ, YZ have it, within [first, last]; seed slices excluded. Seeds and
+    XY slices may be full (Y, X) masks or patches; the votes are counted in the bounding box of everything that
+    votes. Returns full masks, or with ``patches`` patches (row0, col0, (h, w) bool)."""
     n_z, n_y, n_x = shape
-    votes = np.zeros((last - first + 1, n_y, n_x), np.uint8)
-    for z, m in {**xy, **seeds}.items():
-        if first <= z <= last:
-            votes[z - first] += np.asarray(m, bool)
+    planes = {z: as_patch(m) for z, m in {**xy, **seeds}.items() if first <= z <= last}
+    plane_of = {}
+    boxes = [patch_box(p) for p in planes.values()]
+    for axis, view in ((1, xz), (2, yz)):
+        n_line = (n_y, n_x)[axis - 1]
+        plane_of[axis] = np.minimum((np.arange(n_line) + step // 2) // step, -(-n_line // step) - 1)
+        for p, m in view.items():
+            lines = np.flatnonzero(plane_of[axis] == p)
+            along = np.flatnonzero(np.asarray(m).any(axis=0))
+            if lines.size and along.size:  # the lines this plane stands for, and where along them it has pixels
+                a, b = (lines, along) if axis == 1 else (along, lines)
+                boxes.append((int(a[0]), int(b[0]), int(a[-1]) + 1, int(b[-1]) + 1))
+    box = union_box(boxes)
+    if box is None:
+        return {}
+    r0, c0, r1, c1 = box
+    votes = np.zeros((last - first + 1, r1 - r0, c1 - c0), np.uint8)
+    for z, p in planes.items():
+        votes[z - first] += paste(p, box)
     for axis, view in ((1, xz), (2, yz)):
         if not view:
             continue
         rows = np.clip(np.rint(z_rows(n_z, depths[axis])[first: last + 1]).astype(int), 0, depths[axis] - 1)
-        n_line = (n_y, n_x)[axis - 1]
-        plane_of = np.minimum((np.arange(n_line) + step // 2) // step, -(-n_line // step) - 1)
-        for line in range(n_line):
-            m = view.get(int(plane_of[line]))
+        lo, hi, a0, a1 = (r0, r1, c0, c1) if axis == 1 else (c0, c1, r0, r1)
+        for line in range(lo, hi):
+            m = view.get(int(plane_of[axis][line]))
             if m is None:
                 continue
-            sub = m[rows]  # (slices, W)
+            sub = m[rows][:, a0: a1]  # (slices, the box's width along the line)
             if axis == 1:
-                votes[:, line, :] += sub
+                votes[:, line - r0, :] += sub
             else:
-                votes[:, :, line] += sub
+                votes[:, :, line - c0] += sub
     out = {}
     for k in range(votes.shape[0]):
         z = first + k
@@ -296,5 +315,5 @@ def _vote(seeds, xy, xz, yz, shape, depths, step, first, last) -> dict[int, np.n
             continue
         m = votes[k] >= 2
         if m.any():
-            out[z] = m
+            out[z] = tight(m, box) if patches else from_patch(tight(m, box), (n_y, n_x))
     return out
