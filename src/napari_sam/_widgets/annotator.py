@@ -153,7 +153,7 @@ class AnnotatorWidget(AnnotatorJobs, QWidget):
         if r is None or r.batch or len(r.patches) < 2:
             self._message("only one candidate mask for these prompts (a single point gives three)")
             return 0 if r is None else r.choice
-        r.choice = (r.choice + 1) % len(r.masks)
+        r.choice = (r.choice + 1) % len(r.patches)
         self._show_result(r)
         return r.choice
 
