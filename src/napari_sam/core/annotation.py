@@ -133,10 +133,11 @@ class Result:
     ``window``: the zoom window (4,) whose frame ``logits`` are in (single mode; None: the whole image), to pass
     back with them as ``mask_window``.
 
-    The masks are stored as ``patches`` bool (K, h, w): the region of the (H, W) plane starting at ``offset``
-    (row, col). As :func:`predict` makes it, the patch is the whole plane (``shape`` None); :meth:`cropped` keeps
-    only the box around every candidate's pixels (``shape`` = (H, W)), so that a small object of a large image
-    costs little memory. ``masks``, ``mask``, ``objects`` and ``preview`` are full size either way (built on
+    The masks are stored as ``patches`` bool (K, h, w): the region of the (H, W) plane ``shape`` starting at
+    ``offset`` (row, col), all False outside it; ``shape`` None: the patch is the whole plane. :func:`predict` gives
+    the zoom window's masks for an object decoded zoomed (single mode), else the whole plane's; :meth:`cropped`
+    keeps only the box around every candidate's pixels, so that a small object of a large image costs little
+    memory. ``masks``, ``mask``, ``objects`` and ``preview`` are full size either way (built on
     demand from a cropped result); ``patch_objects`` and ``preview_patch`` are the patch's."""
 
     patches: np.ndarray
@@ -200,13 +201,14 @@ class Result:
     def cropped(self) -> "Result":
         """This result with its masks kept only within the box around every candidate's (object's) pixels (an
         empty (K, 0, 0) patch when all are empty). The full-size masks are the same."""
-        if self.shape is not None:
-            return self
         p = self.patches
         rows, cols = np.flatnonzero(p.any(2).any(0)), np.flatnonzero(p.any(1).any(0))
         r0, r1 = (int(rows[0]), int(rows[-1]) + 1) if rows.size else (0, 0)
         c0, c1 = (int(cols[0]), int(cols[-1]) + 1) if cols.size else (0, 0)
-        return replace(self, patches=p[:, r0:r1, c0:c1].copy(), offset=(r0, c0), shape=tuple(p.shape[1:]))
+        if self.shape is not None and (r0, c0, r1, c1) == (0, 0) + p.shape[1:]:
+            return self
+        offset = (self.offset[0] + r0, self.offset[1] + c0) if rows.size else (0, 0)
+        return replace(self, patches=p[:, r0:r1, c0:c1].copy(), offset=offset, shape=self.plane_shape)
 
 
 def plane_checksum(plane: np.ndarray) -> int:
@@ -275,7 +277,8 @@ def left_out_positives(masks: np.ndarray, points: np.ndarray, labels: np.ndarray
 
 def follow_positive_points(predictor: SamPredictor, points: np.ndarray, labels: np.ndarray, masks: np.ndarray,
                            previous: np.ndarray | None = None, mask_input: np.ndarray | None = None,
-                           mask_windows: np.ndarray | None = None):
+                           mask_windows: np.ndarray | None = None, origin: tuple[int, int] = (0, 0),
+                           shape: tuple[int, int] | None = None, in_window: bool = False):
     """Decode again, with a box, the objects whose mask leaves out one of their positive points.
 
     A small model often ignores a second positive click on an object it covered only in part (the built-in
@@ -287,28 +290,45 @@ def follow_positive_points(predictor: SamPredictor, points: np.ndarray, labels: 
     points: float (B, N, 2) (row, col); labels: int (B, N) 1 / 0; masks: bool (B, H, W), what the points gave
     (after :func:`enforce_negative_points` where that applies); previous: bool (B, H, W), the masks before the
     last click, or None; mask_input (B, 1, L, L) and mask_windows (B, 4): as in the first decode (or None).
+    ``origin``, ``shape``: ``masks`` are (B, h, w), the region starting at ``origin`` (row, col) of an image of
+    ``shape`` (H, W), zero outside (a window's masks, :meth:`~napari_sam.core.predictor.SamPredictor.predict`
+    ``in_window``); ``previous`` is whole-image. ``in_window``: decode again with it (one object).
     Returns ``(rows, prediction)``: int (R,) the objects decoded again and their
     :class:`~napari_sam.core.predictor.Prediction` (leading axis R, one candidate each), or ``(rows, None)``
     when R = 0.
     """
     points = np.asarray(points, dtype=np.float64)
     labels = np.asarray(labels)
-    rows = np.nonzero(left_out_positives(masks, points, labels))[0]
+    off = np.array(origin, np.float64)
+    left = left_out_positives(masks, points - off, labels)
+    h, w = np.shape(masks)[1:] if shape is None else shape
+    if shape is not None:  # a positive point of the image outside the region: left out too
+        mh, mw = np.shape(masks)[1:]
+        rc = np.rint(points).astype(np.int64)
+        lr = rc - np.array(origin, np.int64)
+        inside = (rc[..., 0] >= 0) & (rc[..., 0] < h) & (rc[..., 1] >= 0) & (rc[..., 1] < w)
+        outside = (lr[..., 0] < 0) | (lr[..., 0] >= mh) | (lr[..., 1] < 0) | (lr[..., 1] >= mw)
+        left |= ((labels == 1) & inside & outside).any(1)
+    rows = np.nonzero(left)[0]
     if not len(rows):
         return rows, None
-    h, w = np.shape(masks)[1:]
     boxes = np.zeros((len(rows), 4))
     for j, i in enumerate(rows):
-        area = masks[i] if previous is None else masks[i] | previous[i]
         pos = points[i][labels[i] == 1]
-        rr, cc = np.nonzero(area.any(1))[0], np.nonzero(area.any(0))[0]
-        lo = np.minimum(pos.min(0), (rr[0], cc[0])) if len(rr) else pos.min(0)
-        hi = np.maximum(pos.max(0), (rr[-1], cc[-1])) if len(rr) else pos.max(0)
+        spans = []
+        for area, o in ((masks[i], off), (None if previous is None else previous[i], np.zeros(2))):
+            if area is not None:
+                rr, cc = np.nonzero(area.any(1))[0], np.nonzero(area.any(0))[0]
+                if len(rr):
+                    spans.append((np.array((rr[0], cc[0])) + o, np.array((rr[-1], cc[-1])) + o))
+        lo = np.minimum.reduce([pos.min(0)] + [a for a, _ in spans])
+        hi = np.maximum.reduce([pos.max(0)] + [b for _, b in spans])
         boxes[j] = np.clip(np.concatenate([lo, hi]), 0, [h - 1, w - 1, h - 1, w - 1])
     return rows, predictor.predict(
         points=points[rows], point_labels=labels[rows], box=boxes, multimask=False,
         mask_input=None if mask_input is None else np.asarray(mask_input)[rows],
-        mask_windows=None if mask_input is None or mask_windows is None else np.asarray(mask_windows)[rows])
+        mask_windows=None if mask_input is None or mask_windows is None else np.asarray(mask_windows)[rows],
+        **({"in_window": True} if in_window else {}))
 
 
 def predict(predictor: SamPredictor, prompts: Prompts, mask_input: np.ndarray | None = None,
@@ -347,6 +367,8 @@ def predict(predictor: SamPredictor, prompts: Prompts, mask_input: np.ndarray | 
     if len(prompts.points) and prompts.n_positive == 0 and not len(prompts.boxes):
         raise ValueError("only negative points: add a positive point (or a box) on the object")
     multimask = len(prompts.points) == 1 and not len(prompts.boxes) and mask_input is None
+    # masks of the zoom window only (a small object of a large image); the same pixels as the whole image's
+    windows = isinstance(predictor, SamPredictor)  # (a predictor-like object of the tests: whole-image masks)
     r = predictor.predict(
         points=prompts.points if len(prompts.points) else None,
         point_labels=prompts.labels if len(prompts.points) else None,
@@ -354,24 +376,38 @@ def predict(predictor: SamPredictor, prompts: Prompts, mask_input: np.ndarray | 
         mask_input=mask_input,
         multimask=multimask,
         mask_windows=mask_window if mask_input is not None else None,
+        **({"in_window": True} if windows else {}),
     )
-    def cut(candidates: np.ndarray) -> np.ndarray:
+    shape = tuple(predictor.original_size) if windows else tuple(np.shape(r.masks)[-2:])
+
+    def origin(pred) -> tuple[int, int]:
+        if pred.windows is None or tuple(np.shape(pred.masks)[-2:]) == shape:
+            return 0, 0
+        return int(pred.windows[0]), int(pred.windows[1])
+
+    def cut(candidates: np.ndarray, at: tuple[int, int]) -> np.ndarray:
         if not (enforce_negatives and (prompts.labels == 0).any()):
             return candidates
-        return np.stack([enforce_negative_points(m, prompts.points, prompts.labels) for m in candidates])
+        local = prompts.points - np.array(at, np.float64)  # (points outside the region lie outside every mask)
+        return np.stack([enforce_negative_points(m, local, prompts.labels) for m in candidates])
 
-    masks = cut(r.masks)
+    at = origin(r)
+    masks = cut(r.masks, at)
     if follow_positives and not multimask and not len(prompts.boxes) and prompts.n_positive:
         rows, again = follow_positive_points(
-            predictor, prompts.points[None], prompts.labels[None], masks[:1],
+            predictor, prompts.points[None], prompts.labels[None], masks[None, 0],
             previous=None if previous is None else np.asarray(previous, dtype=bool)[None],
             mask_input=None if mask_input is None else np.reshape(mask_input, (1, 1) + np.shape(mask_input)[-2:]),
-            mask_windows=None if mask_window is None else np.reshape(mask_window, (1, 4)))
+            mask_windows=None if mask_window is None else np.reshape(mask_window, (1, 4)),
+            origin=at, shape=shape, in_window=windows)
         if again is not None:
             r = again._replace(masks=again.masks[0], iou=again.iou[0], low_res_logits=again.low_res_logits[0],
                                windows=None if again.windows is None else again.windows[0])
-            masks = cut(r.masks)
-    return Result(masks, r.iou, r.low_res_logits, False, prompts, int(np.argmax(r.iou)), r.windows)
+            at = origin(r)
+            masks = cut(r.masks, at)
+    windowed = masks.shape[1:] != shape
+    return Result(masks, r.iou, r.low_res_logits, False, prompts, int(np.argmax(r.iou)), r.windows,
+                  offset=at if windowed else (0, 0), shape=shape if windowed else None)
 
 
 # ------------------------------------------------------------------------------------------------ labels
