@@ -228,7 +228,8 @@ def test_annotation_masks_of_the_window_only_are_the_whole_image_masks(builtin):
     """``annotation.predict`` keeps a zoomed object's masks for its window only (``in_window``): a small nucleus of a
     large image no longer costs (3, H, W) masks. Its results equal exactly those of the whole-image masks, on a real
     image with the built-in model: single clicks, a second positive click far off the mask (decoded again with a box),
-    a negative click (cut out), refinement with the previous logits and mask, and small and large boxes."""
+    a negative click (cut out), refinement with the previous logits and mask (or result), and small and large
+    boxes."""
     from napari_sam.core import annotation as ann
     from napari_sam.core.evaluation import center_point
     from napari_sam.core.predictor import SamPredictor
@@ -244,7 +245,10 @@ def test_annotation_masks_of_the_window_only_are_the_whole_image_masks(builtin):
     seen = {"windowed": 0, "followed": 0, "large": 0}
 
     def same(prompts, **kw):
-        a, b = ann.predict(cut, prompts, **kw), ann.predict(whole, prompts, **kw)
+        a = ann.predict(cut, prompts, **kw)
+        if isinstance(kw.get("previous"), ann.Result):  # the previous result itself (its patch): as its full mask
+            kw["previous"] = kw["previous"].mask
+        b = ann.predict(whole, prompts, **kw)
         assert b.shape is None and b.patches.shape[1:] == image.shape[:2]
         np.testing.assert_array_equal(a.masks, b.masks)
         np.testing.assert_array_equal(a.iou, b.iou)
@@ -261,6 +265,7 @@ def test_annotation_masks_of_the_window_only_are_the_whole_image_masks(builtin):
         far = c + (40, -35) if n % 2 else c + (-25, 30)  # a second positive click off the mask
         two = ann.Prompts([c, far], [1, 1])
         followed = same(two, previous=first.mask)
+        same(two, previous=first.cropped())
         seen["followed"] += not np.array_equal(followed.masks, same(two, follow_positives=False).masks)
         same(two, mask_input=first.logits[first.choice], mask_window=first.window, previous=first.mask)
         same(ann.Prompts([c, c + (3, 3)], [1, 0]))  # a negative click next to the positive one

@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 import time
 import warnings
+from dataclasses import replace
 
 import numpy as np
 
@@ -107,7 +108,7 @@ class AnnotatorJobs:
         if (r is not None and not r.batch and not self.ui.batch_check.isChecked() and r.prompts is not None
                 and self._result_plane == index and self._result_gen == self._data_gen
                 and prompts.extends(r.prompts)):
-            previous = (r.patches[r.choice], r.offset, r.plane_shape)  # made full size in the worker
+            previous = replace(r)  # (a copy: cycling the candidates changes r.choice meanwhile)
             if self.ui.refine_check.isChecked():
                 mask_input, mask_window = r.logits[r.choice], r.window
         version, batch, model = self._version, self.ui.batch_check.isChecked(), self.state.model
@@ -123,13 +124,8 @@ class AnnotatorJobs:
             p = SamPredictor(model)
             p.set_embedding(emb)
             p.zoom = zoom
-            prev = None
-            if previous is not None:
-                patch, (r0, c0), shape = previous
-                prev = np.zeros(shape, bool)
-                prev[r0:r0 + patch.shape[0], c0:c0 + patch.shape[1]] = patch
             res = ann.predict(p, prompts, mask_input, batch, enforce_negatives=enforce, mask_window=mask_window,
-                              follow_positives=follow, previous=prev).cropped()
+                              follow_positives=follow, previous=previous).cropped()
             return res, res.preview_patch()
 
         self._predict_worker = run_in_thread(

@@ -278,7 +278,8 @@ def left_out_positives(masks: np.ndarray, points: np.ndarray, labels: np.ndarray
 def follow_positive_points(predictor: SamPredictor, points: np.ndarray, labels: np.ndarray, masks: np.ndarray,
                            previous: np.ndarray | None = None, mask_input: np.ndarray | None = None,
                            mask_windows: np.ndarray | None = None, origin: tuple[int, int] = (0, 0),
-                           shape: tuple[int, int] | None = None, in_window: bool = False):
+                           shape: tuple[int, int] | None = None, in_window: bool = False,
+                           previous_origin: tuple[int, int] = (0, 0)):
     """Decode again, with a box, the objects whose mask leaves out one of their positive points.
 
     A small model often ignores a second positive click on an object it covered only in part (the built-in
@@ -292,7 +293,8 @@ def follow_positive_points(predictor: SamPredictor, points: np.ndarray, labels: 
     last click, or None; mask_input (B, 1, L, L) and mask_windows (B, 4): as in the first decode (or None).
     ``origin``, ``shape``: ``masks`` are (B, h, w), the region starting at ``origin`` (row, col) of an image of
     ``shape`` (H, W), zero outside (a window's masks, :meth:`~napari_sam.core.predictor.SamPredictor.predict`
-    ``in_window``); ``previous`` is whole-image. ``in_window``: decode again with it (one object).
+    ``in_window``); ``previous`` is whole-image, or (B, h', w') from ``previous_origin``. ``in_window``: decode
+    again with it (one object).
     Returns ``(rows, prediction)``: int (R,) the objects decoded again and their
     :class:`~napari_sam.core.predictor.Prediction` (leading axis R, one candidate each), or ``(rows, None)``
     when R = 0.
@@ -316,7 +318,7 @@ def follow_positive_points(predictor: SamPredictor, points: np.ndarray, labels: 
     for j, i in enumerate(rows):
         pos = points[i][labels[i] == 1]
         spans = []
-        for area, o in ((masks[i], off), (None if previous is None else previous[i], np.zeros(2))):
+        for area, o in ((masks[i], off), (None if previous is None else previous[i], np.array(previous_origin))):
             if area is not None:
                 rr, cc = np.nonzero(area.any(1))[0], np.nonzero(area.any(0))[0]
                 if len(rr):
@@ -333,7 +335,7 @@ def follow_positive_points(predictor: SamPredictor, points: np.ndarray, labels: 
 
 def predict(predictor: SamPredictor, prompts: Prompts, mask_input: np.ndarray | None = None,
             batch: bool = False, enforce_negatives: bool = True, mask_window: np.ndarray | None = None,
-            follow_positives: bool = True, previous: np.ndarray | None = None) -> Result:
+            follow_positives: bool = True, previous: np.ndarray | Result | None = None) -> Result:
     """Run the decoder for ``prompts`` on the predictor's current embedding.
 
     Single mode: all points (positive and negative) and at most one box describe ONE object; a lone
@@ -342,8 +344,9 @@ def predict(predictor: SamPredictor, prompts: Prompts, mask_input: np.ndarray | 
     mask is taken out (:func:`enforce_negative_points`); ``logits`` and ``iou`` stay the model's.
     ``mask_window``: the previous result's ``window`` when ``mask_input`` is its logits (zoomed decoding).
     With ``follow_positives`` (default), a single mask that leaves out one of its positive points is decoded again
-    with a box around it, its ``previous`` mask (bool (H, W): the result these prompts extend, or None) and the
-    positive points (:func:`follow_positive_points`); prompts with a box of the user's are left as they are.
+    with a box around it, its ``previous`` mask (bool (H, W), or the :class:`Result` these prompts extend, whose
+    chosen mask it is; or None) and the positive points (:func:`follow_positive_points`); prompts with a box of the
+    user's are left as they are.
     Batch mode: every box and every positive point is its own object (negative points are ignored).
     """
     if prompts.empty:
@@ -394,8 +397,11 @@ def predict(predictor: SamPredictor, prompts: Prompts, mask_input: np.ndarray | 
     at = origin(r)
     masks = cut(r.masks, at)
     if follow_positives and not multimask and not len(prompts.boxes) and prompts.n_positive:
+        prev_at = (0, 0)
+        if isinstance(previous, Result):  # (its patch: no full-size copy)
+            previous, prev_at = previous.patches[previous.choice], previous.offset
         rows, again = follow_positive_points(
-            predictor, prompts.points[None], prompts.labels[None], masks[None, 0],
+            predictor, prompts.points[None], prompts.labels[None], masks[None, 0], previous_origin=prev_at,
             previous=None if previous is None else np.asarray(previous, dtype=bool)[None],
             mask_input=None if mask_input is None else np.reshape(mask_input, (1, 1) + np.shape(mask_input)[-2:]),
             mask_windows=None if mask_window is None else np.reshape(mask_window, (1, 4)),
