@@ -10,6 +10,7 @@ from napari_sam.core import SamPredictor
 from napari_sam.core.annotation import (
     EmbeddingCancelled,
     Prompts,
+    Result,
     compute_embedding,
     dtype_for,
     enforce_negative_points,
@@ -94,6 +95,43 @@ def test_plan_commit_matches_a_whole_plane_reference(nuclei_sample):
         assert len(plan.writes) == len(writes) > 10
         for (i, r, c), (j, r2, c2) in zip(plan.writes, writes):
             assert i == j and np.array_equal(r, r2) and np.array_equal(c, c2)
+        # the masks off the image's edges, cut to the box around all of them, at its offset: the same plan
+        inner = [m for m in masks if not (m[0].any() or m[-1].any() or m[:, 0].any() or m[:, -1].any())]
+        res = Result(np.stack(inner), np.zeros(len(inner)), np.zeros((len(inner), 4, 4)), batch=True).cropped()
+        assert min(res.offset) > 0 and len(inner) > 8
+        plan = plan_commit(existing, inner, 7, overwrite=overwrite)
+        patched = plan_commit(existing, res.patch_objects(), 7, overwrite=overwrite, offset=res.offset)
+        assert (patched.skipped, patched.protected_pixels, patched.dtype) == (plan.skipped, plan.protected_pixels,
+                                                                               plan.dtype)
+        for (i, r, c), (j, r2, c2) in zip(patched.writes, plan.writes, strict=True):
+            assert i == j and np.array_equal(r, r2) and np.array_equal(c, c2)
+    with pytest.raises(ValueError, match="does not match the label plane"):
+        plan_commit(existing, [np.ones((5, 5), bool)], 1, offset=(gt.shape[0] - 4, 0))
+
+
+def test_a_cropped_result_is_the_same_prediction(tiny_model, nuclei_sample):
+    """Result.cropped keeps the box around every candidate; masks, previews and objects stay exactly the same
+    (a click, a batch, and an all-empty result)."""
+    img, _ = nuclei_sample
+    pred = SamPredictor(tiny_model)
+    pred.set_image(img)
+    one = predict(pred, Prompts([[60, 60]], [1]))
+    batch = predict(pred, Prompts([[60, 60], [30, 30]], [1, 1], [[10, 10, 50, 50]]), batch=True)
+    empty = Result(np.zeros((3,) + img.shape[:2], bool), one.iou, one.logits, prompts=one.prompts)
+    for full in (one, batch, empty):
+        for choice in range(len(full.patches)) if not full.batch else (0,):
+            full.choice = choice
+            cut = full.cropped()
+            cut.choice = choice
+            assert cut.shape == img.shape[:2] and cut.plane_shape == full.plane_shape
+            np.testing.assert_array_equal(cut.masks, full.masks)
+            np.testing.assert_array_equal(cut.mask, full.mask)
+            np.testing.assert_array_equal(cut.preview(), full.preview())
+            np.testing.assert_array_equal(cut.preview_patch(), full.preview()[cut.box])
+            for a, b in zip(cut.objects(), full.objects(), strict=True):
+                np.testing.assert_array_equal(a, b)
+            assert not full.masks.any() or not np.delete(full.masks.any(0), cut.box[0], 0).any()
+    assert empty.cropped().patches.shape == (3, 0, 0)
 
 
 def test_plan_commit_batch_objects_do_not_overlap_and_dtype_upgrade():

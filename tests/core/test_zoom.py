@@ -222,3 +222,54 @@ def test_zoom_can_be_switched_off_per_predictor_and_logits_follow(builtin):
     assert np.array_equal(flat.masks, ref.predict(points=c, multimask=False).masks)
     refined = pred.predict(points=c, mask_input=zoomed.low_res_logits, mask_windows=zoomed.windows, multimask=False)
     assert iou(refined.masks[0], labels == i) > 0.6
+
+
+def test_annotation_masks_of_the_window_only_are_the_whole_image_masks(builtin):
+    """``annotation.predict`` keeps a zoomed object's masks for its window only (``in_window``): a small nucleus of a
+    large image no longer costs (3, H, W) masks. Its results equal exactly those of the whole-image masks, on a real
+    image with the built-in model: single clicks, a second positive click far off the mask (decoded again with a box),
+    a negative click (cut out), refinement with the previous logits and mask (or result), and small and large
+    boxes."""
+    from napari_sam.core import annotation as ann
+    from napari_sam.core.evaluation import center_point
+    from napari_sam.core.predictor import SamPredictor
+
+    class WholeImageMasks(SamPredictor):
+        def predict(self, *args, in_window=False, **kwargs):
+            return super().predict(*args, **kwargs)
+
+    image, labels = _val_images(520, 1)[0]
+    cut, whole = SamPredictor(builtin), WholeImageMasks(builtin)
+    cut.set_embedding(whole.set_image(image))
+    ids = [i for i in np.unique(labels)[1:] if 150 < (labels == i).sum() < 1500][:6]
+    seen = {"windowed": 0, "followed": 0, "large": 0}
+
+    def same(prompts, **kw):
+        a = ann.predict(cut, prompts, **kw)
+        if isinstance(kw.get("previous"), ann.Result):  # the previous result itself (its patch): as its full mask
+            kw["previous"] = kw["previous"].mask
+        b = ann.predict(whole, prompts, **kw)
+        assert b.shape is None and b.patches.shape[1:] == image.shape[:2]
+        np.testing.assert_array_equal(a.masks, b.masks)
+        np.testing.assert_array_equal(a.iou, b.iou)
+        np.testing.assert_array_equal(a.logits, b.logits)
+        np.testing.assert_array_equal(a.window, b.window)
+        assert a.choice == b.choice
+        seen["windowed"] += a.shape is not None and a.patches.shape[1:] == (256, 256)
+        seen["large"] += a.window is not None and tuple(a.window) == (0, 0) + image.shape[:2]
+        return a
+
+    for n, i in enumerate(ids):
+        c = np.array(center_point(labels == i), np.float64)
+        first = same(ann.Prompts([c], [1]))
+        far = c + (40, -35) if n % 2 else c + (-25, 30)  # a second positive click off the mask
+        two = ann.Prompts([c, far], [1, 1])
+        followed = same(two, previous=first.mask)
+        same(two, previous=first.cropped())
+        seen["followed"] += not np.array_equal(followed.masks, same(two, follow_positives=False).masks)
+        same(two, mask_input=first.logits[first.choice], mask_window=first.window, previous=first.mask)
+        same(ann.Prompts([c, c + (3, 3)], [1, 0]))  # a negative click next to the positive one
+        rr, cc = np.nonzero(labels == i)
+        same(ann.Prompts(boxes=[[rr.min(), cc.min(), rr.max(), cc.max()]]))
+    same(ann.Prompts(boxes=[[20, 30, 400, 500]]))  # a box of the whole image
+    assert seen["windowed"] >= 10 and seen["followed"] >= 1 and seen["large"] >= 1, seen

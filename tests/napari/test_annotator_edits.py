@@ -51,8 +51,9 @@ def gate(monkeypatch):
 
 
 def test_image_edited_in_place_is_embedded_again(annotator, qtbot, model, nuclei_sample):
-    """An in-place edit (no napari data event: ``layer.refresh()`` only) is caught by the plane's hash, checked in
-    the prediction worker: the next click predicts on the new pixels."""
+    """An in-place edit (no napari data event: ``layer.refresh()`` only), then a click: the click is predicted from
+    the cached embedding without checking the pixels (a click does not pay for a checksum of the plane); Commit
+    checks them, commits nothing, and the prompts are predicted again from the new pixels."""
     viewer, w = annotator
     img, _ = nuclei_sample
     layer = viewer.layers["nuclei"]
@@ -64,7 +65,73 @@ def test_image_edited_in_place_is_embedded_again(annotator, qtbot, model, nuclei
     layer.refresh()
     w.add_point((60, 115))
     wait_idle(qtbot, w)
+    assert w.commit() == []
+    assert "changed since this preview" in w.ui.status_label.text()
+    assert not viewer.layers["SAM labels"].data.any()
+    wait_idle(qtbot, w)
     _assert_predicted_on(w.result, model, np.ascontiguousarray(img[:, ::-1]), img, Prompts([[60, 115]], [1]))
+
+
+def test_commit_after_an_in_place_edit_commits_only_a_preview_of_the_new_pixels(annotator, qtbot, model,
+                                                                                 nuclei_sample):
+    """The preview is shown, then the image is edited in place and Commit is pressed with no new click: nothing is
+    committed (the preview shows the old pixels' object), the same prompts are predicted again from the new pixels,
+    and the next Commit writes that new preview, as one undo step."""
+    viewer, w = annotator
+    img, _ = nuclei_sample
+    layer = viewer.layers["nuclei"]
+    layer.data = img.copy()
+    w.add_point((60, 140))
+    wait_idle(qtbot, w)
+    old = w.result
+    flipped = np.ascontiguousarray(img[:, ::-1])
+    layer.data[:] = flipped
+    layer.refresh()
+    labels = viewer.layers["SAM labels"]
+    assert w.commit() == []
+    assert "changed since this preview" in w.ui.status_label.text() and "nothing committed" in w.ui.status_label.text()
+    assert not labels.data.any()
+    assert w.result is None or w.result is not old
+    wait_idle(qtbot, w)
+    _assert_predicted_on(w.result, model, flipped, img, Prompts([[60, 140]], [1]))
+    shown = w.result.mask
+    np.testing.assert_array_equal(viewer.layers["SAM preview"].data == 1, shown)
+    assert shown.any() and w.commit() == [1]
+    np.testing.assert_array_equal(labels.data == 1, shown)
+    labels.undo()
+    assert not labels.data.any()
+
+
+def test_clicks_do_not_checksum_the_plane_commit_and_a_plane_served_again_do(annotator, qtbot, monkeypatch,
+                                                                            nuclei_sample):
+    """The plane's pixels are checksummed when the embedding is computed, when it is served again (another plane
+    or image was predicted on meanwhile) and at Commit; not on every click (0.16 s per click at 8192 px)."""
+    from napari_sam.core import annotation as ann
+
+    viewer, w = annotator
+    calls = []
+    checksum = ann.plane_checksum
+    monkeypatch.setattr(ann, "plane_checksum", lambda plane: calls.append(plane.shape) or checksum(plane))
+    w.add_point((60, 140))
+    wait_idle(qtbot, w)
+    assert len(calls) == 1  # (the embedding's)
+    for rc in ((62, 150), (70, 120), (40, 100)):
+        w.add_point(rc)
+        wait_idle(qtbot, w)
+    assert len(calls) == 1 and w.result is not None and len(w.result.prompts.points) == 4
+    assert w.commit()
+    assert len(calls) == 2
+    img, _ = nuclei_sample
+    viewer.add_image(np.ascontiguousarray(img[::-1]), name="other")
+    w.set_image_layer("other")
+    w.add_point((60, 140))
+    wait_idle(qtbot, w)
+    assert len(calls) == 3  # (the other image's embedding)
+    w.set_image_layer("nuclei")  # its embedding is served again from the cache: checked once
+    for rc in ((60, 140), (62, 150)):
+        w.add_point(rc)
+        wait_idle(qtbot, w)
+    assert len(calls) == 4 and w.result is not None
 
 
 def test_replaced_image_is_predicted_again_and_its_old_preview_never_committed(annotator, qtbot, model, nuclei_sample,

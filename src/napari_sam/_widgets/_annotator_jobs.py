@@ -2,9 +2,14 @@
 
 Each step runs in a thread worker (``_workers.run_in_thread``); the main thread only starts jobs and
 applies results. A result is applied only if nothing changed meanwhile (``_version``); prompts added
-while the embedding runs are picked up when it ends (queued, not lost). Each cached embedding keeps the hash of
-the pixels it is of; the prediction worker checks the plane against it, so an image edited in place (no napari
-event) is embedded again, never predicted on with the old pixels' embedding.
+while the embedding runs are picked up when it ends (queued, not lost). Each cached embedding keeps a checksum of
+the pixels it is of (:func:`~napari_sam.core.annotation.plane_checksum`, taken before it is computed). A click does
+not pay for it: the plane is checked against it when the embedding is served again (the first prediction from a
+cached embedding after the plane, image or embedding changed) and when Commit is pressed, so an image edited in place
+(no napari event) is embedded again and never committed from the old pixels' prediction.
+
+Predictions travel to the main thread as a patch (:meth:`~napari_sam.core.annotation.Result.cropped`): the box
+around the candidate masks, not (3, H, W) masks of the whole plane.
 """
 
 from __future__ import annotations
@@ -12,11 +17,12 @@ from __future__ import annotations
 import functools
 import time
 import warnings
+from dataclasses import replace
 
 import numpy as np
 
 from ..core import annotation as ann
-from ..core.embedding_store import EmbeddingCacheWarning, StackChanged, StackEmbeddings, plane_digest
+from ..core.embedding_store import EmbeddingCacheWarning, StackChanged, StackEmbeddings
 from . import _layers as L
 from ._workers import CancelToken, run_in_thread
 
@@ -88,10 +94,11 @@ class AnnotatorJobs:
         if prompts.empty:
             return self._set_result(None)
         key = (id(image), (id(image.data), self._data_gen), index, self.state.model_key)
-        cached = self.state.embeddings.get(key)  # (embedding, plane_digest of its pixels or None)
+        cached = self.state.embeddings.get(key)  # (embedding, plane_checksum of its pixels or None)
         if cached is None:
             return self._start_embedding(image, index, key)
-        emb, digest = cached
+        emb, check = cached
+        verify = check is not None and key != self._checked_key  # served again: are they still its pixels?
         if self._predict_worker is not None:
             self._pending = True  # re-run when the running prediction ends (stale results are dropped)
             return
@@ -101,7 +108,7 @@ class AnnotatorJobs:
         if (r is not None and not r.batch and not self.ui.batch_check.isChecked() and r.prompts is not None
                 and self._result_plane == index and self._result_gen == self._data_gen
                 and prompts.extends(r.prompts)):
-            previous = r.mask
+            previous = replace(r)  # (a copy: cycling the candidates changes r.choice meanwhile)
             if self.ui.refine_check.isChecked():
                 mask_input, mask_window = r.logits[r.choice], r.window
         version, batch, model = self._version, self.ui.batch_check.isChecked(), self.state.model
@@ -112,17 +119,17 @@ class AnnotatorJobs:
         def job():
             from ..core.predictor import SamPredictor
 
-            if digest is not None and plane_digest(data[index]) != digest:
+            if verify and ann.plane_checksum(data[index]) != check:
                 return None  # the plane was edited in place since it was embedded
             p = SamPredictor(model)
             p.set_embedding(emb)
             p.zoom = zoom
             res = ann.predict(p, prompts, mask_input, batch, enforce_negatives=enforce, mask_window=mask_window,
-                              follow_positives=follow, previous=previous)
-            return res, res.preview()
+                              follow_positives=follow, previous=previous).cropped()
+            return res, res.preview_patch()
 
         self._predict_worker = run_in_thread(
-            job, on_return=self._weak(lambda w, out: w._predicted(out, version, index, key)),
+            job, on_return=self._weak(lambda w, out: w._predicted(out, version, index, key, check, verify)),
             on_error=self._weak(lambda w, e: w._message(f"prediction failed: {e}", "error")),
             on_finish=self._weak(type(self)._predict_done))
 
@@ -142,7 +149,7 @@ class AnnotatorJobs:
         self._start_progress("embedding image" + (f" plane {index}" if index else ""))
 
         stacks, stack_key = self.state.stacks, (id(image), (id(image.data), self._data_gen), index[:-1], model_key)
-        hashed = isinstance(data, np.ndarray)  # in-memory data can be edited in place: keep the hash of its pixels
+        hashed = isinstance(data, np.ndarray)  # in-memory data can be edited in place: keep a checksum of its pixels
 
         def open_stack():
             stack = StackEmbeddings(data[tuple(index[:-1])], model,  # (Z, Y, X[, C]) around the plane
@@ -153,10 +160,11 @@ class AnnotatorJobs:
         def job():
             from ..core.predictor import SamPredictor
 
-            if not index:  # a 2D image: memory only (hashed first: an edit meanwhile is caught when predicting)
-                digest = plane_digest(data) if hashed else None
+            # the checksum is taken first: an edit while the embedding runs is caught later (commit, or served again)
+            check = ann.plane_checksum(data[index]) if hashed else None
+            if not index:  # a 2D image: memory only
                 emb = ann.compute_embedding(SamPredictor(model), np.asarray(data), report, token.cancelled)
-                return emb, digest, []
+                return emb, check, []
             # a plane of a stack: through the on-disk embedding cache, so reopening the data is instant
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always", EmbeddingCacheWarning)
@@ -168,15 +176,16 @@ class AnnotatorJobs:
                     stack = open_stack()
                     emb = ann.stack_plane_embedding(stack, index[-1], report, token.cancelled)
             notes = [str(c.message) for c in caught if issubclass(c.category, EmbeddingCacheWarning)]
-            return emb, stack.digest(index[-1]) if hashed else None, notes
+            return emb, check, notes
 
         def done(w, out):
-            emb, digest, notes = out
+            emb, check, notes = out
             w._embed_ok = True
             for note in notes:
                 w._message(note, "warning")
             if model_key == w.state.model_key:
-                w.state.embeddings.put(key, (emb, digest))
+                w.state.embeddings.put(key, (emb, check))
+                w._checked_key = key  # just computed from these pixels: its first click need not check them
 
         def failed(w, exc):
             w._embed_ok = False
@@ -196,17 +205,25 @@ class AnnotatorJobs:
             self._timer.start()  # predict with every prompt added meanwhile, or embed the new plane / model
 
     @_main_thread
-    def _predicted(self, out, version: int, index: tuple, key) -> None:
+    def _predicted(self, out, version: int, index: tuple, key, check, verified: bool) -> None:
         if self._closed:
             return  # the dock was closed
         if out is None:  # the plane's pixels are not those it was embedded from: embed it again
-            self.state.embeddings.put(key, None)
+            self._forget_embedding(key)
             self._message("the image changed since it was embedded (edited in place); embedding it again")
             return self._changed()
+        if verified:
+            self._checked_key = key
         res, preview = out
         if version != self._version:
             return  # stale: prompts changed while it ran
-        self._set_result(res, preview, index)
+        self._set_result(res, preview, index, (key, check))
+
+    def _forget_embedding(self, key) -> None:
+        """The embedding cached under ``key`` is of pixels the plane no longer holds (edited in place)."""
+        self.state.embeddings.put(key, None)
+        if self._checked_key == key:
+            self._checked_key = None
 
     @_main_thread
     def _predict_done(self) -> None:

@@ -81,19 +81,22 @@ ZOOM_CACHE_WINDOWS = 64
 ZOOM_CHECK_IOU = 0.75
 
 
-def _reaches_inner_edge(mask: np.ndarray, win: Window, shape: tuple[int, int], threshold: float | None) -> bool:
-    """Whether ``mask`` (H, W) (bool, or logits above ``threshold``) has a pixel on an edge of window ``win`` that
-    is not an edge of the image."""
+def _reaches_inner_edge(mask: np.ndarray, win: Window, shape: tuple[int, int], threshold: float | None,
+                        origin: tuple[int, int] = (0, 0)) -> bool:
+    """Whether ``mask`` (bool, or logits above ``threshold``) has a pixel on an edge of window ``win`` that
+    is not an edge of the image (H, W) ``shape``. ``mask`` is the image region starting at ``origin`` (row, col):
+    (H, W) for (0, 0), or the window itself."""
     r0, c0, r1, c1 = win
+    o_r, o_c = origin
     edges = []
     if r0 > 0:
-        edges.append(mask[r0, c0:c1])
+        edges.append(mask[r0 - o_r, c0 - o_c:c1 - o_c])
     if r1 < shape[0]:
-        edges.append(mask[r1 - 1, c0:c1])
+        edges.append(mask[r1 - 1 - o_r, c0 - o_c:c1 - o_c])
     if c0 > 0:
-        edges.append(mask[r0:r1, c0])
+        edges.append(mask[r0 - o_r:r1 - o_r, c0 - o_c])
     if c1 < shape[1]:
-        edges.append(mask[r0:r1, c1 - 1])
+        edges.append(mask[r0 - o_r:r1 - o_r, c1 - 1 - o_c])
     return any((e > threshold).any() if threshold is not None else e.any() for e in edges)
 
 
@@ -215,6 +218,7 @@ class SamPredictor:
         multimask: bool = True,
         return_logits: bool = False,
         mask_windows: np.ndarray | None = None,
+        in_window: bool = False,
     ) -> Prediction:
         """Masks for one object, or for B objects at once.
 
@@ -231,6 +235,9 @@ class SamPredictor:
         Zoom: when the image was embedded with a ``zoom_window`` (:mod:`napari_sam.core.zoom`; the built-in
         model's is 256 px), an object whose points and box span at most half a window is decoded from the window
         around them, encoded on demand at the scale the model was trained on; larger ones from the whole image.
+        ``in_window`` (one object only): the masks are only those of the object's window, (K, h, w) [(1, K, h, w)]
+        for the region ``windows`` (the same pixels; nothing lies outside it), instead of (K, H, W): a small
+        object of a large image costs little memory. Without zoom windows (``windows`` None) they are (K, H, W).
 
         Returns :class:`Prediction`; the leading B axis is present only if the prompts had one.
         """
@@ -262,6 +269,8 @@ class SamPredictor:
                              "mask_input")
         if mask_windows is not None:
             mask_windows = check_windows(mask_windows, emb.original_size)
+        if in_window and nb != 1:
+            raise ValueError(f"in_window is for one object; these prompts describe {nb}")
         if emb.source is None or not self.zoom or (pts is None and bx is None):
             if emb.source is not None and mask_windows is not None and mask_t is not None:  # zoomed logits
                 wins = mask_windows
@@ -276,7 +285,7 @@ class SamPredictor:
                     and len(last[1]) == nb:
                 mask_windows = last[1]
             masks, ious, low, windows = self._predict_zoomed(emb, pts, lab, bx, mask_t, mask_windows, nb,
-                                                             multimask, return_logits)
+                                                             multimask, return_logits, in_window)
         self._last_windows = None if windows is None else (emb, windows)
         if not batched:
             masks, ious, low = masks[0], ious[0], low[0]
@@ -317,8 +326,9 @@ class SamPredictor:
         return masks, iou.cpu().numpy(), low_res.cpu().numpy()
 
     def _predict_zoomed(self, emb: ImageEmbedding, pts, lab, bx, mask_t, mask_windows, nb: int, multimask: bool,
-                        return_logits: bool):
-        """:meth:`predict` for an embedding with a zoom source: objects grouped by window, masks pasted back."""
+                        return_logits: bool, in_window: bool = False):
+        """:meth:`predict` for an embedding with a zoom source: objects grouped by window, masks pasted back
+        (``in_window``, one object: masks of its window only)."""
         (h, w), side = emb.original_size, emb.source.window
         whole = (0, 0, h, w)
         ext = prompt_extents(pts, bx, nb)
@@ -351,6 +361,9 @@ class SamPredictor:
             m, io, lo = self._predict_frame(sub, None if pts is None else pts[idx], None if lab is None else lab[idx],
                                             None if bx is None else bx[idx], m_t, multimask, return_logits,
                                             origin=(win[0], win[1]))
+            if in_window:  # one object: its window's masks as they are
+                out[:] = [m, io, lo]
+                return
             if not out:
                 k = m.shape[1]
                 out.extend([np.full((nb, k, h, w), -1e4, np.float32) if return_logits
@@ -367,7 +380,8 @@ class SamPredictor:
         # image shows it larger than half a window
         thr = self.model.mask_threshold if return_logits else None
         top = {i: int(np.argmax(out[1][i])) for i in range(nb) if wins[i] != whole}
-        large = [i for i in top if _reaches_inner_edge(out[0][i, top[i]], wins[i], (h, w), thr)]
+        large = [i for i in top if _reaches_inner_edge(out[0][i, top[i]], wins[i], (h, w), thr,
+                                                       (wins[i][0], wins[i][1]) if in_window else (0, 0))]
         unsure = [i for i in fresh if i not in large and out[1][i, top[i]] < ZOOM_CHECK_IOU]
         if unsure:
             spans = self._whole_spans(emb, pts, lab, bx, unsure, multimask)
