@@ -1,7 +1,9 @@
 """Large images: memory and time of 3D propagation and of segment-everything's kept outputs, new path vs old path.
 
 Two parts (``--part``), each comparing, in ONE run, the path the widgets take now with a reference path that does
-what they did before this work, built from public pieces still in the code; ratios are printed (reference / new).
+what they did before this work, built from public pieces still in the code, and with the old code itself (the same
+call into ``src`` of commit ``--old-commit``, default cc21ad2, extracted with ``git archive``; its rows are left out
+where git cannot give it, or with ``--old-commit ''``). Ratios are printed as path / new.
 
 - **propagation**: a (Z, H, W) uint8 stack made of real GoNuclear data (crop 1135, its 100 x 100 slices around the
   middle tiled over the plane), 5 ground-truth nuclei of the middle slice (> 150 px), each placed in its own tile
@@ -23,7 +25,9 @@ what they did before this work, built from public pieces still in the code; rati
   the start during the run and first write; the kept outputs' memory afterwards, as RSS above the start after
   ``malloc_trim`` and as the bytes of the numpy arrays and torch storages reachable from them (each buffer once);
   the re-filter's time. The tiled labels must equal ``napari_sam.segment_everything`` of the mosaic with the same
-  settings, tile size and halo (checked in the run, after the measurements; it runs the model again).
+  settings, tile size and halo (checked in the run, after the measurements; it runs the model again). Today's
+  untiled path already keeps a compact uint8 image (core/amg_proposals.py), so it is no longer what the widget
+  kept before: the old-code row is (its labels must equal today's untiled ones).
 
 Each arm runs in its own fresh subprocess (same setup in each; the stack's embeddings are computed before the
 measurement, into a temporary disk cache both propagation arms share). Peak memory is the kernel's own high-water
@@ -226,7 +230,7 @@ def propagation_arm(arm: str, stack: list[int], threads: int) -> dict:
     model = load_model(device="cpu")
     for _ in StackEmbeddings(vol, model).compute():  # from the shared disk cache after the first arm
         pass
-    if arm == "new":
+    if arm in ("new", "old"):  # "old": this same call into the old code (PYTHONPATH set by the driver)
         from napari_sam._widgets.propagate import run_propagation
 
         with Peak() as mem:
@@ -277,17 +281,21 @@ def everything_settings(model, pps: int) -> tuple[dict, dict]:
 def everything_arm(arm: str, side: int, pps: int, threads: int) -> dict:
     import torch
 
-    from napari_sam._widgets.everything import TILE_HALO, TILE_SIZE, filtered_labels, run_generation
+    from napari_sam._widgets.everything import filtered_labels, run_generation
     from napari_sam.core.build import load_model
 
     torch.set_num_threads(threads)
     mosaic = dsb_mosaic(side)
     model = load_model(device="cpu")
     gen_params, filt = everything_settings(model, pps)
-    tiling = (TILE_SIZE, TILE_HALO) if arm == "tiled" else None
+    tiling = {}  # "untiled", and "old": untiled in the old code (its run_generation has no tiling)
+    if arm == "tiled":
+        from napari_sam._widgets.everything import TILE_HALO, TILE_SIZE
+
+        tiling = {"tiling": (TILE_SIZE, TILE_HALO)}
     with Peak() as mem:
         t0 = time.perf_counter()
-        props = run_generation(model, mosaic, gen_params, lambda: False, lambda *a: None, tiling=tiling)["proposals"]
+        props = run_generation(model, mosaic, gen_params, lambda: False, lambda *a: None, **tiling)["proposals"]
         first = filtered_labels(props, filt)  # the first write
         dt = time.perf_counter() - t0
     objects = int(len(np.unique(first)) - 1)
@@ -300,18 +308,35 @@ def everything_arm(arm: str, side: int, pps: int, threads: int) -> dict:
     _trim()
     out = {"extra_peak": mem.extra, "how": mem.how, "time_s": dt, "refilter_s": refilter, "objects": objects,
            "moved_objects": moved_objects, "candidates": len(props), "tiles": len(getattr(props, "tiles", [props])),
-           "kept_rss": _status()["VmRSS"] - mem.base, "kept_bytes": reachable_bytes(props)}
+           "kept_rss": _status()["VmRSS"] - mem.base, "kept_bytes": reachable_bytes(props), "labels": first_digest}
     if arm == "tiled":  # the widget's labels are napari_sam.segment_everything's (after the measurements)
         import napari_sam
 
-        ref = napari_sam.segment_everything(mosaic, model, max_untiled=TILE_SIZE, tile_size=TILE_SIZE,
-                                            halo=TILE_HALO, points_per_side=pps,
-                                            min_object_area=filt["min_object_area"])
+        size, halo = tiling["tiling"]
+        ref = napari_sam.segment_everything(mosaic, model, max_untiled=size, tile_size=size, halo=halo,
+                                            points_per_side=pps, min_object_area=filt["min_object_area"])
         out["equal_segment_everything"] = _digest(ref) == first_digest
     return out
 
 
 # ----------------------------------------------------------------------------------------------- driver
+def old_source(rev: str, into: str) -> str | None:
+    """``src`` of commit ``rev`` of this repository extracted under ``into`` (git archive); None when it cannot be
+    (no git, a shallow clone without it): the old-code rows are then left out."""
+    try:
+        tar = subprocess.run(["git", "-C", str(ROOT), "archive", rev, "src"], capture_output=True, check=True).stdout
+        subprocess.run(["tar", "-x", "-C", into], input=tar, capture_output=True, check=True)
+    except (OSError, subprocess.CalledProcessError) as e:
+        print(f"old code {rev!r} not available ({e}); its rows are left out", file=sys.stderr)
+        return None
+    return str(Path(into) / "src")
+
+
+def _env(src: str, **extra) -> dict:
+    path = os.pathsep.join(p for p in (src, os.environ.get("PYTHONPATH")) if p)
+    return {**os.environ, "PYTHONPATH": path, **extra}
+
+
 def _child(args: list[str], env: dict) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), *args]
     r = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
@@ -341,52 +366,69 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--plane", type=int, default=2048, metavar="S", help="everything mosaic side (README: 4096)")
     ap.add_argument("--points-per-side", type=int, default=8)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--old-commit", default="cc21ad2", help="also run the old code of this commit (the state "
+                    "before the large-image work), extracted with git archive; '' to skip")
     ap.add_argument("--worker", nargs=2, metavar=("PART", "ARM"), help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.worker:
         part, arm = a.worker
         res = (propagation_arm(arm, a.stack, a.threads) if part == "propagation"
                else everything_arm(arm, a.plane, a.points_per_side, a.threads))
-        print(json.dumps(res))
+        import napari_sam
+
+        print(json.dumps({**res, "src": str(Path(napari_sam.__file__).parents[1])}))  # which code ran
         return 0
     common = ["--stack", *map(str, a.stack), "--plane", str(a.plane), "--points-per-side", str(a.points_per_side),
               "--threads", str(a.threads)]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT / "src"), os.environ.get("PYTHONPATH"))
-                                                      if p)}
+    with tempfile.TemporaryDirectory(prefix="bench_large_") as tmp:
+        old_src = old_source(a.old_commit, tmp) if a.old_commit else None
+        return drive(a, common, str(ROOT / "src"), old_src, tmp)
+
+
+def drive(a, common: list[str], new_src: str, old_src: str | None, tmp: str) -> int:
+    """Run the arms of the chosen parts and print the tables; exit status 1 if a check fails."""
     ok = True
     import torch
 
     print(f"torch {torch.__version__}, {a.threads} thread(s), {os.cpu_count()} CPU(s); one run each, every arm in a "
-          "fresh subprocess; ratios are reference / new.\n")
+          "fresh subprocess; ratios are path / new.\n")
     if a.part in ("propagation", "all"):
-        with tempfile.TemporaryDirectory(prefix="bench_large_cache_") as cache:
-            penv = {**env, "NAPARI_SAM_CACHE_DIR": cache}
-            res = {}
-            for arm in ("reference", "new"):
-                res[arm] = _child(["--worker", "propagation", arm, *common], penv)
+        res = {}
+        for arm, src in (("reference", new_src), ("new", new_src), ("old", old_src)):
+            if src is not None:
+                env = _env(src, NAPARI_SAM_CACHE_DIR=str(Path(tmp) / f"cache_{'old' if arm == 'old' else 'new'}"))
+                res[arm] = _child(["--worker", "propagation", arm, *common], env)
                 print(f"propagation {arm}: {res[arm]}", file=sys.stderr, flush=True)
         ref, new = res["reference"], res["new"]
-        same = ref["plan"] == new["plan"]
+        same = all(r["plan"] == new["plan"] for r in res.values())
         ok &= same
         z_n, h, w = a.stack
         print(f"**3D propagation**, stack ({z_n}, {h}, {w}) uint8 from GoNuclear, labels int32 "
               f"({_gib(new['labels_bytes'])}); {new['objects']} objects, {new['slices']} slices propagated, "
               f"{new['voxels']} voxels written; peak: {new['how']}.\n")
-        print("| path | extra peak RSS | memory ratio | job time | time ratio | plans identical |")
+        print("| path | extra peak RSS | memory ratio (path / new) | job time | time ratio (path / new) "
+              "| plan identical to new |")
         print("|---|---|---|---|---|---|")
-        print(f"| reference (old job: copy of the labels, full masks, plan_write) | {_gib(ref['extra_peak'])} | 1.0x | "
-              f"{ref['time_s']:.1f} s | 1.0x | |")
-        print(f"| new (run_propagation: patches, digests) | {_gib(new['extra_peak'])} | "
-              f"{_ratio(ref['extra_peak'], new['extra_peak'])} | {new['time_s']:.1f} s | "
-              f"{_ratio(ref['time_s'], new['time_s'])} | {'yes' if same else 'NO'} |\n")
+        rows = [("new: run_propagation (patches, digests)", new),
+                ("reference: the old job from today's pieces (copy of the labels, full masks, plan_write)", ref)]
+        if "old" in res:
+            rows.append((f"old code ({a.old_commit}): its run_propagation", res["old"]))
+        for name, r in rows:
+            eq = "" if r is new else ("yes" if r["plan"] == new["plan"] else "NO")
+            print(f"| {name} | {_gib(r['extra_peak'])} | {_ratio(r['extra_peak'], new['extra_peak'])} | "
+                  f"{r['time_s']:.1f} s | {_ratio(r['time_s'], new['time_s'])} | {eq} |")
+        print()
     if a.part in ("everything", "all"):
         res = {}
-        for arm in ("untiled", "tiled"):
-            res[arm] = _child(["--worker", "everything", arm, *common], env)
-            print(f"everything {arm}: {res[arm]}", file=sys.stderr, flush=True)
+        for arm, src in (("untiled", new_src), ("tiled", new_src), ("old", old_src)):
+            if src is not None:
+                res[arm] = _child(["--worker", "everything", arm, *common], _env(src))
+                print(f"everything {arm}: {res[arm]}", file=sys.stderr, flush=True)
         ref, new = res["untiled"], res["tiled"]
         same = bool(new["equal_segment_everything"])
         ok &= same
+        if "old" in res:
+            ok &= res["old"]["labels"] == ref["labels"]
         s = a.plane
         print(f"**Segment everything**, DSB2018 mosaic {s} x {s}, built-in model, recommended settings, "
               f"{a.points_per_side} points per side; re-filter: box NMS -> {SLIDER['box_nms_thresh']}; "
@@ -394,15 +436,20 @@ def main(argv: list[str] | None = None) -> int:
         print("| path | tiles | candidates | objects | run + first write | peak RSS above start | kept RSS after trim "
               "| kept arrays | slider re-filter | labels == segment_everything |")
         print("|---|---|---|---|---|---|---|---|---|---|")
-        for name, r in (("reference: untiled propose", ref), ("new: tiled (run_generation tiling=...)", new)):
-            eq = "" if r is ref else ("yes" if same else "NO")
+        rows = [("new: tiled (run_generation tiling=(TILE_SIZE, TILE_HALO))", new, "yes" if same else "NO"),
+                ("reference: untiled (run_generation, propose of the whole plane)", ref, "")]
+        if "old" in res:
+            rows.append((f"old code ({a.old_commit}): untiled, as the widget ran it", res["old"],
+                         "(labels = untiled: " + ("yes)" if res["old"]["labels"] == ref["labels"] else "NO)")))
+        for name, r, eq in rows:
             print(f"| {name} | {r['tiles']} | {r['candidates']} | {r['objects']} | {r['time_s']:.1f} s | "
                   f"{_mb(r['extra_peak'])} | {_mb(r['kept_rss'])} | {_mb(r['kept_bytes'])} | "
                   f"{r['refilter_s']:.2f} s | {eq} |")
-        print(f"| ratio (reference / new) | | | | {_ratio(ref['time_s'], new['time_s'])} | "
-              f"{_ratio(ref['extra_peak'], new['extra_peak'])} | {_ratio(ref['kept_rss'], new['kept_rss'])} | "
-              f"{_ratio(ref['kept_bytes'], new['kept_bytes'])} | {_ratio(ref['refilter_s'], new['refilter_s'])} "
-              "| |\n")
+        for name, r, _ in rows[1:]:
+            print(f"| ratio {name.split(':')[0]} / new | | | | {_ratio(r['time_s'], new['time_s'])} | "
+                  f"{_ratio(r['extra_peak'], new['extra_peak'])} | {_ratio(r['kept_rss'], new['kept_rss'])} | "
+                  f"{_ratio(r['kept_bytes'], new['kept_bytes'])} | {_ratio(r['refilter_s'], new['refilter_s'])} | |")
+        print()
     if not ok:
         print("MISMATCH: a new path's result differs from its reference (see the tables)", file=sys.stderr)
     return 0 if ok else 1
