@@ -1,0 +1,475 @@
+"""Large images: memory and time of 3D propagation and of segment-everything's kept outputs, new path vs old path.
+
+Two parts (``--part``), each comparing, in ONE run, the path the widgets take now with a reference path that does
+what they did before this work, built from public pieces still in the code, and with the old code itself (the same
+call into ``src`` of commit ``--old-commit``, default cc21ad2, extracted with ``git archive``; its rows are left out
+where git cannot give it, or with ``--old-commit ''``). Ratios are printed as path / new.
+
+- **propagation**: a (Z, H, W) uint8 stack made of real GoNuclear data (crop 1135, its 100 x 100 slices around the
+  middle tiled over the plane), 5 ground-truth nuclei of the middle slice (> 150 px), each placed in its own tile
+  spread along the diagonal, propagated through every slice (strategy "point", XY only, stop rules off: every
+  object reaches every slice, the worst case for memory). New: the widget's thread job
+  ``napari_sam._widgets.propagate.run_propagation`` (bounding-box patches, per-slice digests instead of a copy of
+  the label volume). Reference (the old job, commit cc21ad2): a full copy of the label volume, the objects'
+  boolean volume of the first id (the old "present" check), ``iter_propagate_masks`` results kept as full (H, W)
+  masks per slice, ``finish_slices``, ``fuse_views``, and ``plan_write`` on the copy with the full masks. Both plans
+  ((z, row, col), old values, new values) must be identical: compared as SHA-256 of their int64 values.
+- **everything**: an S x S RGB mosaic of real DSB2018 test images of 256 x 256 px (the first 256 of
+  ``split.csv`` in a 16 x 16 grid, that 4096 px mosaic tiled when S > 4096, cut to S), the built-in model at its
+  recommended settings (the widget's defaults) with ``--points-per-side``. New: the widget's thread job
+  ``napari_sam._widgets.everything.run_generation(..., tiling=(TILE_SIZE, TILE_HALO))`` (TiledProposals;
+  forced at every S: the widget itself tiles planes with a side over LARGE_PLANE = 2048 px). Reference: the same
+  job untiled (``tiling=None``: ``AutomaticMaskGenerator.propose`` of the whole plane, what the widget did on
+  large planes before). Each side then writes its first result (``filtered_labels`` at the thresholds) and
+  re-filters once for a slider move (box NMS 0.3 -> 0.5, as bench_amg's live re-filter). Reported: peak RSS above
+  the start during the run and first write; the kept outputs' memory afterwards, as RSS above the start after
+  ``malloc_trim`` and as the bytes of the numpy arrays and torch storages reachable from them (each buffer once);
+  the re-filter's time. The tiled labels must equal ``napari_sam.segment_everything`` of the mosaic with the same
+  settings, tile size and halo (checked in the run, after the measurements; it runs the model again). Today's
+  untiled path already keeps a compact uint8 image (core/amg_proposals.py), so it is no longer what the widget
+  kept before: the old-code row is (its labels must equal today's untiled ones).
+
+Each arm runs in its own fresh subprocess (same setup in each; the stack's embeddings are computed before the
+measurement, into a temporary disk cache: the new and reference arms share one, the old code has its own). Peak
+memory is the kernel's own high-water mark: /proc/self/clear_refs "5" resets VmHWM after the setup, and the arm's
+extra peak is VmHWM at the end minus VmRSS at the reset (exact, no sampling; it sees torch's and numpy's allocations
+alike, which tracemalloc does not). Where clear_refs cannot be written, RSS is sampled every millisecond instead
+(bench_engine.PeakRSS) and the table says so. Times are wall-clock seconds of one run, default allocator, torch
+limited to ``--threads``.
+
+    python benchmarks/bench_large.py [--part propagation|everything|all] [--stack Z H W] [--plane S]
+                                     [--points-per-side N] [--threads T]
+
+Defaults (about a minute on 2 cores, under 1 GB of RSS): --stack 10 1024 1024, --plane 2048, --points-per-side 8.
+Sizes for the README: ``--part propagation --stack 50 2048 2048`` and ``--stack 10 4096 4096`` (the old arms peak
+near 4 GB of RSS; ``--stack 20 4096 4096``, the size first measured, needs about 6.5 GB) and ``--part everything
+--plane 4096`` and ``--plane 8192`` (about 3 GB), all with the default --points-per-side 8 and --threads 1.
+
+Numbers it gave (shared 2-core CPU, --threads 1, torch 2.13 CPU, one run; extra peak RSS of the job, new vs old
+code (cc21ad2) and vs the reference from today's pieces; the plans identical in every run):
+
+- propagation (50, 2048, 2048), 5 objects, 245 slices: new 0.23 GiB, 10.0 s; old code 2.77 GiB (12.0x), 12.2 s;
+  reference 2.86 GiB (12.4x), 14.2 s. (10, 4096, 4096), 45 slices: new 0.44 GiB; old code 2.18 GiB (5.0x);
+  reference 2.43 GiB (5.5x). (20, 4096, 4096) was not run here: the old arms would pass 6 GB of RSS.
+- everything, kept arrays / kept RSS after trim / slider re-filter: 4096 (16 tiles): tiled 22 MB / 66 MB / 1.1 s;
+  today's untiled 21 MB / 66 MB / 0.46 s; old code 214 MB (9.6x) / 259 MB (3.9x) / 0.44 s. 8192 (64 tiles):
+  tiled 74 MB / 121 MB / 5.5 s; untiled 76 MB / 137 MB / 2.2 s; old code 831 MB (11.2x) / 892 MB (7.4x) / 4.1 s.
+  Peak RSS during the run and first write about the same on every path (553 / 606 / 656 MB at 4096, 1.9 / 2.1 /
+  2.3 GB at 8192). Tiled labels equal segment_everything's; at 8 points per side the untiled plane (shrunk 4x or
+  8x to the model's input) gave 0 objects, the tiles 41 and 161.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import ctypes
+import gc
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+DATA = ROOT.parent / "shared" / "data"
+N_OBJECTS = 5
+PROP_PARAMS = dict(strategy="point", views="xy", iou_threshold=0.0, overlap_threshold=0.0, min_area=1,
+                   max_regrowth=None, direction="both")  # every object goes through every slice
+SLIDER = {"box_nms_thresh": 0.5}  # the slider move whose re-filter is timed
+
+
+# ----------------------------------------------------------------------------------------------- memory helpers
+def _status() -> dict[str, int]:
+    """VmRSS and VmHWM of this process, bytes."""
+    out = {}
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(("VmRSS", "VmHWM")):
+                out[line.split(":")[0]] = int(line.split()[1]) * 1024
+    return out
+
+
+def _trim() -> None:
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:
+        pass
+
+
+class Peak:
+    """Extra peak RSS of a block: the kernel's VmHWM after a reset (clear_refs "5"), else sampled RSS."""
+
+    def __enter__(self) -> "Peak":
+        _trim()
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+            self.how, self._sampler = "VmHWM", None
+        except OSError:
+            from bench_engine import PeakRSS
+
+            self.how, self._sampler = "sampled", PeakRSS().__enter__()
+        self.base = _status()["VmRSS"]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._sampler is None:
+            self.peak = _status()["VmHWM"]
+        else:
+            self._sampler.__exit__(*exc)
+            self.peak = self._sampler.peak
+
+    @property
+    def extra(self) -> int:
+        return self.peak - self.base
+
+
+def reachable_bytes(obj) -> int:
+    """Bytes of the numpy arrays and torch storages reachable from ``obj`` through napari_sam objects, dicts, lists
+    and tuples (each underlying buffer counted once; the learned candidate scorer, a part of the model, left out)."""
+    import torch
+
+    seen, buffers, total = set(), set(), 0
+    stack = [obj]
+    while stack:
+        o = stack.pop()
+        if id(o) in seen:
+            continue
+        seen.add(id(o))
+        if isinstance(o, np.ndarray):
+            base = o
+            while isinstance(base.base, np.ndarray):
+                base = base.base
+            if id(base) not in buffers:
+                buffers.add(id(base))
+                total += base.nbytes
+        elif isinstance(o, torch.Tensor):
+            st = o.untyped_storage()
+            if st.data_ptr() not in buffers:
+                buffers.add(st.data_ptr())
+                total += st.nbytes()
+        elif isinstance(o, dict):
+            stack.extend(o.values())
+        elif isinstance(o, (list, tuple)):
+            stack.extend(o)
+        elif type(o).__module__.startswith("napari_sam") and type(o).__name__ != "CandidateScorer":
+            stack.extend(getattr(o, "__dict__", {}).values())
+            stack.extend(getattr(o, s) for s in getattr(type(o), "__slots__", ()) if hasattr(o, s))
+    return total
+
+
+def _digest(*arrays) -> str:
+    h = hashlib.sha256()
+    for a in arrays:
+        a = np.ascontiguousarray(np.asarray(a, np.int64))
+        h.update(str(a.shape).encode())
+        h.update(a.data)
+    return h.hexdigest()
+
+
+# ----------------------------------------------------------------------------------------------- propagation
+def gonuclear_stack(z_n: int, h: int, w: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """(volume (Z, H, W) uint8, labels (Z, H, W) int32 with N_OBJECTS nuclei on the middle slice, that slice)."""
+    import tifffile
+
+    d = DATA / "gonuclear_3d_nuclei"
+    img = tifffile.imread(d / "1135_crop_image.tif")
+    gt = tifffile.imread(d / "1135_crop_label.tif")
+    if z_n > img.shape[0]:
+        raise SystemExit(f"--stack Z={z_n}: GoNuclear crop 1135 has {img.shape[0]} slices")
+    lo = max(0, min(img.shape[0] // 2 - z_n // 2, img.shape[0] - z_n))
+    img, gt = img[lo: lo + z_n], gt[lo: lo + z_n]
+    side = img.shape[1]
+    reps_r, reps_c = -(-h // side), -(-w // img.shape[2])
+    vol = np.ascontiguousarray(np.tile(img, (1, reps_r, reps_c))[:, :h, :w]).astype(np.uint8, copy=False)
+    z = z_n // 2
+    ids = [i for i in np.unique(gt[z]) if i and (gt[z] == i).sum() > 150][:N_OBJECTS]
+    labels = np.zeros((z_n, reps_r * side, reps_c * img.shape[2]), np.int32)
+    reps = max(1, min(h // side, w // img.shape[2]))  # whole tiles only: no nucleus is cut off
+    for k, i in enumerate(ids):  # each nucleus in its own tile, spread along the diagonal
+        t = (k * (reps - 1)) // max(len(ids) - 1, 1)
+        r0, c0 = t * side, t * img.shape[2]
+        labels[z, r0: r0 + side, c0: c0 + img.shape[2]][gt[z] == i] = 100 + k
+    labels = np.ascontiguousarray(labels[:, :h, :w])
+    labels += 0  # every page resident, as a user's label volume is
+    return vol, labels, z
+
+
+def old_propagation_job(volume, labels3d, z, model, params):
+    """What the widget's job did before (commit cc21ad2), for objects drawn on slice z alone: a copy of the label
+    volume, full (H, W) masks per propagated slice, the write planned against the copy. Returns (ids, plan)."""
+    from napari_sam.core.embedding_store import StackEmbeddings
+    from napari_sam.core.propagation import finish_slices, fuse_views, iter_propagate_masks, make_params
+    from napari_sam.core.propagation_labels import plan_write, seeds_from_labels, split_by_span
+
+    snap = np.array(labels3d)
+    ids, _spanning = split_by_span(snap, z)
+    ids, seeds = seeds_from_labels(snap, z, ids)
+    emb = StackEmbeddings(volume, model)
+    present = np.flatnonzero((snap == ids[0]).any(axis=(1, 2)))  # the old gaps / re-propagation check
+    assert present.size == 1, "the benchmark's objects are drawn on one slice"
+    scores = np.full((len(ids), volume.shape[0]), np.nan, np.float32)
+    scores[:, z] = 1.0
+    results: dict[int, dict[int, np.ndarray]] = {i: {} for i in range(len(ids))}
+    for i, zz, m, s in iter_propagate_masks(volume, seeds, embeddings=emb, **params):
+        results[i][zz] = m
+        scores[i, zz] = s
+    p = make_params(params)
+    if p.smooth_z:
+        for i, obj in results.items():
+            results[i] = finish_slices(seeds[i], obj, scores[i])
+    results = dict(enumerate(fuse_views(emb, seeds, [results[i] for i in range(len(ids))], scores, p)))
+    index, values = plan_write(snap, ids, results, overwrite=False)
+    return ids, results, (index, snap[index], values)
+
+
+def propagation_arm(arm: str, stack: list[int], threads: int) -> dict:
+    import torch
+
+    from napari_sam.core.build import load_model
+    from napari_sam.core.embedding_store import StackEmbeddings
+
+    torch.set_num_threads(threads)
+    vol, labels, z = gonuclear_stack(*stack)
+    model = load_model(device="cpu")
+    for _ in StackEmbeddings(vol, model).compute():  # from the shared disk cache after the first arm
+        pass
+    if arm in ("new", "old"):  # "old": this same call into the old code (PYTHONPATH set by the driver)
+        from napari_sam._widgets.propagate import run_propagation
+
+        with Peak() as mem:
+            t0 = time.perf_counter()
+            res = run_propagation(vol, labels, z, None, model, PROP_PARAMS, lambda: False, lambda *a: None)
+            dt = time.perf_counter() - t0
+        ids, results, ((zz, rr, cc), old, new) = res["ids"], res["results"], res["plan"]
+    else:
+        with Peak() as mem:
+            t0 = time.perf_counter()
+            ids, results, ((zz, rr, cc), old, new) = old_propagation_job(vol, labels, z, model, PROP_PARAMS)
+            dt = time.perf_counter() - t0
+    return {"extra_peak": mem.extra, "start_rss": mem.base, "how": mem.how, "time_s": dt,
+            "labels_bytes": labels.nbytes,
+            "objects": len(ids), "slices": sum(len(r) for r in results.values()), "voxels": int(new.size),
+            "plan": _digest(zz, rr, cc, old, new)}
+
+
+# ----------------------------------------------------------------------------------------------- everything
+def dsb_mosaic(side: int) -> np.ndarray:
+    """An (S, S, 3) uint8 mosaic of real DSB2018 256 x 256 images (see the module docstring)."""
+    import imageio.v3 as iio
+
+    d = DATA / "dsb2018_full"
+    with open(d / "split.csv") as f:
+        ids = [r["id"] for r in csv.DictReader(f) if r["height"] == "256" and r["width"] == "256"]
+    n = min(16, -(-side // 256))
+    imgs = [iio.imread(d / "images" / f"{i}.png")[..., :3] for i in ids[: n * n]]
+    grid = np.concatenate([np.concatenate(imgs[r * n:(r + 1) * n], 1) for r in range(n)], 0)
+    reps = -(-side // grid.shape[0])
+    return np.ascontiguousarray(np.tile(grid, (reps, reps, 1))[:side, :side])
+
+
+def everything_settings(model, pps: int) -> tuple[dict, dict]:
+    """(run_generation's params, filtered_labels' params): the widget's defaults for ``model`` (its recommended
+    thresholds and settings) with ``pps`` points per side."""
+    from napari_sam.core.amg import AutomaticMaskGenerator, default_min_object_area
+
+    g = AutomaticMaskGenerator.for_model(model, points_per_side=pps)
+    gen_params = {"points_per_side": pps, "crop_n_layers": g.crop_n_layers,
+                  "min_mask_region_area": g.min_mask_region_area, "resolve_parts": bool(g.resolve_parts),
+                  "rescore": bool(g.rescore), **g.thresholds()}
+    filt = {**g.thresholds(), "crop_nms_thresh": g.crop_nms_thresh, "min_mask_region_area": g.min_mask_region_area,
+            "resolve_parts": bool(g.resolve_parts), "rescore": bool(g.rescore),
+            "min_object_area": default_min_object_area(model, g.min_mask_region_area)}
+    return gen_params, filt
+
+
+def everything_arm(arm: str, side: int, pps: int, threads: int) -> dict:
+    import torch
+
+    from napari_sam._widgets.everything import filtered_labels, run_generation
+    from napari_sam.core.build import load_model
+
+    torch.set_num_threads(threads)
+    mosaic = dsb_mosaic(side)
+    model = load_model(device="cpu")
+    gen_params, filt = everything_settings(model, pps)
+    tiling = {}  # "untiled", and "old": untiled in the old code (its run_generation has no tiling)
+    if arm == "tiled":
+        from napari_sam._widgets.everything import TILE_HALO, TILE_SIZE
+
+        tiling = {"tiling": (TILE_SIZE, TILE_HALO)}
+    with Peak() as mem:
+        t0 = time.perf_counter()
+        props = run_generation(model, mosaic, gen_params, lambda: False, lambda *a: None, **tiling)["proposals"]
+        first = filtered_labels(props, filt)  # the first write
+        dt = time.perf_counter() - t0
+    objects = int(len(np.unique(first)) - 1)
+    t0 = time.perf_counter()
+    moved = filtered_labels(props, {**filt, **SLIDER})
+    refilter = time.perf_counter() - t0
+    moved_objects = int(len(np.unique(moved)) - 1)
+    first_digest = _digest(first)
+    del moved, first
+    _trim()
+    out = {"extra_peak": mem.extra, "start_rss": mem.base, "how": mem.how, "time_s": dt, "refilter_s": refilter,
+           "objects": objects,
+           "moved_objects": moved_objects, "candidates": len(props), "tiles": len(getattr(props, "tiles", [props])),
+           "kept_rss": _status()["VmRSS"] - mem.base, "kept_bytes": reachable_bytes(props), "labels": first_digest}
+    if arm == "tiled":  # the widget's labels are napari_sam.segment_everything's (after the measurements)
+        import napari_sam
+
+        size, halo = tiling["tiling"]
+        ref = napari_sam.segment_everything(mosaic, model, max_untiled=size, tile_size=size, halo=halo,
+                                            points_per_side=pps, min_object_area=filt["min_object_area"])
+        out["equal_segment_everything"] = _digest(ref) == first_digest
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- driver
+def old_source(rev: str, into: str) -> str | None:
+    """``src`` of commit ``rev`` of this repository extracted under ``into`` (git archive); None when it cannot be
+    (no git, a shallow clone without it): the old-code rows are then left out."""
+    try:
+        tar = subprocess.run(["git", "-C", str(ROOT), "archive", rev, "src"], capture_output=True, check=True).stdout
+        subprocess.run(["tar", "-x", "-C", into], input=tar, capture_output=True, check=True)
+    except (OSError, subprocess.CalledProcessError) as e:
+        print(f"old code {rev!r} not available ({e}); its rows are left out", file=sys.stderr)
+        return None
+    return str(Path(into) / "src")
+
+
+def _env(src: str, **extra) -> dict:
+    path = os.pathsep.join(p for p in (src, os.environ.get("PYTHONPATH")) if p)
+    return {**os.environ, "PYTHONPATH": path, **extra}
+
+
+def _child(args: list[str], env: dict) -> dict:
+    cmd = [sys.executable, str(Path(__file__).resolve()), *args]
+    r = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
+    if r.returncode:
+        sys.stderr.write(r.stdout + r.stderr)
+        raise SystemExit(f"benchmark worker {args} failed (exit {r.returncode})")
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def _gib(b: float) -> str:
+    return f"{b / 2**30:.2f} GiB"
+
+
+def _mb(b: float) -> str:
+    return f"{b / 1e6:.0f} MB"
+
+
+def _ratio(a: float, b: float) -> str:
+    return f"{a / b:.1f}x" if b > 0 else "n/a"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--part", choices=("propagation", "everything", "all"), default="all")
+    ap.add_argument("--stack", nargs=3, type=int, default=[10, 1024, 1024], metavar=("Z", "H", "W"),
+                    help="propagation stack shape (README: 20 4096 4096)")
+    ap.add_argument("--plane", type=int, default=2048, metavar="S", help="everything mosaic side (README: 4096)")
+    ap.add_argument("--points-per-side", type=int, default=8)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--old-commit", default="cc21ad2", help="also run the old code of this commit (the state "
+                    "before the large-image work), extracted with git archive; '' to skip")
+    ap.add_argument("--worker", nargs=2, metavar=("PART", "ARM"), help=argparse.SUPPRESS)
+    a = ap.parse_args(argv)
+    if a.worker:
+        part, arm = a.worker
+        res = (propagation_arm(arm, a.stack, a.threads) if part == "propagation"
+               else everything_arm(arm, a.plane, a.points_per_side, a.threads))
+        import napari_sam
+
+        print(json.dumps({**res, "src": str(Path(napari_sam.__file__).parents[1])}))  # which code ran
+        return 0
+    common = ["--stack", *map(str, a.stack), "--plane", str(a.plane), "--points-per-side", str(a.points_per_side),
+              "--threads", str(a.threads)]
+    with tempfile.TemporaryDirectory(prefix="bench_large_") as tmp:
+        old_src = old_source(a.old_commit, tmp) if a.old_commit else None
+        return drive(a, common, str(ROOT / "src"), old_src, tmp)
+
+
+def drive(a, common: list[str], new_src: str, old_src: str | None, tmp: str) -> int:
+    """Run the arms of the chosen parts and print the tables; exit status 1 if a check fails."""
+    ok = True
+    import torch
+
+    print(f"torch {torch.__version__}, {a.threads} thread(s), {os.cpu_count()} CPU(s); one run each, every arm in a "
+          "fresh subprocess; ratios are path / new.\n")
+    if a.part in ("propagation", "all"):
+        res = {}
+        for arm, src in (("reference", new_src), ("new", new_src), ("old", old_src)):
+            if src is not None:
+                env = _env(src, NAPARI_SAM_CACHE_DIR=str(Path(tmp) / f"cache_{'old' if arm == 'old' else 'new'}"))
+                res[arm] = _child(["--worker", "propagation", arm, *common], env)
+                print(f"propagation {arm}: {res[arm]}", file=sys.stderr, flush=True)
+        ref, new = res["reference"], res["new"]
+        same = all(r["plan"] == new["plan"] for r in res.values())
+        ok &= same
+        z_n, h, w = a.stack
+        print(f"**3D propagation**, stack ({z_n}, {h}, {w}) uint8 from GoNuclear, labels int32 "
+              f"({_gib(new['labels_bytes'])}); {new['objects']} objects, {new['slices']} slices propagated, "
+              f"{new['voxels']} voxels written; RSS at the job's start {_gib(new['start_rss'])} (highest total: "
+              f"{_gib(max(r['start_rss'] + r['extra_peak'] for r in res.values()))}); peak: {new['how']}.\n")
+        print("| path | extra peak RSS | memory ratio (path / new) | job time | time ratio (path / new) "
+              "| plan identical to new |")
+        print("|---|---|---|---|---|---|")
+        rows = [("new: run_propagation (patches, digests)", new),
+                ("reference: the old job from today's pieces (copy of the labels, full masks, plan_write)", ref)]
+        if "old" in res:
+            rows.append((f"old code ({a.old_commit}): its run_propagation", res["old"]))
+        for name, r in rows:
+            eq = "" if r is new else ("yes" if r["plan"] == new["plan"] else "NO")
+            print(f"| {name} | {_gib(r['extra_peak'])} | {_ratio(r['extra_peak'], new['extra_peak'])} | "
+                  f"{r['time_s']:.1f} s | {_ratio(r['time_s'], new['time_s'])} | {eq} |")
+        print()
+    if a.part in ("everything", "all"):
+        res = {}
+        for arm, src in (("untiled", new_src), ("tiled", new_src), ("old", old_src)):
+            if src is not None:
+                res[arm] = _child(["--worker", "everything", arm, *common], _env(src))
+                print(f"everything {arm}: {res[arm]}", file=sys.stderr, flush=True)
+        ref, new = res["untiled"], res["tiled"]
+        same = bool(new["equal_segment_everything"])
+        ok &= same
+        if "old" in res:
+            ok &= res["old"]["labels"] == ref["labels"]
+        s = a.plane
+        print(f"**Segment everything**, DSB2018 mosaic {s} x {s}, built-in model, recommended settings, "
+              f"{a.points_per_side} points per side; re-filter: box NMS -> {SLIDER['box_nms_thresh']}; "
+              f"RSS at the start {_mb(new['start_rss'])} (highest total: "
+              f"{_mb(max(r['start_rss'] + r['extra_peak'] for r in res.values()))}); peak: {new['how']}.\n")
+        print("| path | tiles | candidates | objects | run + first write | peak RSS above start | kept RSS after trim "
+              "| kept arrays | slider re-filter | labels == segment_everything |")
+        print("|---|---|---|---|---|---|---|---|---|---|")
+        rows = [("new: tiled (run_generation tiling=(TILE_SIZE, TILE_HALO))", new, "yes" if same else "NO"),
+                ("reference: untiled (run_generation, propose of the whole plane)", ref, "")]
+        if "old" in res:
+            rows.append((f"old code ({a.old_commit}): untiled, as the widget ran it", res["old"],
+                         "(labels = untiled: " + ("yes)" if res["old"]["labels"] == ref["labels"] else "NO)")))
+        for name, r, eq in rows:
+            print(f"| {name} | {r['tiles']} | {r['candidates']} | {r['objects']} | {r['time_s']:.1f} s | "
+                  f"{_mb(r['extra_peak'])} | {_mb(r['kept_rss'])} | {_mb(r['kept_bytes'])} | "
+                  f"{r['refilter_s']:.2f} s | {eq} |")
+        for name, r, _ in rows[1:]:
+            print(f"| ratio {name.split(':')[0]} / new | | | | {_ratio(r['time_s'], new['time_s'])} | "
+                  f"{_ratio(r['extra_peak'], new['extra_peak'])} | {_ratio(r['kept_rss'], new['kept_rss'])} | "
+                  f"{_ratio(r['kept_bytes'], new['kept_bytes'])} | {_ratio(r['refilter_s'], new['refilter_s'])} | |")
+        print()
+    if not ok:
+        print("MISMATCH: a new path's result differs from its reference (see the tables)", file=sys.stderr)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
