@@ -130,6 +130,7 @@ class MaskProposals:
         # the grayscale image for a candidate scorer's intensity features, kept compact (see :attr:`gray`)
         self._gray_source = None if gray is None else compact_gray_source(gray)
         self._quality: dict[int, np.ndarray] = {}
+        self._last_objects = None  # (key, objects) of the last :meth:`objects`
 
     @property
     def gray(self) -> np.ndarray | None:
@@ -182,13 +183,37 @@ class MaskProposals:
                 self._quality[k] = q
         return self._quality[ci]
 
-    def labels(self, min_object_area: int = 0, **thresholds) -> np.ndarray:
+    def labels(self, min_object_area: int = 0, cancel=None, **thresholds) -> np.ndarray:
         """The instance label image (H, W) int32 of :meth:`filter` (``thresholds``: its arguments), painted and
         cleaned by :func:`~napari_sam.core.labels.records_to_labels` with ``min_object_area``. What
-        :func:`~napari_sam.core.amg.segment_everything` returns for an untiled image."""
-        from .labels import records_to_labels
+        :func:`~napari_sam.core.amg.segment_everything` returns for an untiled image. ``cancel`` (for the same
+        call as :meth:`TiledProposals.labels`): cancel() -> True before the work stops with
+        napari_sam.core.amg.Cancelled."""
+        from .labels import paint_objects
 
-        return records_to_labels(self.filter(**thresholds), self.image_shape, min_object_area)
+        if cancel is not None and cancel():
+            from .amg import Cancelled
+
+            raise Cancelled("re-filtering was cancelled")
+        return paint_objects(self.objects(min_object_area, **thresholds), self.image_shape)
+
+    def objects(self, min_object_area: int = 0, **thresholds) -> list:
+        """The objects of :meth:`labels` as :func:`~napari_sam.core.labels.records_to_objects` gives them
+        ([(row, col, patch), ...] in label order). The last result is kept with the candidates it was made of:
+        when new thresholds keep the same candidates, in the same order, with the same scores, it is reused
+        (the same records give the same objects)."""
+        from .labels import records_to_objects
+
+        records, crop_idx, cand = self._filter(**thresholds)
+        key = (int(min_object_area), int(thresholds.get("min_mask_region_area", 0)),
+               np.asarray(crop_idx, dtype=np.int64).tobytes(), np.asarray(cand, dtype=np.int64).tobytes(),
+               np.array([r["predicted_iou"] for r in records], dtype=np.float64).tobytes())
+        last = getattr(self, "_last_objects", None)  # (one read: the widget's worker and the main thread may both re-filter)
+        if last is not None and last[0] == key:
+            return last[1]
+        objects = records_to_objects(records, self.image_shape, min_object_area)
+        self._last_objects = (key, objects)
+        return objects
 
     def filter(self, pred_iou_thresh: float = 0.88, stability_score_thresh: float = 0.95,
                box_nms_thresh: float = 0.7, crop_nms_thresh: float = 0.7,
@@ -205,6 +230,13 @@ class MaskProposals:
         predicted_iou, stability_score, point (row, col), crop_box. Thresholds below the floors the
         candidates were kept at act as the floors.
         """
+        return self._filter(pred_iou_thresh, stability_score_thresh, box_nms_thresh, crop_nms_thresh,
+                            min_mask_region_area, resolve_parts, rescore)[0]
+
+    def _filter(self, pred_iou_thresh: float = 0.88, stability_score_thresh: float = 0.95,
+                box_nms_thresh: float = 0.7, crop_nms_thresh: float = 0.7, min_mask_region_area: int = 0,
+                resolve_parts: bool = False, rescore: bool = False) -> tuple[list[dict], np.ndarray, np.ndarray]:
+        """:meth:`filter`'s records, and for each its crop index and candidate index in that crop."""
         h, w = self.image_shape
         all_masks, all_boxes, iou, stab, pts, crop_idx, cand = [], [], [], [], [], [], []
         for ci, crop in enumerate(self.crops):
@@ -235,7 +267,7 @@ class MaskProposals:
             cand.append(idx)
         if not all_masks:
             self._trim([], [])
-            return []
+            return [], np.zeros(0, np.int64), np.zeros(0, np.int64)
         boxes = np.concatenate(all_boxes)
         iou, stab, pts, crop_idx, cand = (np.concatenate(x) for x in (iou, stab, pts, crop_idx, cand))
         order = np.arange(len(all_masks))
@@ -265,7 +297,7 @@ class MaskProposals:
                 "point": (float(pts[k, 0]), float(pts[k, 1])),
                 "crop_box": tuple(int(v) for v in self.crops[crop_idx[k]].crop_box),
             })
-        return records
+        return records, crop_idx, cand
 
     def _trim(self, crop_idx, cand) -> None:
         """Keep the full-resolution masks of the result (candidates ``cand`` of crops ``crop_idx``) only."""
