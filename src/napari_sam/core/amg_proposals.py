@@ -199,17 +199,16 @@ class MaskProposals:
 
     def objects(self, min_object_area: int = 0, **thresholds) -> list:
         """The objects of :meth:`labels` as :func:`~napari_sam.core.labels.records_to_objects` gives them
-        ([(row, col, patch), ...] in label order). The last result is kept with the candidates it was made of:
-        when new thresholds keep the same candidates, in the same order, with the same scores, it is reused
-        (the same records give the same objects)."""
+        ([(row, col, patch), ...] in label order). The last result is kept with the records it was made of: when
+        new thresholds give the same records (same masks, scores and order) and the same ``min_object_area``, it
+        is reused (records_to_objects gives the same objects for them)."""
         from .labels import records_to_objects
 
-        records, crop_idx, cand = self._filter(**thresholds)
-        key = (int(min_object_area), int(thresholds.get("min_mask_region_area", 0)),
-               np.asarray(crop_idx, dtype=np.int64).tobytes(), np.asarray(cand, dtype=np.int64).tobytes(),
-               np.array([r["predicted_iou"] for r in records], dtype=np.float64).tobytes())
-        last = getattr(self, "_last_objects", None)  # (one read: the widget's worker and the main thread may both re-filter)
-        if last is not None and last[0] == key:
+        records = self.filter(**thresholds)
+        key = (int(min_object_area), [(r["predicted_iou"], tuple(int(v) for v in r["segmentation_patch"].box),
+                                       r["segmentation_patch"].patch) for r in records])
+        last = getattr(self, "_last_objects", None)  # (one read: the widget's worker and the main thread may both)
+        if last is not None and _same_records(last[0], key):
             return last[1]
         objects = records_to_objects(records, self.image_shape, min_object_area)
         self._last_objects = (key, objects)
@@ -230,13 +229,6 @@ class MaskProposals:
         predicted_iou, stability_score, point (row, col), crop_box. Thresholds below the floors the
         candidates were kept at act as the floors.
         """
-        return self._filter(pred_iou_thresh, stability_score_thresh, box_nms_thresh, crop_nms_thresh,
-                            min_mask_region_area, resolve_parts, rescore)[0]
-
-    def _filter(self, pred_iou_thresh: float = 0.88, stability_score_thresh: float = 0.95,
-                box_nms_thresh: float = 0.7, crop_nms_thresh: float = 0.7, min_mask_region_area: int = 0,
-                resolve_parts: bool = False, rescore: bool = False) -> tuple[list[dict], np.ndarray, np.ndarray]:
-        """:meth:`filter`'s records, and for each its crop index and candidate index in that crop."""
         h, w = self.image_shape
         all_masks, all_boxes, iou, stab, pts, crop_idx, cand = [], [], [], [], [], [], []
         for ci, crop in enumerate(self.crops):
@@ -267,7 +259,7 @@ class MaskProposals:
             cand.append(idx)
         if not all_masks:
             self._trim([], [])
-            return [], np.zeros(0, np.int64), np.zeros(0, np.int64)
+            return []
         boxes = np.concatenate(all_boxes)
         iou, stab, pts, crop_idx, cand = (np.concatenate(x) for x in (iou, stab, pts, crop_idx, cand))
         order = np.arange(len(all_masks))
@@ -297,13 +289,24 @@ class MaskProposals:
                 "point": (float(pts[k, 0]), float(pts[k, 1])),
                 "crop_box": tuple(int(v) for v in self.crops[crop_idx[k]].crop_box),
             })
-        return records, crop_idx, cand
+        return records
 
     def _trim(self, crop_idx, cand) -> None:
         """Keep the full-resolution masks of the result (candidates ``cand`` of crops ``crop_idx``) only."""
         crop_idx, cand = np.asarray(crop_idx, dtype=np.int64), np.asarray(cand, dtype=np.int64)
         for ci, crop in enumerate(self.crops):
             crop.trim(cand[crop_idx == ci].tolist())
+
+
+def _same_records(a: tuple, b: tuple) -> bool:
+    """Whether two :meth:`MaskProposals.objects` keys (min_object_area, [(predicted_iou, box, patch), ...]) are
+    equal: the same numbers, and patches the same array or equal arrays."""
+    if a[0] != b[0] or len(a[1]) != len(b[1]):
+        return False
+    for (ia, ba, pa), (ib, bb, pb) in zip(a[1], b[1]):
+        if ia != ib or ba != bb or not (pa is pb or np.array_equal(pa, pb)):
+            return False
+    return True
 
 
 def _clean_small_regions(masks: list[Mask], shape: tuple[int, int], min_area: int, nms_thresh: float):

@@ -149,7 +149,17 @@ class Stitcher:
         rank = np.zeros(n, dtype=np.int32)
         for k, r in enumerate(sorted(best, key=best.get), start=1):
             rank[r] = k
-        return rank[root][self.out]
+        lut = rank[root]
+        boxes = self._box
+        if sum((b[2] - b[0]) * (b[3] - b[1]) for b in boxes) >= self.out.size:
+            return lut[self.out]  # boxes cover the image more than once: one pass over it is cheaper
+        out = np.zeros(self.shape, dtype=np.int32)  # objects renumbered in their boxes only
+        for i in range(1, n):
+            r0, c0, r1, c1 = boxes[i]
+            if r1 > r0:
+                src = self.out[r0:r1, c0:c1]
+                out[r0:r1, c0:c1][src == i] = lut[i]
+        return out
 
 
 def segment_tiled(image: np.ndarray, segment: Callable[[np.ndarray], np.ndarray], tile_size: int = 1024,
