@@ -119,20 +119,6 @@ def _fill_holes(out: np.ndarray, lab: int, box, min_area: int) -> None:
         view[fill[holes] & (view == 0)] = lab
 
 
-def _raster_relabel(labels: np.ndarray) -> np.ndarray:
-    """Renumber 1..N by the raster position of each object's first pixel."""
-    flat = labels.ravel()
-    ids, first = np.unique(flat, return_index=True)
-    keep = ids > 0
-    ids, first = ids[keep], first[keep]
-    if ids.size == 0:
-        return labels
-    order = ids[np.argsort(first, kind="stable")]
-    lut = np.zeros(int(labels.max()) + 1, dtype=np.int32)
-    lut[order] = np.arange(1, order.size + 1, dtype=np.int32)
-    return lut[labels]
-
-
 def relabel(labels: np.ndarray) -> np.ndarray:
     """Sequential labels (1..N) keeping the relative order; any integer label image."""
     return relabel_sequential(np.asarray(labels))[0].astype(np.int32)

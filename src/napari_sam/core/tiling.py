@@ -216,8 +216,10 @@ class TiledProposals:
                **thresholds) -> np.ndarray:
         """The stitched label image (H, W) int32 of the candidates passing ``thresholds``
         (:meth:`MaskProposals.filter`'s arguments), each tile cleaned with ``min_object_area`` as
-        :func:`~napari_sam.core.labels.records_to_labels` does. cancel() -> True between tiles stops with
-        napari_sam.core.amg.Cancelled."""
+        :func:`~napari_sam.core.labels.records_to_labels` does. A tile whose passing records did not change since
+        the last call reuses its objects (:meth:`MaskProposals.objects`); the work stays in the objects' boxes.
+        cancel() -> True between tiles stops with napari_sam.core.amg.Cancelled (what the widget's stale
+        re-filters do when a slider moves again)."""
         from .amg import Cancelled
 
         stitcher = Stitcher(self.image_shape, self.merge_overlap)
