@@ -73,19 +73,55 @@ def test_no_records():
     assert not records_to_labels([], (5, 7)).any()
 
 
-def test_cleanup_skips_only_objects_it_cannot_change(nuclei_sample, monkeypatch):
-    """The clean-up labels the whole image once to find the objects that have islands or may have holes; cleaning
-    every object instead gives the same label image (the built-in model's dense, overlapping candidates on a real
-    image, where painting cuts many objects into pieces)."""
-    import napari_sam.core.labels as L
+def _whole_image_reference(recs, shape, min_area):
+    """records_to_labels' rules done plainly on whole-image arrays: paint (largest first; ties: higher
+    predicted_iou, then lower box), clean every object in painting order (islands, then holes in its box), number
+    by the raster position of each object's first pixel (np.unique)."""
+    from napari_sam.core.labels import _as_mask
+
+    items = sorted(((-m.area, -r["predicted_iou"], tuple(int(v) for v in m.box), m)
+                    for r in recs if (m := _as_mask(r)) is not None), key=lambda t: t[:3])
+    out = np.zeros(shape, np.int32)
+    for lab, (_, _, _, m) in enumerate(items, start=1):
+        out[m.full(shape)] = lab
+    for lab, (_, _, (r0, c0, r1, c1), _) in enumerate(items, start=1):
+        if min_area <= 0:
+            break
+        pieces, _ = ndimage.label(out == lab, structure=np.ones((3, 3), bool))
+        small = np.bincount(pieces.ravel()) < min_area
+        small[0] = False
+        out[small[pieces]] = 0
+        view = out[r0 : r1 + 1, c0 : c1 + 1]
+        holes, _ = ndimage.label(view != lab)
+        size = np.bincount(holes.ravel())
+        fill = size < min_area
+        fill[0] = False
+        fill[np.unique(np.concatenate([holes[0], holes[-1], holes[:, 0], holes[:, -1]]))] = False
+        view[fill[holes] & (view == 0)] = lab
+    ids, first = np.unique(out.ravel(), return_index=True)
+    order = ids[ids > 0][np.argsort(first[ids > 0], kind="stable")]
+    lut = np.zeros(len(items) + 1, np.int32)
+    lut[order] = np.arange(1, order.size + 1)
+    return lut[out]
+
+
+def test_cleanup_in_boxes_equals_the_whole_image_rules(nuclei_sample):
+    """records_to_labels works in the masks' boxes only; on the built-in model's dense, overlapping candidates on
+    a real image (painting cuts many objects into pieces, clean-up frees pixels that become holes of others) it
+    gives exactly the whole-image rules' label image, and records_to_objects gives its objects, tight, in label
+    order."""
     from napari_sam.core.amg import AutomaticMaskGenerator
     from napari_sam.core.build import load_model
+    from napari_sam.core.labels import paint_objects, records_to_objects
 
     image = nuclei_sample[0]
     th = dict(pred_iou_thresh=0.3, stability_score_thresh=0.5, box_nms_thresh=1.0)
     recs = AutomaticMaskGenerator(load_model(device="cpu"), points_per_side=16, **th).propose(image).filter(**th)
     assert len(recs) > 50
-    fast = {a: L.records_to_labels(recs, image.shape[:2], a) for a in (16, 48, 300)}
-    monkeypatch.setattr(L, "_cleanup_candidates", lambda out, n, a: (np.ones(n + 1, bool), np.ones(out.shape, bool)))
-    for a, lab in fast.items():
-        assert np.array_equal(lab, L.records_to_labels(recs, image.shape[:2], a)), a
+    for a in (0, 16, 48, 300):
+        expected = _whole_image_reference(recs, image.shape[:2], a)
+        assert np.array_equal(records_to_labels(recs, image.shape[:2], a), expected), a
+        objects = records_to_objects(recs, image.shape[:2], a)
+        assert len(objects) == expected.max() and np.array_equal(paint_objects(objects, image.shape[:2]), expected)
+        for r, c, patch in objects:
+            assert patch[0].any() and patch[-1].any() and patch[:, 0].any() and patch[:, -1].any()

@@ -99,6 +99,37 @@ def test_kept_tile_proposals_give_exactly_segment_everything(builtin, nuclei_sam
         assert np.array_equal(segment_tiled(to_rgb_uint8(image), old, tile_size=128, halo=32), api)
 
 
+def test_a_refilter_reuses_the_tiles_whose_candidates_did_not_change(builtin, nuclei_sample, one_torch_thread,
+                                                                     monkeypatch):
+    """The built-in model on a real 256 px image in 4 tiles: moving a threshold a little changes the passing
+    candidates of some tiles only; those tiles alone are painted and cleaned again, the others reuse their last
+    objects, and the stitched result is exactly segment_everything's at every step (a changed min_object_area
+    cleans every tile again)."""
+    import napari_sam.core.labels as L
+    from napari_sam.core.amg import AutomaticMaskGenerator, segment_everything
+
+    image = nuclei_sample[0]
+    tiling = dict(max_untiled=200, tile_size=128, halo=32)
+    gen = AutomaticMaskGenerator.for_model(builtin, points_per_side=8)
+    kept = gen.propose_tiled(image, tile_size=128, halo=32, iou_floor=0.3, stability_floor=0.3)
+    made, real = [], L.records_to_objects
+    monkeypatch.setattr(L, "records_to_objects", lambda *a: made.append(a[0]) or real(*a))
+    steps = [(16, {}), (16, dict(pred_iou_thresh=0.55)), (16, dict(pred_iou_thresh=0.56)), (40, {}), (40, {})]
+    last, partly = None, 0
+    for area, th in steps:
+        th = {**gen.thresholds(), **th}
+        passing = [[(r["predicted_iou"], tuple(r["bbox"])) for r in p.filter(**th)] for p in kept.tiles]
+        changed = [k for k in range(4) if last is None or passing[k] != last[0][k] or area != last[1]]
+        made.clear()
+        lab = kept.labels(area, **th)
+        assert len(made) == len(changed)  # painted and cleaned again: the changed tiles only
+        partly += 0 < len(changed) < 4
+        api = segment_everything(image, builtin, points_per_side=8, min_object_area=area, **th, **tiling)
+        assert np.array_equal(lab, api), (area, th)
+        last = (passing, area)
+    assert partly >= 1 and len(changed) == 0  # some moves changed some tiles only; the last changed none
+
+
 def test_kept_tile_proposals_hold_no_float_copy_of_the_image(tiny_model, nuclei_sample):
     """Kept proposals keep the scorer's grayscale image as uint8, not float32 (4 bytes per pixel; for a tiled
     plane every tile its own): one channel for a gray image, shared by all tiles; the gray image they give is the

@@ -165,3 +165,47 @@ def test_nuclei_crossing_tile_borders_come_out_whole(make_napari_viewer, qtbot, 
         if k and (m & (out == k)).sum() / (m | (out == k)).sum() > 0.7:
             whole += 1
     assert whole >= 8, (whole, len(crossing))
+
+
+def test_a_slider_move_stops_a_stale_refilter_between_tiles(make_napari_viewer, qtbot, builtin, nuclei_sample,
+                                                            monkeypatch):
+    """A slider moved while the previous move's re-filter is in its second of 4 tiles: that stale re-filter stops
+    there (its last two tiles are never filtered), and the newest thresholds give exactly the API's result."""
+    import threading
+
+    image = nuclei_sample[0]
+    tiling = _tile_small(monkeypatch, large_plane=200, tile_size=128, halo=32)  # 4 tiles
+    viewer, w = _widget(make_napari_viewer, qtbot, builtin, image)
+    assert w.run(points_per_side=8)
+    assert w.wait(120)
+    tiles = w.proposals.tiles
+    assert len(tiles) == 4
+    calls, entered, release = [], threading.Event(), threading.Event()
+
+    def watch(k, method):
+        def filtered(*a, **kw):  # a tile being re-filtered (in the worker)
+            calls.append((k, round(kw["pred_iou_thresh"], 3)))
+            if k == 1 and calls[-1][1] == 0.8 and not release.is_set():
+                entered.set()
+                release.wait(60)  # held in the second tile until the slider has moved again
+            return method(*a, **kw)
+        return filtered
+
+    for k, p in enumerate(tiles):  # (the per-tile call: objects here, labels before the re-filter kept objects)
+        for name in ("objects", "labels"):
+            if hasattr(p, name):
+                monkeypatch.setattr(p, name, watch(k, getattr(p, name)))
+    w.sliders["pred_iou_thresh"].setValue(0.8)
+    qtbot.waitUntil(entered.is_set, timeout=30000)
+    w.sliders["pred_iou_thresh"].setValue(0.7)  # the newest value, while the re-filter at 0.8 is held
+    w.sliders["min_object_area"].setValue(40)
+    qtbot.waitUntil(lambda: not w._timer.isActive(), timeout=5000)  # (the move has been taken in: 60 ms)
+    release.set()
+    assert w.wait(60)
+    stale = [k for k, t in calls if t == 0.8]
+    assert stale == [0, 1]  # stopped before its third tile
+    assert sorted(k for k, t in calls if t == 0.7) == [0, 1, 2, 3]
+    out = np.asarray(viewer.layers["SAM everything"].data)
+    assert w.thresholds()["pred_iou_thresh"] == pytest.approx(0.7)
+    assert np.array_equal(out, _api(w, image, builtin, tiling, 8))
+    assert "re-filtered" in w.status_label.text()

@@ -374,11 +374,15 @@ class SegmentEverythingWidget(QWidget):
         if self.proposals is None or self._target is None:
             return
         if self._refilter_worker is not None:  # one at a time; the latest values run when it ends
+            self._refilter_version += 1  # the running one is stale: it stops at its next tile
             self._refilter_again = True
             return
         self._refilter_version += 1
         version, proposals, t0 = self._refilter_version, self.proposals, time.perf_counter()
         snap = self._snapshot()
+
+        def stale() -> bool:  # (read in the worker: an int compared, no Qt)
+            return version != self._refilter_version
 
         def done(result):  # (closures: run_in_thread cannot see that they belong to this widget)
             if (qt_alive(self) and version == self._refilter_version and proposals is self.proposals
@@ -389,7 +393,9 @@ class SegmentEverythingWidget(QWidget):
                     self._show_filtered(result, snap, t0)
 
         def failed(exc):
-            if qt_alive(self):
+            from ..core.amg import Cancelled
+
+            if qt_alive(self) and not isinstance(exc, Cancelled):  # (a stale re-filter stopped: newer values run)
                 self._message(str(exc), "error")
 
         def finished():
@@ -398,7 +404,7 @@ class SegmentEverythingWidget(QWidget):
                 self._refilter_again = False
                 self._refilter_in_worker()
 
-        self._refilter_worker = run_in_thread(filter_and_plan, proposals, self._filter_params(), snap,
+        self._refilter_worker = run_in_thread(filter_and_plan, proposals, self._filter_params(), snap, stale,
                                               on_return=done, on_error=failed, on_finish=finished)
 
     # ----------------------------------------------------------------- internals
@@ -605,18 +611,19 @@ def _highest_new_id(atoms) -> int:
     return top
 
 
-def filter_and_plan(proposals, params: dict, snap: Snapshot) -> PlaneWrite:
+def filter_and_plan(proposals, params: dict, snap: Snapshot, cancel=None) -> PlaneWrite:
     """:func:`filtered_labels` and :func:`plan_plane_write`, for a worker."""
-    return plan_plane_write(filtered_labels(proposals, params), snap)
+    return plan_plane_write(filtered_labels(proposals, params, cancel), snap)
 
 
-def filtered_labels(proposals, params: dict) -> np.ndarray:
+def filtered_labels(proposals, params: dict, cancel=None) -> np.ndarray:
     """The label image (H, W) int32 of the kept model outputs ``proposals`` (MaskProposals, or TiledProposals:
     re-filtered tile by tile and stitched) under ``params`` (MaskProposals.filter's arguments and
-    ``min_object_area``); ValueError when they cannot apply. Pure: runs in a worker for slider moves."""
+    ``min_object_area``); ValueError when they cannot apply. cancel() -> True (a newer slider move) stops it
+    between tiles with napari_sam.core.amg.Cancelled. Pure: runs in a worker for slider moves."""
     params = dict(params)
     area = params.pop("min_object_area")
-    return proposals.labels(area, **params)
+    return proposals.labels(area, cancel=cancel, **params)
 
 
 def _validate(params: dict) -> None:

@@ -130,6 +130,7 @@ class MaskProposals:
         # the grayscale image for a candidate scorer's intensity features, kept compact (see :attr:`gray`)
         self._gray_source = None if gray is None else compact_gray_source(gray)
         self._quality: dict[int, np.ndarray] = {}
+        self._last_objects = None  # (key, objects) of the last :meth:`objects`
 
     @property
     def gray(self) -> np.ndarray | None:
@@ -182,13 +183,36 @@ class MaskProposals:
                 self._quality[k] = q
         return self._quality[ci]
 
-    def labels(self, min_object_area: int = 0, **thresholds) -> np.ndarray:
+    def labels(self, min_object_area: int = 0, cancel=None, **thresholds) -> np.ndarray:
         """The instance label image (H, W) int32 of :meth:`filter` (``thresholds``: its arguments), painted and
         cleaned by :func:`~napari_sam.core.labels.records_to_labels` with ``min_object_area``. What
-        :func:`~napari_sam.core.amg.segment_everything` returns for an untiled image."""
-        from .labels import records_to_labels
+        :func:`~napari_sam.core.amg.segment_everything` returns for an untiled image. ``cancel`` (for the same
+        call as :meth:`TiledProposals.labels`): cancel() -> True before the work stops with
+        napari_sam.core.amg.Cancelled."""
+        from .labels import paint_objects
 
-        return records_to_labels(self.filter(**thresholds), self.image_shape, min_object_area)
+        if cancel is not None and cancel():
+            from .amg import Cancelled
+
+            raise Cancelled("re-filtering was cancelled")
+        return paint_objects(self.objects(min_object_area, **thresholds), self.image_shape)
+
+    def objects(self, min_object_area: int = 0, **thresholds) -> list:
+        """The objects of :meth:`labels` as :func:`~napari_sam.core.labels.records_to_objects` gives them
+        ([(row, col, patch), ...] in label order). The last result is kept with the records it was made of: when
+        new thresholds give the same records (same masks, scores and order) and the same ``min_object_area``, it
+        is reused (records_to_objects gives the same objects for them)."""
+        from .labels import records_to_objects
+
+        records = self.filter(**thresholds)
+        key = (int(min_object_area), [(r["predicted_iou"], tuple(int(v) for v in r["segmentation_patch"].box),
+                                       r["segmentation_patch"].patch) for r in records])
+        last = getattr(self, "_last_objects", None)  # (one read: the widget's worker and the main thread may both)
+        if last is not None and _same_records(last[0], key):
+            return last[1]
+        objects = records_to_objects(records, self.image_shape, min_object_area)
+        self._last_objects = (key, objects)
+        return objects
 
     def filter(self, pred_iou_thresh: float = 0.88, stability_score_thresh: float = 0.95,
                box_nms_thresh: float = 0.7, crop_nms_thresh: float = 0.7,
@@ -272,6 +296,17 @@ class MaskProposals:
         crop_idx, cand = np.asarray(crop_idx, dtype=np.int64), np.asarray(cand, dtype=np.int64)
         for ci, crop in enumerate(self.crops):
             crop.trim(cand[crop_idx == ci].tolist())
+
+
+def _same_records(a: tuple, b: tuple) -> bool:
+    """Whether two :meth:`MaskProposals.objects` keys (min_object_area, [(predicted_iou, box, patch), ...]) are
+    equal: the same numbers, and patches the same array or equal arrays."""
+    if a[0] != b[0] or len(a[1]) != len(b[1]):
+        return False
+    for (ia, ba, pa), (ib, bb, pb) in zip(a[1], b[1]):
+        if ia != ib or ba != bb or not (pa is pb or np.array_equal(pa, pb)):
+            return False
+    return True
 
 
 def _clean_small_regions(masks: list[Mask], shape: tuple[int, int], min_area: int, nms_thresh: float):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 from scipy import ndimage
-from skimage.measure import label as cc_label
 from skimage.segmentation import relabel_sequential
 
 from .amg_proposals import Mask
@@ -31,60 +30,63 @@ def records_to_labels(records: list[dict], shape: tuple[int, int], min_area: int
     background holes smaller than ``min_area`` filled; objects left smaller than ``min_area`` are dropped.
     Labels are renumbered 1..N in raster order of the objects' first pixel, independent of record order.
     """
+    return paint_objects(records_to_objects(records, shape, min_area), shape)
+
+
+def paint_objects(objects: list[tuple[int, int, np.ndarray]], shape: tuple[int, int]) -> np.ndarray:
+    """The label image (H, W) int32 of :func:`records_to_objects`' objects: the k-th is label k (1-based)."""
+    out = np.zeros(shape, dtype=np.int32)
+    for lab, (r, c, patch) in enumerate(objects, start=1):
+        out[r : r + patch.shape[0], c : c + patch.shape[1]][patch] = lab
+    return out
+
+
+def records_to_objects(records: list[dict], shape: tuple[int, int],
+                       min_area: int = 0) -> list[tuple[int, int, np.ndarray]]:
+    """The objects of :func:`records_to_labels` (same painting and clean-up) without the full label image:
+    [(row, col, patch), ...], ``patch`` the object's tight bool (h, w) window placed at (row, col), in the raster
+    order of the objects' first pixel (the k-th is :func:`records_to_labels`' label k).
+
+    All work happens in the masks' boxes (no pass over the whole image): an object's pixels change only by its own
+    clean-up, which stays in its box, and the clean-up of object k only frees or takes zero pixels, so cleaning
+    the objects one by one in painting order gives the same pixels as cleaning the whole image.
+    """
     h, w = shape
-    out = np.zeros((h, w), dtype=np.int32)
+    out = np.zeros((h, w), dtype=np.int32)  # (untouched pages outside the boxes are never written)
     items = []
     for r in records:
         m = _as_mask(r)
         if m is not None and m.patch.size and m.patch.any():
             items.append((-int(m.patch.sum()), -float(r.get("predicted_iou", 0.0)), tuple(int(v) for v in m.box), m))
     items.sort(key=lambda t: t[:3])
-    boxes = {}
-    for lab, (_, _, _, m) in enumerate(items, start=1):
-        r0, c0, r1, c1 = (int(v) for v in m.box)
-        view = out[r0 : r1 + 1, c0 : c1 + 1]
-        view[m.patch] = lab
-        boxes[lab] = (r0, c0, r1, c1)
+    boxes = []
+    for lab, (_, _, box, m) in enumerate(items, start=1):
+        r0, c0, r1, c1 = box
+        out[r0 : r1 + 1, c0 : c1 + 1][m.patch] = lab
+        boxes.append(box)
     if min_area > 0:
-        needs_islands, fillable = _cleanup_candidates(out, len(items), min_area)
-        dirty = np.zeros((h, w), dtype=bool)  # pixels that island removal set to 0 (new holes for later objects)
-        for lab, (r0, c0, r1, c1) in boxes.items():
-            # an object changes only if it has islands or a small enclosed zero region lies strictly inside its box
-            inner = (slice(r0 + 1, r1), slice(c0 + 1, c1))
-            if needs_islands[lab]:
-                _remove_islands(out, lab, (r0, c0, r1, c1), min_area, dirty)
-            if fillable[inner].any() or dirty[inner].any():
-                _fill_holes(out, lab, (r0, c0, r1, c1), min_area)
-    return _raster_relabel(out)
-
-
-def _cleanup_candidates(out: np.ndarray, n: int, min_area: int) -> tuple[np.ndarray, np.ndarray]:
-    """For the painted label image before clean-up: per label (n + 1,) bool, whether it has more than one piece
-    (8-connectivity) or a piece smaller than ``min_area``; and (H, W) bool, the zero pixels of 4-connected zero
-    regions smaller than ``min_area`` away from the image border (the only zeros a hole filling can reach,
-    besides pixels that island removal frees). Labelling happens once for the whole image."""
-    pieces = cc_label(out, connectivity=2)  # by value: one piece never mixes two labels
-    size = np.bincount(pieces.ravel())
-    owner = np.zeros(len(size), dtype=np.int64)
-    owner[pieces.ravel()] = out.ravel()
-    size[0], owner[0] = 0, 0
-    n_pieces = np.bincount(owner[1:], minlength=n + 1)
-    small = np.bincount(owner[1:], weights=size[1:] < min_area, minlength=n + 1) > 0
-    needs = (n_pieces > 1) | small
-    zeros, _ = ndimage.label(out == 0)  # 4-connectivity
-    zsize = np.bincount(zeros.ravel())
-    zsize[0] = min_area  # not a zero region
-    edge = np.unique(np.concatenate([zeros[0], zeros[-1], zeros[:, 0], zeros[:, -1]]))
-    ok = zsize < min_area
-    ok[edge] = False
-    return needs, ok[zeros]
+        for lab, box in enumerate(boxes, start=1):
+            _remove_islands(out, lab, box, min_area)
+            _fill_holes(out, lab, box, min_area)
+    objects = []
+    for lab, (r0, c0, r1, c1) in enumerate(boxes, start=1):
+        obj = out[r0 : r1 + 1, c0 : c1 + 1] == lab
+        rows = np.flatnonzero(obj.any(1))
+        if rows.size == 0:
+            continue
+        cols = np.flatnonzero(obj.any(0))
+        patch = obj[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
+        r, c = r0 + int(rows[0]), c0 + int(cols[0])
+        objects.append(((r, c + int(np.argmax(patch[0]))), r, c, patch))
+    objects.sort(key=lambda t: t[0])  # first pixels (row, col): distinct for distinct objects
+    return [(r, c, patch) for _, r, c, patch in objects]
 
 
 _EIGHT = np.ones((3, 3), dtype=bool)
 
 
-def _remove_islands(out: np.ndarray, lab: int, box, min_area: int, dirty: np.ndarray) -> None:
-    """Drop the object's pieces (8-connectivity) smaller than ``min_area``, marking them in ``dirty``."""
+def _remove_islands(out: np.ndarray, lab: int, box, min_area: int) -> None:
+    """Drop the object's pieces (8-connectivity) smaller than ``min_area``."""
     r0, c0, r1, c1 = box
     view = out[r0 : r1 + 1, c0 : c1 + 1]
     cc = ndimage.label(view == lab, structure=_EIGHT)[0]  # (scipy's labelling: ~10x faster than skimage's here)
@@ -92,9 +94,7 @@ def _remove_islands(out: np.ndarray, lab: int, box, min_area: int, dirty: np.nda
     small = sizes < min_area
     small[0] = False
     if small.any():
-        gone = small[cc]
-        view[gone] = 0
-        dirty[r0 : r1 + 1, c0 : c1 + 1] |= gone
+        view[small[cc]] = 0
 
 
 def _fill_holes(out: np.ndarray, lab: int, box, min_area: int) -> None:
@@ -102,6 +102,8 @@ def _fill_holes(out: np.ndarray, lab: int, box, min_area: int) -> None:
     ``min_area`` that do not touch the box's border."""
     r0, c0, r1, c1 = box
     view = out[r0 : r1 + 1, c0 : c1 + 1]
+    if view.shape[0] < 3 or view.shape[1] < 3 or view[1:-1, 1:-1].all():
+        return  # no zero pixel strictly inside the box: no hole to fill
     obj = view == lab
     if not obj.any():
         return
@@ -115,20 +117,6 @@ def _fill_holes(out: np.ndarray, lab: int, box, min_area: int) -> None:
     fill[border] = False
     if fill.any():
         view[fill[holes] & (view == 0)] = lab
-
-
-def _raster_relabel(labels: np.ndarray) -> np.ndarray:
-    """Renumber 1..N by the raster position of each object's first pixel."""
-    flat = labels.ravel()
-    ids, first = np.unique(flat, return_index=True)
-    keep = ids > 0
-    ids, first = ids[keep], first[keep]
-    if ids.size == 0:
-        return labels
-    order = ids[np.argsort(first, kind="stable")]
-    lut = np.zeros(int(labels.max()) + 1, dtype=np.int32)
-    lut[order] = np.arange(1, order.size + 1, dtype=np.int32)
-    return lut[labels]
 
 
 def relabel(labels: np.ndarray) -> np.ndarray:

@@ -71,24 +71,31 @@ class Stitcher:
         self._uf = _UnionFind()
         self._cut = [False]
         self._tile_of = [(0, 0, 0, 0)]
+        self._box = [(0, 0, 0, 0)]  # per object: the box of its pixels in ``out`` (max exclusive)
+        self._first = [None]  # per object: (row, col) of its first pixel in ``out`` (raster order), None if none
 
     def add(self, core: tuple, tile: tuple, lab: np.ndarray) -> None:
         """Add one tile's labels ``lab`` ((tile rows, tile cols) int, 0 background); ``core`` and ``tile`` are
         its boxes from :func:`tile_boxes` (min_row, min_col, max_row, max_col), max exclusive."""
-        h, w = self.shape
-        out, uf, cut, tile_of = self.out, self._uf, self._cut, self._tile_of
         t0, l0, t1, l1 = tile
         lab = np.asarray(lab)
         if lab.shape != (t1 - t0, l1 - l0):
             raise ValueError(f"segmenter returned shape {lab.shape} for a tile of shape {(t1 - t0, l1 - l0)}")
-        window = out[t0:t1, l0:l1]
-        seen = np.bincount(window.ravel(), minlength=len(cut))  # earlier objects' pixels inside this tile
+        objects = [(sl[0].start, sl[1].start, lab[sl] == i)
+                   for i, sl in enumerate(ndimage.find_objects(lab), start=1) if sl is not None]
+        self.add_objects(core, tile, objects)
+
+    def add_objects(self, core: tuple, tile: tuple, objects: list) -> None:
+        """:meth:`add` for a tile's objects given as [(row, col, patch), ...] in label order, ``patch`` the
+        object's tight bool window placed at (row, col) of the tile (what
+        :func:`~napari_sam.core.labels.records_to_objects` gives): no pass over the whole tile."""
+        h, w = self.shape
+        out, uf, cut, tile_of, boxes, first = self.out, self._uf, self._cut, self._tile_of, self._box, self._first
+        t0, l0, t1, l1 = tile
         open_sides = (t0 > 0, l0 > 0, t1 < h, l1 < w)
-        for i, sl in enumerate(ndimage.find_objects(lab), start=1):
-            if sl is None:
-                continue
-            m = lab[sl] == i
-            rs, cs = sl
+        seen = {}  # earlier objects' pixels inside this tile (counted when needed)
+        for r, c, m in objects:
+            rs, cs = slice(r, r + m.shape[0]), slice(c, c + m.shape[1])
             is_cut = ((open_sides[0] and rs.start == 0) or (open_sides[1] and cs.start == 0)
                       or (open_sides[2] and rs.stop == t1 - t0) or (open_sides[3] and cs.stop == l1 - l0))
             if not is_cut:
@@ -100,25 +107,59 @@ class Stitcher:
             cut.append(is_cut)
             tile_of.append(tile)
             r_off, c_off = t0 + rs.start, l0 + cs.start
-            region = window[rs, cs]
+            region = out[r_off : r_off + m.shape[0], c_off : c_off + m.shape[1]]
             under = region[m]
             ids, counts = np.unique(under[under > 0], return_counts=True)
-            for e, c in zip(ids.tolist(), counts.tolist()):
+            for e, n in zip(ids.tolist(), counts.tolist()):
                 if not (is_cut or cut[e]):
                     continue
                 # compare only where both tiles saw the image: the overlap of their windows
                 e0, e1, e2, e3 = tile_of[e]
                 sub = m[max(0, e0 - r_off) : max(0, e2 - r_off), max(0, e1 - c_off) : max(0, e3 - c_off)]
-                if c >= self.merge_overlap * min(int(sub.sum()), int(seen[e])):
+                if e not in seen:
+                    b0, b1, b2, b3 = boxes[e]
+                    win = out[max(b0, t0) : min(b2, t1), max(b1, l0) : min(b3, l1)]
+                    seen[e] = int(np.count_nonzero(win == e))
+                if n >= self.merge_overlap * min(int(sub.sum()), seen[e]):
                     uf.union(e, g)
-            region[m & (region == 0)] = g
+            new = m & (region == 0)
+            region[new] = g
+            rows = np.flatnonzero(new.any(1))
+            if rows.size:
+                cols = np.flatnonzero(new.any(0))
+                boxes.append((r_off + int(rows[0]), c_off + int(cols[0]), r_off + int(rows[-1]) + 1,
+                              c_off + int(cols[-1]) + 1))
+                first.append((r_off + int(rows[0]), c_off + int(np.argmax(new[rows[0]]))))
+            else:
+                boxes.append((0, 0, 0, 0))
+                first.append(None)
 
     def labels(self) -> np.ndarray:
-        """The stitched label image (H, W) int32, objects renumbered 1..N in raster order."""
-        from .labels import _raster_relabel
-
-        lut = np.array([self._uf.find(i) for i in range(len(self._uf.parent))], dtype=np.int32)
-        return _raster_relabel(lut[self.out])
+        """The stitched label image (H, W) int32, objects renumbered 1..N in raster order (of their first
+        pixel)."""
+        n = len(self._uf.parent)
+        root = np.array([self._uf.find(i) for i in range(n)], dtype=np.int64)
+        best = {}  # root -> first pixel of its members' pixels
+        for i in range(1, n):
+            f = self._first[i]
+            if f is not None:
+                r = int(root[i])
+                if r not in best or f < best[r]:
+                    best[r] = f
+        rank = np.zeros(n, dtype=np.int32)
+        for k, r in enumerate(sorted(best, key=best.get), start=1):
+            rank[r] = k
+        lut = rank[root]
+        boxes = self._box
+        if sum((b[2] - b[0]) * (b[3] - b[1]) for b in boxes) >= self.out.size:
+            return lut[self.out]  # boxes cover the image more than once: one pass over it is cheaper
+        out = np.zeros(self.shape, dtype=np.int32)  # objects renumbered in their boxes only
+        for i in range(1, n):
+            r0, c0, r1, c1 = boxes[i]
+            if r1 > r0:
+                src = self.out[r0:r1, c0:c1]
+                out[r0:r1, c0:c1][src == i] = lut[i]
+        return out
 
 
 def segment_tiled(image: np.ndarray, segment: Callable[[np.ndarray], np.ndarray], tile_size: int = 1024,
@@ -175,13 +216,15 @@ class TiledProposals:
                **thresholds) -> np.ndarray:
         """The stitched label image (H, W) int32 of the candidates passing ``thresholds``
         (:meth:`MaskProposals.filter`'s arguments), each tile cleaned with ``min_object_area`` as
-        :func:`~napari_sam.core.labels.records_to_labels` does. cancel() -> True between tiles stops with
-        napari_sam.core.amg.Cancelled."""
+        :func:`~napari_sam.core.labels.records_to_labels` does. A tile whose passing records did not change since
+        the last call reuses its objects (:meth:`MaskProposals.objects`); the work stays in the objects' boxes.
+        cancel() -> True between tiles stops with napari_sam.core.amg.Cancelled (what the widget's stale
+        re-filters do when a slider moves again)."""
         from .amg import Cancelled
 
         stitcher = Stitcher(self.image_shape, self.merge_overlap)
         for (core, tile), p in zip(self.boxes, self.tiles):
             if cancel is not None and cancel():
                 raise Cancelled("re-filtering the tiles was cancelled")
-            stitcher.add(core, tile, p.labels(min_object_area, **thresholds))
+            stitcher.add_objects(core, tile, p.objects(min_object_area, **thresholds))
         return stitcher.labels()
