@@ -538,3 +538,77 @@ def test_the_edit_log_gives_back_each_slice_as_it_was():
     for z in range(4):
         assert np.array_equal(log.restore(np.array(now[1, z]), z), start[1, z])
         assert np.array_equal(log.restore(np.array(now[1, z]), z, since), mid[1, z])
+
+
+def test_labels_widened_while_it_runs_still_get_the_result(scene, monkeypatch, qtbot):
+    """The annotator commits an id over 255 into a uint8 labels layer while the job runs: the layer is widened
+    (``_layers.upgrade_dtype``, data replaced by a wider copy with every value kept). That is not new data: the
+    result is written, the committed object is kept, and one undo removes the result only."""
+    from napari_sam._widgets import _layers as L
+    from napari_sam.core.propagation_labels import plan_write
+
+    viewer, w, lay, before = scene
+    lay.data = before.astype(np.uint8)
+    ready, go, got = _gate(monkeypatch)
+    notes = _noting(w)
+    try:
+        assert w.propagate(direction="both", scope="current", strategy="point", **NO_STOP)
+        qtbot.waitUntil(ready.is_set, timeout=120_000)
+        L.upgrade_dtype(lay, np.uint16)  # as the annotator's Commit does for id 300
+        lay.brush_size = 5
+        lay.paint((2, 70, 20), 300)
+        edited = np.array(lay.data)
+    finally:
+        go.set()
+    assert w.wait(120)
+    assert not any("replaced" in n for n in notes)
+    res = {z: _full(m, before.shape[1:]) for z, m in got["out"]["results"][0].items()}
+    (zz, rr, cc), values = plan_write(before, [SEED], {0: res})
+    want = before.astype(np.uint16)
+    want[zz, rr, cc] = values
+    user = edited != before
+    want[user] = edited[user]
+    after = np.asarray(lay.data)
+    assert after.dtype == np.uint16 and np.array_equal(after, want)
+    assert (after == SEED).sum() > (before == SEED).sum() + 1000
+    lay.undo()
+    assert np.array_equal(np.asarray(lay.data), edited)
+
+
+def test_a_stroke_in_progress_when_it_ends_is_waited_for(scene, monkeypatch, qtbot):
+    """The job ends while the user's brush is down (napari reports a stroke's pixels only on release): the write
+    waits for the release, then the slice the stroke was on gets its result too (the worker could not tell its start
+    while the stroke was unreported), the stroke's pixels are kept, and the stroke and the result are one undo step
+    each."""
+    from napari_sam.core.propagation_labels import plan_write
+
+    viewer, w, lay, before = scene
+    ready, go, got = _gate(monkeypatch)
+    notes = _noting(w)
+    try:
+        assert w.propagate(direction="both", scope="current", strategy="point", **NO_STOP)
+        qtbot.waitUntil(ready.is_set, timeout=120_000)
+        lay.brush_size = 3
+        lay._begin_stroke()  # the mouse pressed, as napari's brush does
+        lay.paint((5, 2, 2), 99, refresh=False)
+    finally:
+        go.set()
+    qtbot.waitUntil(lambda: w.worker is None, timeout=120_000)
+    assert w.busy() and np.array_equal(np.asarray(lay.data)[lay.data != 99], before[lay.data != 99])
+    lay.paint((5, 4, 4), 99, refresh=False)
+    lay._commit_stroke()  # the mouse released
+    edited = np.array(lay.data)
+    assert w.wait(30)
+    assert not any("changed while propagating" in n for n in notes)
+    res = {z: _full(m, before.shape[1:]) for z, m in got["out"]["results"][0].items()}
+    assert 5 in res and res[5].any()
+    (zz, rr, cc), values = plan_write(before, [SEED], {0: res})
+    want = before.copy()
+    want[zz, rr, cc] = values
+    user = edited != before
+    want[user] = edited[user]
+    assert np.array_equal(np.asarray(lay.data), want)
+    lay.undo()  # the result
+    assert np.array_equal(np.asarray(lay.data), edited)
+    lay.undo()  # the whole stroke
+    assert np.array_equal(np.asarray(lay.data), before)

@@ -6,6 +6,8 @@ prompt layers may have their own scale/translate (points are mapped through worl
 
 from __future__ import annotations
 
+import warnings
+
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -274,12 +276,34 @@ def check_target(labels, image) -> None:
         raise LayerError(f"labels layer {labels.name!r} has dtype {labels.data.dtype}; it needs integers")
 
 
+def stroke_in_progress(labels) -> bool:
+    """Whether a brush, eraser or fill stroke is under way on ``labels``: napari stages a stroke's history until
+    the mouse is released, and only then emits ``events.paint``. napari has no public flag for it, so its private
+    ``_block_history`` is read (without the plugin proxy's warning); False where it is absent."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        return bool(getattr(labels, "_block_history", False))
+
+
+_WIDENING: set[int] = set()  # ids of the layers whose data upgrade_dtype is replacing right now
+
+
+def widening(layer) -> bool:
+    """Whether ``layer``'s ``events.data`` comes from :func:`upgrade_dtype` (every value kept, only the dtype
+    wider): a watcher of replaced data (e.g. 3D propagation's edit log) can tell it from new data."""
+    return id(layer) in _WIDENING
+
+
 def upgrade_dtype(labels, dtype: np.dtype) -> str | None:
     """Widen the label dtype in place if needed (data kept); returns a message if it changed."""
     old = labels.data.dtype
     if np.dtype(dtype) == old:
         return None
-    labels.data = np.asarray(labels.data).astype(dtype)
+    _WIDENING.add(id(labels))
+    try:
+        labels.data = np.asarray(labels.data).astype(dtype)
+    finally:
+        _WIDENING.discard(id(labels))
     return (f"labels layer {labels.name!r} ran out of ids for {old}; converted to {np.dtype(dtype)} "
             "(all labels and the undo history kept)")
 

@@ -26,6 +26,7 @@ import warnings
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from qtpy.QtCore import QTimer
 from qtpy.QtWidgets import (
     QCheckBox, QComboBox, QFormLayout, QHBoxLayout, QLabel, QProgressBar, QPushButton, QVBoxLayout,
     QWidget,
@@ -61,7 +62,7 @@ def run_propagation(volume, labels3d, z, ids, model, params, cancel, report, den
     gives back what the user changed since."""
     start = slice_digests(labels3d, edits)
     out = propagate_objects(volume, labels3d, z, ids, model, params, cancel, report, denoise)
-    out["plan"], out["skipped"] = None, []
+    out["plan"], out["skipped"], out["start"], out["overwrite"] = None, [], start, overwrite
     if not out["cancelled"] and out["ids"]:
         index, old, new, out["skipped"] = plan_from_start(labels3d, start, edits, out["ids"], out["results"],
                                                           overwrite)
@@ -84,7 +85,8 @@ class EditLog:
         self.atoms.extend(getattr(event, "value", None) or ())
 
     def on_data(self, event=None) -> None:
-        self.replaced = True
+        if not L.widening(getattr(event, "source", None)):  # a widened dtype keeps every value: not a replacement
+            self.replaced = True
 
     def __len__(self) -> int:
         return len(self.atoms)
@@ -266,6 +268,10 @@ class PropagateWidget(QWidget):
         self._target: tuple | None = None
         self._edits: EditLog | None = None
         self._watched = None
+        self._pending: dict | None = None  # a finished result waiting for the user's brush stroke to end
+        self._stroke_timer = QTimer(self)
+        self._stroke_timer.setInterval(50)
+        self._stroke_timer.timeout.connect(self._write_after_stroke)
         self._relay = ProgressRelay()
         self._relay.progressed.connect(self._on_progress)
         self._build_ui()
@@ -350,7 +356,7 @@ class PropagateWidget(QWidget):
         self.labels_combo.setCurrentText(getattr(labels, "name", labels))
 
     def busy(self) -> bool:
-        return self.worker is not None
+        return self.worker is not None or self._pending is not None
 
     def wait(self, timeout: float = 120.0) -> bool:
         """Process Qt events until the running propagation finished (for scripts and tests)."""
@@ -359,6 +365,11 @@ class PropagateWidget(QWidget):
     def cancel(self) -> None:
         """Stop the running propagation; nothing is written."""
         self._token.cancel()
+        if self._pending is not None:  # a result waiting for a brush stroke to end: dropped now
+            self._pending = None
+            self._stroke_timer.stop()
+            self._watch(None, None)
+            self._message("propagation cancelled; nothing was written")
 
     def propagate(self, direction: str | None = None, scope: str | None = None, strategy: str | None = None,
                   **params) -> bool:
@@ -491,6 +502,38 @@ class PropagateWidget(QWidget):
             self._watched = (labels, edits)
 
     def _done(self, out: dict) -> None:
+        labels = self._target[0] if self._target is not None else None
+        if L.stroke_in_progress(labels) and not (out["cancelled"] or self._token.cancelled()):
+            # a brush, eraser or fill stroke is in progress: napari reports its pixels only when the mouse is
+            # released, and a write now would split the stroke's undo step; write when it ends (the log goes on)
+            self._pending = out
+            self._stroke_timer.start()
+            self._message("propagation finished; it is written when your brush stroke ends")
+            return
+        self._write(out)
+
+    def _write_after_stroke(self) -> None:
+        labels = self._target[0] if self._target is not None else None
+        if self._pending is None or (L.stroke_in_progress(labels) and labels in self.viewer.layers):
+            return
+        self._stroke_timer.stop()
+        out, self._pending = self._pending, None
+        self._write(out, recheck=True)
+
+    def _recheck(self, labels, lead, edits: EditLog, out: dict) -> None:
+        """Plan again, here, the slices the worker left out: a stroke in progress when it read them (its pixels
+        not yet reported) made them differ from their start; now that it ended (or was aborted), the log tells
+        their start again. Slices still not told stay left out."""
+        skipped = out["skipped"]
+        results = {i: {z: r[z] for z in skipped if z in r} for i, r in out["results"].items()}
+        current = select_volume(labels.data, (*lead, 0, 0, 0))
+        (z2, r2, c2), old2, new2, out["skipped"] = plan_from_start(current, out["start"], edits, out["ids"],
+                                                                    results, out["overwrite"])
+        (zz, rr, cc), old, new = out["plan"]
+        out["plan"] = ((np.concatenate([zz, z2]), np.concatenate([rr, r2]), np.concatenate([cc, c2])),
+                       np.concatenate([old, old2.astype(old.dtype)]), np.concatenate([new, new2.astype(new.dtype)]))
+
+    def _write(self, out: dict, recheck: bool = False) -> None:
         edits = self._edits
         self._watch(None, None)  # our own write is not the user's
         if self.state.model is None:
@@ -513,6 +556,8 @@ class PropagateWidget(QWidget):
             self._message("the labels layer's data was replaced while propagating; nothing was written "
                           "(propagate again)", "warning")
             return
+        if recheck and out["skipped"] and edits is not None:
+            self._recheck(labels, lead, edits, out)
         if out["skipped"]:
             self._message(f"slice(s) {out['skipped']} changed while propagating in a way napari does not report "
                           "(an undo or redo, or a script writing into the data): they were left as they are "
@@ -555,7 +600,8 @@ class PropagateWidget(QWidget):
         self._message(f"propagation failed: {exc}", "error")
 
     def _finished(self) -> None:
-        self._watch(None, None)
+        if self._pending is None:  # (a result waiting for a stroke keeps logging the user's edits)
+            self._watch(None, None)
         self.worker = None
         self.progress.setFormat("idle")
         self.progress.setValue(0)
