@@ -437,3 +437,42 @@ def process_until(done, timeout=10.0):
     from napari_sam._widgets._workers import process_events_until
 
     return process_events_until(done, timeout)
+
+
+def test_a_write_during_the_users_brush_stroke_waits_for_its_end(scene, monkeypatch):
+    """A slider move's write arrives while the user's brush is down on the result (napari reports a stroke's
+    pixels only on release): it waits, and is planned again after the release, so the stroke's pixels are kept
+    (also those painted before the plan's snapshot) and the stroke and the write stay one undo step each."""
+    import napari_sam._widgets.everything as ev
+
+    viewer, w = scene
+    assert w.run(**OPEN) and w.wait(120)
+    out = viewer.layers["SAM everything"]
+    w.set_thresholds(pred_iou_thresh=1.0)  # (random IoUs are near 0): no object
+    assert not np.asarray(out.data).any()
+    before = np.array(out.data)
+    gate = _gate(monkeypatch, ev, "filter_and_plan")
+    try:
+        w.sliders["pred_iou_thresh"].setValue(0.0)  # planned in a worker, held here
+        assert process_until(lambda: w._refilter_worker is not None)
+        rr, cc = np.nonzero(_core(w) > 0)
+        out.brush_size = 3
+        out._begin_stroke()  # the mouse pressed, as napari's brush does
+        out.paint((rr[0], cc[0]), 900, refresh=False)
+    finally:
+        gate.set()
+    assert process_until(lambda: w._refilter_worker is None, 60)
+    assert w.busy() and np.count_nonzero(np.asarray(out.data)) == np.count_nonzero(np.asarray(out.data) == 900)
+    out.paint((rr[-1], cc[-1]), 900, refresh=False)
+    out._commit_stroke()  # the mouse released
+    stroke = np.array(out.data)
+    assert w.wait(60)
+    after = np.asarray(out.data)
+    user = stroke == 900
+    assert np.all(after[user] == 900)
+    core = _core(w)
+    assert np.array_equal(after[~user] > 0, core[~user] > 0)
+    out.undo()  # the write
+    assert np.array_equal(np.asarray(out.data), stroke)
+    out.undo()  # the whole stroke
+    assert np.array_equal(np.asarray(out.data), before)

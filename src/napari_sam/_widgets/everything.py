@@ -95,6 +95,9 @@ class SegmentEverythingWidget(QWidget):
         self._timer.setInterval(60)
         self._timer.timeout.connect(self._refilter_in_worker)
         self._refilter_worker = None  # a slider move's re-filter runs here, off the main thread
+        self._after_stroke = QTimer(self)  # a write waits for the user's brush stroke on the target to end
+        self._after_stroke.setInterval(50)
+        self._after_stroke.timeout.connect(self._stroke_ended)
         self._refilter_version = 0
         self._refilter_again = False
         self._build_ui()
@@ -146,6 +149,7 @@ class SegmentEverythingWidget(QWidget):
     def _forget(self) -> None:
         """Drop the kept outputs; a re-filter scheduled or running writes nothing."""
         self._timer.stop()
+        self._after_stroke.stop()
         self._refilter_version += 1
         self.proposals = None
         self._release_target()
@@ -272,7 +276,8 @@ class SegmentEverythingWidget(QWidget):
 
     def busy(self) -> bool:
         """True while the model runs or a re-filter is scheduled or running."""
-        return self.worker is not None or self._refilter_worker is not None or self._timer.isActive()
+        return (self.worker is not None or self._refilter_worker is not None or self._timer.isActive()
+                or self._after_stroke.isActive())
 
     def wait(self, timeout: float = 300.0) -> bool:
         return process_events_until(lambda: not self.busy(), timeout)
@@ -310,6 +315,7 @@ class SegmentEverythingWidget(QWidget):
                 self.sliders[k].blockSignals(False)
         p.pop("min_object_area", None)
         self._timer.stop()  # a re-filter of the previous outputs is no longer wanted
+        self._after_stroke.stop()
         self._refilter_version += 1
         self.proposals = None
         self._release_target()
@@ -373,6 +379,9 @@ class SegmentEverythingWidget(QWidget):
     def _refilter_in_worker(self) -> None:
         if self.proposals is None or self._target is None:
             return
+        if L.stroke_in_progress(self._target[0]):  # its pixels are reported on release: snapshot after it
+            self._after_stroke.start()
+            return
         if self._refilter_worker is not None:  # one at a time; the latest values run when it ends
             self._refilter_version += 1  # the running one is stale: it stops at its next tile
             self._refilter_again = True
@@ -389,6 +398,8 @@ class SegmentEverythingWidget(QWidget):
                     and self._target is not None):
                 if result.n_objects and self._painted_max > result.offset:
                     self._refilter_again = True  # an id the plan gives was committed meanwhile: plan again
+                elif L.stroke_in_progress(self._target[0]):  # a write now would split the stroke's undo step
+                    self._after_stroke.start()  # and miss its unreported pixels: plan again when it ends
                 else:
                     self._show_filtered(result, snap, t0)
 
@@ -408,6 +419,13 @@ class SegmentEverythingWidget(QWidget):
                                               on_return=done, on_error=failed, on_finish=finished)
 
     # ----------------------------------------------------------------- internals
+    def _stroke_ended(self) -> None:
+        if self._target is not None and L.stroke_in_progress(self._target[0]) \
+                and self._target[0] in self.viewer.layers:
+            return
+        self._after_stroke.stop()
+        self._refilter_in_worker()
+
     def _schedule(self, *_) -> None:
         if self.proposals is not None:
             self._timer.start()
