@@ -178,3 +178,23 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+def whole_across_tiles(gt: np.ndarray, lab: np.ndarray, borders=(256, 512)) -> tuple[int, int]:
+    """(how many, of how many): the true objects of ``gt`` (H, W) that cross a tile border (a row or column index in
+    ``borders``: the object has pixels on both sides of it, next to each other) and come out whole in ``lab`` (its
+    label covering most of the object has IoU > 0.7 with it)."""
+    crossing = set()
+    for b in borders:
+        if b < gt.shape[0]:
+            crossing |= set(gt[b - 1][gt[b - 1] == gt[b]].tolist())
+        if b < gt.shape[1]:
+            crossing |= set(gt[:, b - 1][gt[:, b - 1] == gt[:, b]].tolist())
+    crossing.discard(0)
+    whole = 0
+    for g in crossing:
+        m = gt == g
+        ids, counts = np.unique(lab[m], return_counts=True)
+        k = ids[np.argmax(counts)]
+        whole += bool(k) and (m & (lab == k)).sum() / (m | (lab == k)).sum() > 0.7
+    return int(whole), len(crossing)

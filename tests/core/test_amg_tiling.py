@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from skimage.measure import label
 
-from conftest import data_dir, read_image
+from conftest import data_dir, read_image, whole_across_tiles
 from napari_sam.core.amg import Cancelled
 from napari_sam.core.tiling import segment_tiled, tile_boxes
 
@@ -195,25 +195,8 @@ def test_nuclei_crossing_tile_borders_come_out_whole(builtin, one_torch_thread):
     image, gt = read_image(d / "images" / f"{name}.png")[..., :3], tifffile.imread(d / "labels" / f"{name}.tif")
     gen = AutomaticMaskGenerator.for_model(builtin, points_per_side=8)
     kept = gen.propose_tiled(image, tile_size=256, halo=64)
-    crossing = set()
-    for b in (256, 512):
-        if b < gt.shape[0]:
-            crossing |= set(gt[b - 1][gt[b - 1] == gt[b]].tolist())
-        crossing |= set(gt[:, b - 1][gt[:, b - 1] == gt[:, b]].tolist())
-    crossing.discard(0)
-    assert len(crossing) >= 10
-
-    def whole(lab):
-        n = 0
-        for g in crossing:
-            m = gt == g
-            ids, counts = np.unique(lab[m], return_counts=True)
-            k = ids[np.argmax(counts)]
-            n += bool(k) and (m & (lab == k)).sum() / (m | (lab == k)).sum() > 0.7
-        return n
-
-    lab = kept.labels(16, **gen.thresholds())
-    assert whole(lab) >= 8, (whole(lab), len(crossing))
+    whole, crossing = whole_across_tiles(gt, kept.labels(16, **gen.thresholds()))
+    assert crossing >= 10 and whole >= 8, (whole, crossing)
 
 
 def test_kept_proposals_keep_masks_of_the_result_only(tiny_model, nuclei_sample):

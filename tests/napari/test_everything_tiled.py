@@ -136,7 +136,7 @@ def test_nuclei_crossing_tile_borders_come_out_whole(make_napari_viewer, qtbot, 
     tile border and are found come out as one object each (not cut in two at the border)."""
     import tifffile
 
-    from conftest import data_dir, read_image
+    from conftest import data_dir, read_image, whole_across_tiles
 
     d = data_dir("dsb2018_full")
     iid = "1b518cd2ea84"
@@ -150,21 +150,8 @@ def test_nuclei_crossing_tile_borders_come_out_whole(make_napari_viewer, qtbot, 
     out = np.asarray(viewer.layers["SAM everything"].data)
     assert np.array_equal(out, _api(w, image, builtin, tiling, 8))
     assert "segmented in 9 tiles" in told
-    crossing = set()
-    for b in (256, 512):
-        if b < gt.shape[0]:
-            crossing |= set(gt[b - 1][gt[b - 1] == gt[b]].tolist())
-        crossing |= set(gt[:, b - 1][gt[:, b - 1] == gt[:, b]].tolist())
-    crossing.discard(0)
-    assert len(crossing) >= 10
-    whole = 0
-    for g in crossing:
-        m = gt == g
-        ids, counts = np.unique(out[m], return_counts=True)
-        k = ids[np.argmax(counts)]
-        if k and (m & (out == k)).sum() / (m | (out == k)).sum() > 0.7:
-            whole += 1
-    assert whole >= 8, (whole, len(crossing))
+    whole, crossing = whole_across_tiles(gt, out)
+    assert crossing >= 10 and whole >= 8, (whole, crossing)
 
 
 def test_a_slider_move_stops_a_stale_refilter_between_tiles(make_napari_viewer, qtbot, builtin, nuclei_sample,
