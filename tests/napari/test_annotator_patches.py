@@ -62,7 +62,9 @@ def _commit_reference(existing, ref, overwrite=False):
 def _same_as_reference(w, viewer, ref):
     r = w.result
     np.testing.assert_array_equal(r.masks, ref.masks)
-    np.testing.assert_array_equal(r.iou, ref.iou)
+    # (the widget embeds in a worker thread, whose OpenMP thread count may differ from the main thread's: the
+    # embeddings, and so the predicted IoUs, may differ in the last bit; the masks are cut far from such noise)
+    np.testing.assert_allclose(r.iou, ref.iou, rtol=1e-5, atol=1e-6)
     assert r.choice == ref.choice
     np.testing.assert_array_equal(viewer.layers["SAM preview"].data, ref.preview())
 
