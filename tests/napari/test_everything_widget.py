@@ -476,3 +476,17 @@ def test_a_write_during_the_users_brush_stroke_waits_for_its_end(scene, monkeypa
     assert np.array_equal(np.asarray(out.data), stroke)
     out.undo()  # the whole stroke
     assert np.array_equal(np.asarray(out.data), before)
+
+
+def test_a_result_layer_removed_during_a_stroke_leaves_the_widget_free(scene):
+    """The result layer is deleted while the user's brush is down on it (napari never ends that stroke): a write
+    waiting for the stroke gives up, and the widget is not left busy."""
+    viewer, w = scene
+    assert w.run(**OPEN) and w.wait(120)
+    out = viewer.layers["SAM everything"]
+    out._begin_stroke()
+    out.paint((3, 3), 900, refresh=False)
+    w.sliders["pred_iou_thresh"].setValue(0.5)
+    assert process_until(lambda: w._after_stroke.isActive())
+    viewer.layers.remove(out)
+    assert w.wait(5) and not w.busy()

@@ -612,3 +612,81 @@ def test_a_stroke_in_progress_when_it_ends_is_waited_for(scene, monkeypatch, qtb
     assert np.array_equal(np.asarray(lay.data), edited)
     lay.undo()  # the whole stroke
     assert np.array_equal(np.asarray(lay.data), before)
+
+
+def test_a_stroke_released_after_the_plan_but_before_the_write_loses_nothing(scene, monkeypatch, qtbot):
+    """The worker plans while the user's brush is down on slice 5 (the stroke not yet reported: the slice is left
+    out of the plan), and the stroke ends before the result reaches the viewer: slice 5 is planned again there, so
+    it gets its result, and the stroke's pixels are kept."""
+    import threading
+
+    import napari_sam._widgets.propagate as prop
+    from napari_sam.core.propagation_labels import plan_write
+
+    viewer, w, lay, before = scene
+    ready, go, got = _gate(monkeypatch)
+    planned, real = threading.Event(), prop.plan_from_start
+
+    def plan(*a, **k):
+        out = real(*a, **k)
+        if threading.current_thread() is not threading.main_thread():
+            planned.set()
+        return out
+
+    monkeypatch.setattr(prop, "plan_from_start", plan)
+    notes = _noting(w)
+    assert w.propagate(direction="both", scope="current", strategy="point", **NO_STOP)
+    qtbot.waitUntil(ready.is_set, timeout=120_000)
+    lay.brush_size = 3
+    lay._begin_stroke()
+    lay.paint((5, 2, 2), 99, refresh=False)
+    go.set()
+    assert planned.wait(60)
+    lay._commit_stroke()  # released before the viewer took the result
+    edited = np.array(lay.data)
+    assert w.wait(60)
+    assert not any("changed while propagating" in n for n in notes)
+    res = {z: _full(m, before.shape[1:]) for z, m in got["out"]["results"][0].items()}
+    (zz, rr, cc), values = plan_write(before, [SEED], {0: res})
+    want = before.copy()
+    want[zz, rr, cc] = values
+    user = edited != before
+    want[user] = edited[user]
+    assert res[5].any() and np.array_equal(np.asarray(lay.data), want)
+
+
+def test_labels_widened_through_another_widgets_proxy_still_get_the_result(scene, monkeypatch, qtbot):
+    """Segment everything widens its target through the layer napari's plugin proxy hands it: that too is a widened
+    dtype, not new data, so a propagation running on the same layer still writes."""
+    from napari_sam._widgets import _layers as L
+
+    viewer, w, lay, before = scene
+    lay.data = before.astype(np.uint8)
+    _, ev = viewer.window.add_plugin_dock_widget("napari-sam", "Segment everything")
+    proxied = ev.viewer.layers["SAM labels"]
+    assert proxied is not lay  # (the proxy)
+    ready, go, got = _gate(monkeypatch)
+    notes = _noting(w)
+    try:
+        assert w.propagate(direction="both", scope="current", strategy="point", **NO_STOP)
+        qtbot.waitUntil(ready.is_set, timeout=120_000)
+        L.upgrade_dtype(proxied, np.uint16)
+    finally:
+        go.set()
+    assert w.wait(120)
+    assert not any("replaced" in n for n in notes)
+    assert lay.data.dtype == np.uint16 and (np.asarray(lay.data) == SEED).sum() > (before == SEED).sum() + 1000
+
+
+def test_propagate_waits_for_a_stroke_under_way(scene):
+    """napari's encircle-and-fill stroke stays open across clicks: Propagate pressed meanwhile is refused with a
+    message (its pixels are not reported yet, so the run could not tell them from its result); after it, it runs."""
+    viewer, w, lay, before = scene
+    notes = _noting(w)
+    lay._begin_stroke()
+    lay.paint((5, 2, 2), 99, refresh=False)
+    assert not w.propagate(direction="both", scope="current", strategy="point", **NO_STOP)
+    assert "finish it first" in notes[-1] and not w.busy()
+    lay._commit_stroke()
+    assert w.propagate(direction="both", scope="current", strategy="point", **NO_STOP) and w.wait(120)
+    assert (np.asarray(lay.data) == SEED).sum() > (before == SEED).sum() + 1000

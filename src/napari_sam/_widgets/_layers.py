@@ -291,7 +291,7 @@ _WIDENING: set[int] = set()  # ids of the layers whose data upgrade_dtype is rep
 def widening(layer) -> bool:
     """Whether ``layer``'s ``events.data`` comes from :func:`upgrade_dtype` (every value kept, only the dtype
     wider): a watcher of replaced data (e.g. 3D propagation's edit log) can tell it from new data."""
-    return id(layer) in _WIDENING
+    return id(getattr(layer, "__wrapped__", layer)) in _WIDENING
 
 
 def upgrade_dtype(labels, dtype: np.dtype) -> str | None:
@@ -299,11 +299,12 @@ def upgrade_dtype(labels, dtype: np.dtype) -> str | None:
     old = labels.data.dtype
     if np.dtype(dtype) == old:
         return None
-    _WIDENING.add(id(labels))
+    key = id(getattr(labels, "__wrapped__", labels))  # (a plugin's viewer hands out proxies; events name the layer)
+    _WIDENING.add(key)
     try:
         labels.data = np.asarray(labels.data).astype(dtype)
     finally:
-        _WIDENING.discard(id(labels))
+        _WIDENING.discard(key)
     return (f"labels layer {labels.name!r} ran out of ids for {old}; converted to {np.dtype(dtype)} "
             "(all labels and the undo history kept)")
 

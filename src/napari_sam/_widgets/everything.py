@@ -379,7 +379,7 @@ class SegmentEverythingWidget(QWidget):
     def _refilter_in_worker(self) -> None:
         if self.proposals is None or self._target is None:
             return
-        if L.stroke_in_progress(self._target[0]):  # its pixels are reported on release: snapshot after it
+        if self._stroking():  # its pixels are reported on release: snapshot after it
             self._after_stroke.start()
             return
         if self._refilter_worker is not None:  # one at a time; the latest values run when it ends
@@ -398,7 +398,7 @@ class SegmentEverythingWidget(QWidget):
                     and self._target is not None):
                 if result.n_objects and self._painted_max > result.offset:
                     self._refilter_again = True  # an id the plan gives was committed meanwhile: plan again
-                elif L.stroke_in_progress(self._target[0]):  # a write now would split the stroke's undo step
+                elif self._stroking():  # a write now would split the stroke's undo step
                     self._after_stroke.start()  # and miss its unreported pixels: plan again when it ends
                 else:
                     self._show_filtered(result, snap, t0)
@@ -419,9 +419,13 @@ class SegmentEverythingWidget(QWidget):
                                               on_return=done, on_error=failed, on_finish=finished)
 
     # ----------------------------------------------------------------- internals
+    def _stroking(self) -> bool:
+        """Whether the user's brush stroke is under way on the target (a removed target's never ends: False)."""
+        layer = self._target[0] if self._target is not None else None
+        return layer is not None and L.stroke_in_progress(layer) and layer in self.viewer.layers
+
     def _stroke_ended(self) -> None:
-        if self._target is not None and L.stroke_in_progress(self._target[0]) \
-                and self._target[0] in self.viewer.layers:
+        if self._stroking():
             return
         self._after_stroke.stop()
         self._refilter_in_worker()

@@ -405,6 +405,10 @@ class PropagateWidget(QWidget):
         except (TypeError, ValueError) as e:
             self._message(str(e), "error")
             return False
+        if L.stroke_in_progress(labels):  # (napari's encircle-and-fill stays open across clicks) its pixels are
+            self._message(f"a brush stroke on {labels.name!r} is under way: finish it first, then propagate",
+                          "warning")  # not reported yet: the run could not tell them from its result
+            return False
         self._target = (labels, lead, z)
         self._watch(labels, EditLog(lead))  # from here on, the user's edits are logged: they survive the write
         self._start("propagating %p%")
@@ -510,7 +514,7 @@ class PropagateWidget(QWidget):
             self._stroke_timer.start()
             self._message("propagation finished; it is written when your brush stroke ends")
             return
-        self._write(out)
+        self._write(out, recheck=True)  # (a stroke that ended after the worker planned: its slice is planned here)
 
     def _write_after_stroke(self) -> None:
         labels = self._target[0] if self._target is not None else None
@@ -533,7 +537,7 @@ class PropagateWidget(QWidget):
         out["plan"] = ((np.concatenate([zz, z2]), np.concatenate([rr, r2]), np.concatenate([cc, c2])),
                        np.concatenate([old, old2.astype(old.dtype)]), np.concatenate([new, new2.astype(new.dtype)]))
 
-    def _write(self, out: dict, recheck: bool = False) -> None:
+    def _write(self, out: dict, recheck: bool) -> None:
         edits = self._edits
         self._watch(None, None)  # our own write is not the user's
         if self.state.model is None:
