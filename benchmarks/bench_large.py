@@ -68,6 +68,7 @@ import gc
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -333,6 +334,105 @@ def everything_arm(arm: str, side: int, pps: int, threads: int) -> dict:
     return out
 
 
+# ----------------------------------------------------------------------------------------------- annotator
+ANN_IMAGE = "07fb37aafa6626608af90c1e18f6a743f29b6b233d2e427dcd1102df6a916cf5"  # DSB2018, 256 x 320, grey nuclei
+ANN_CLICKS = 5
+
+
+def dsb_plane(side: int) -> tuple[np.ndarray, list[tuple[int, int]]]:
+    """(plane (S, S) uint16, clicks): DSB2018 image ANN_IMAGE (channel 0 x 257) tiled and cut to S x S, and the
+    1 + ANN_CLICKS (row, col) points, each the innermost pixel (distance transform) of a ground-truth nucleus of
+    300 to 1500 px, in the copy of the image nearest the plane's centre."""
+    import imageio.v3 as iio
+    import tifffile
+    from scipy import ndimage as ndi
+
+    d = DATA / "dsb2018_full"
+    img = iio.imread(d / "images" / f"{ANN_IMAGE}.png")[..., 0].astype(np.uint16) * 257
+    gt = tifffile.imread(d / "labels" / f"{ANN_IMAGE}.tif")
+    reps = (-(-side // img.shape[0]), -(-side // img.shape[1]))
+    plane = np.ascontiguousarray(np.tile(img, reps)[:side, :side])
+    ids = [k for k in np.unique(gt)[1:] if 300 < (gt == k).sum() < 1500][: 1 + ANN_CLICKS]
+    off = (side // 2 // img.shape[0]) * img.shape[0], (side // 2 // img.shape[1]) * img.shape[1]
+    clicks = []
+    for k in ids:
+        dist = ndi.distance_transform_edt(np.pad(gt == k, 1))[1:-1, 1:-1]
+        r, c = np.unravel_index(np.argmax(dist), dist.shape)
+        clicks.append((int(r + off[0]), int(c + off[1])))
+    if len(clicks) < 1 + ANN_CLICKS or max(max(rc) for rc in clicks) >= side:
+        raise SystemExit(f"--ann-plane {side}: too small for {1 + ANN_CLICKS} whole nuclei of the centre copy")
+    return plane, clicks
+
+
+def _labels_digest(labels) -> str:
+    """SHA-256 of a label image's values as int64 (row blocks: no int64 copy of a whole large plane)."""
+    h = hashlib.sha256(str(labels.shape).encode())
+    for r0 in range(0, labels.shape[0], 512):
+        h.update(np.ascontiguousarray(np.asarray(labels[r0: r0 + 512], np.int64)).data)
+    return h.hexdigest()
+
+
+def annotator_arm(side: int, threads: int) -> dict:
+    """The annotator dock widget driven headless on an (S, S) plane (see the module docstring); one dict per
+    click. Run by the same calls on the new and the old code (both have add_point, wait, commit, clear_prompts,
+    result and main_thread_stats; the result's mask storage differs: read through reachable_bytes)."""
+    import tracemalloc
+
+    import napari
+    import torch
+
+    from napari_sam._widgets._state import get_state
+    from napari_sam.core.build import load_model
+
+    torch.set_num_threads(threads)
+    plane, clicks = dsb_plane(side)
+    viewer = napari.Viewer(show=False)
+    get_state(viewer).set_model(load_model(device="cpu"), "builtin")
+    viewer.add_image(plane, name="plane")
+    _, w = viewer.window.add_plugin_dock_widget("napari-sam", "SAM annotator")
+    w.set_image_layer("plane")
+
+    def click(rc) -> float:
+        t0 = time.perf_counter()
+        w.add_point(rc)
+        if not w.wait(600):
+            raise SystemExit("the annotator did not become idle within 600 s")
+        return time.perf_counter() - t0
+
+    with Peak() as warm:
+        click(clicks[0])  # warm-up: embeds the plane, creates the preview layer
+    w.clear_prompts()
+    w.wait()
+    stat = lambda name: list(w.main_thread_stats.get(name, (None, None)))  # noqa: E731  [wall s, CPU s] or None
+    out = []
+    for rc in clicks[1:]:
+        w.main_thread_stats.clear()
+        with Peak() as mem:  # the timed click: no tracemalloc running (it slows Python down)
+            latency = click(rc)
+        predicted, update = stat("_predicted"), stat("_update")
+        held = reachable_bytes(w.result)
+        w.clear_prompts()  # the same click again, traced (the embedding is cached: the same prediction)
+        w.wait()
+        tracemalloc.start()
+        click(rc)
+        traced = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        w.main_thread_stats.clear()
+        with Peak() as cmem:
+            ids = w.commit()
+        w.wait()
+        out.append({"latency_s": latency, "predicted_gui": predicted, "update_gui": update,
+                    "commit_gui": stat("commit"), "held_bytes": held, "traced_peak": traced,
+                    "click_extra_peak": mem.extra, "commit_extra_peak": cmem.extra, "how": mem.how,
+                    "top_rss": max(mem.base + mem.extra, cmem.base + cmem.extra), "committed": [int(i) for i in ids]})
+    labels = viewer.layers[w.ui.labels_combo.currentText()].data
+    res = {"clicks": out, "labels": _labels_digest(labels), "labels_dtype": str(labels.dtype),
+           "labelled_px": int(np.count_nonzero(labels)), "plane_bytes": plane.nbytes,
+           "start_rss": warm.base, "highest_rss": max(warm.base + warm.extra, *(c["top_rss"] for c in out))}
+    viewer.close()
+    return res
+
+
 # ----------------------------------------------------------------------------------------------- driver
 def old_source(rev: str, into: str) -> str | None:
     """``src`` of commit ``rev`` of this repository extracted under ``into`` (git archive); None when it cannot be
@@ -351,8 +451,12 @@ def _env(src: str, **extra) -> dict:
     return {**os.environ, "PYTHONPATH": path, **extra}
 
 
-def _child(args: list[str], env: dict) -> dict:
+def _child(args: list[str], env: dict, display: bool = False) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), *args]
+    if display and not (env.get("DISPLAY") or env.get("WAYLAND_DISPLAY") or env.get("QT_QPA_PLATFORM")):
+        if not shutil.which("xvfb-run"):
+            raise SystemExit("--part annotator needs a display: set DISPLAY, or install xvfb-run (xvfb)")
+        cmd = ["xvfb-run", "-a", *cmd]  # napari's canvas needs an X server (as the widget tests run)
     r = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
     if r.returncode:
         sys.stderr.write(r.stdout + r.stderr)
@@ -374,11 +478,13 @@ def _ratio(a: float, b: float) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--part", choices=("propagation", "everything", "all"), default="all")
+    ap.add_argument("--part", choices=("propagation", "everything", "annotator", "all"), default="all")
     ap.add_argument("--stack", nargs=3, type=int, default=[10, 1024, 1024], metavar=("Z", "H", "W"),
                     help="propagation stack shape (README: 20 4096 4096)")
     ap.add_argument("--plane", type=int, default=2048, metavar="S", help="everything mosaic side (README: 4096)")
     ap.add_argument("--points-per-side", type=int, default=8)
+    ap.add_argument("--ann-plane", type=int, default=2048, metavar="N",
+                    help="annotator plane side (README: 4096 and 8192)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--old-commit", default="cc21ad2", help="also run the old code of this commit (the state "
                     "before the large-image work), extracted with git archive; '' to skip")
@@ -387,13 +493,14 @@ def main(argv: list[str] | None = None) -> int:
     if a.worker:
         part, arm = a.worker
         res = (propagation_arm(arm, a.stack, a.threads) if part == "propagation"
+               else annotator_arm(a.ann_plane, a.threads) if part == "annotator"
                else everything_arm(arm, a.plane, a.points_per_side, a.threads))
         import napari_sam
 
         print(json.dumps({**res, "src": str(Path(napari_sam.__file__).parents[1])}))  # which code ran
         return 0
     common = ["--stack", *map(str, a.stack), "--plane", str(a.plane), "--points-per-side", str(a.points_per_side),
-              "--threads", str(a.threads)]
+              "--ann-plane", str(a.ann_plane), "--threads", str(a.threads)]
     with tempfile.TemporaryDirectory(prefix="bench_large_") as tmp:
         old_src = old_source(a.old_commit, tmp) if a.old_commit else None
         return drive(a, common, str(ROOT / "src"), old_src, tmp)
@@ -466,9 +573,73 @@ def drive(a, common: list[str], new_src: str, old_src: str | None, tmp: str) -> 
                   f"{_ratio(r['extra_peak'], new['extra_peak'])} | {_ratio(r['kept_rss'], new['kept_rss'])} | "
                   f"{_ratio(r['kept_bytes'], new['kept_bytes'])} | {_ratio(r['refilter_s'], new['refilter_s'])} | |")
         print()
+    if a.part in ("annotator", "all"):
+        ok &= annotator_tables(a, common, new_src, old_src, tmp)
     if not ok:
         print("MISMATCH: a new path's result differs from its reference (see the tables)", file=sys.stderr)
     return 0 if ok else 1
+
+
+def _ms(v) -> str:
+    return "n/a" if v is None else f"{v * 1e3:.0f} ms" if v >= 0.0995 else f"{v * 1e3:.1f} ms"
+
+
+def _mb2(b) -> str:
+    return "n/a" if b is None else f"{b / 1e6:.1f} MB" if b < 9.95e6 else f"{b / 1e6:.0f} MB"
+
+
+def _ann_values(c: dict) -> dict:
+    """One click's reported values (None where the code ran has no such stat)."""
+    return {"held": c["held_bytes"], "traced": c["traced_peak"], "rss": c["click_extra_peak"],
+            "predicted": c["predicted_gui"][0], "commit": c["commit_gui"][0], "latency": c["latency_s"]}
+
+
+ANN_COLUMNS = (("held", "result held", _mb2), ("traced", "numpy/python peak in the click (tracemalloc)", _mb2),
+               ("rss", "RSS peak above start in the click", _mb2),
+               ("predicted", "GUI thread: apply prediction (_predicted)", _ms),
+               ("commit", "GUI thread: commit", _ms), ("latency", "click -> preview", _ms))
+
+
+def annotator_tables(a, common: list[str], new_src: str, old_src: str | None, tmp: str) -> bool:
+    """Run the annotator arms (new code, old code) and print per-click and median tables; False if the committed
+    labels differ."""
+    res = {}
+    for arm, src in (("new", new_src), ("old", old_src)):
+        if src is not None:
+            env = _env(src, NAPARI_SAM_CACHE_DIR=str(Path(tmp) / f"cache_ann_{arm}"))
+            res[arm] = _child(["--worker", "annotator", arm, *common], env, display=True)
+            print(f"annotator {arm}: {res[arm]}", file=sys.stderr, flush=True)
+    new, n = res["new"], a.ann_plane
+    same = "old" not in res or res["old"]["labels"] == new["labels"]
+    print(f"**Annotator**, DSB2018 image tiled to a {n} x {n} uint16 plane ({_mb2(new['plane_bytes'])}), built-in "
+          f"model, {ANN_CLICKS} single-point clicks on nuclei, each committed; RSS at the start "
+          f"{_mb2(new['start_rss'])} (highest total, embedding included: "
+          f"{_mb2(max(r['highest_rss'] for r in res.values()))}); RSS peak: {new['clicks'][0]['how']}. Committed "
+          f"labels ({new['labels_dtype']}, {new['labelled_px']} px, ids "
+          f"{[i for c in new['clicks'] for i in c['committed']]}): "
+          + ("new == old (SHA-256 " + new["labels"][:12] + ")" if "old" in res and same
+             else "no old code run" if "old" not in res else "DIFFER new vs old") + ".\n")
+    head = "| path | click | " + " | ".join(t for _, t, _ in ANN_COLUMNS) + " |"
+    print(head + "\n" + "|---" * head.count(" | ") + "|---|")
+    names = {"new": "new", "old": f"old code ({a.old_commit})"}
+    med = {}
+    for arm, r in res.items():
+        vals = [_ann_values(c) for c in r["clicks"]]
+        for k, v in enumerate(vals, 1):
+            print(f"| {names[arm]} | {k} | " + " | ".join(f(v[key]) for key, _, f in ANN_COLUMNS) + " |")
+        med[arm] = {key: (None if any(v[key] is None for v in vals) else float(np.median([v[key] for v in vals])))
+                    for key, _, _ in ANN_COLUMNS}
+    print("\nMedian over the clicks, and ratio old / new:\n")
+    head = "| path | " + " | ".join(t for _, t, _ in ANN_COLUMNS) + " |"
+    print(head + "\n" + "|---" * head.count(" | ") + "|---|")
+    for arm in res:
+        print(f"| {names[arm]} | " + " | ".join(f(med[arm][key]) for key, _, f in ANN_COLUMNS) + " |")
+    if "old" in res:
+        print("| ratio old / new | " + " | ".join(
+            "n/a" if med["old"][key] is None or med["new"][key] is None else _ratio(med["old"][key], med["new"][key])
+            for key, _, _ in ANN_COLUMNS) + " |")
+    print()
+    return same
 
 
 if __name__ == "__main__":
