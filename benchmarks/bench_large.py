@@ -1,9 +1,10 @@
-"""Large images: memory and time of 3D propagation and of segment-everything's kept outputs, new path vs old path.
+"""Large images: memory and time of 3D propagation, segment-everything's kept outputs and the click annotator.
 
-Two parts (``--part``), each comparing, in ONE run, the path the widgets take now with a reference path that does
-what they did before this work, built from public pieces still in the code, and with the old code itself (the same
-call into ``src`` of commit ``--old-commit``, default cc21ad2, extracted with ``git archive``; its rows are left out
-where git cannot give it, or with ``--old-commit ''``). Ratios are printed as path / new.
+Three parts (``--part``), each comparing, in ONE run, the path the widgets take now with the old code itself (the
+same calls into ``src`` of commit ``--old-commit``, default cc21ad2, extracted with ``git archive``; its rows are
+left out where git cannot give it, or with ``--old-commit ''``) and, for propagation and everything, with a reference
+path that does what they did before this work, built from public pieces still in the code. Ratios are printed as
+path / new.
 
 - **propagation**: a (Z, H, W) uint8 stack made of real GoNuclear data (crop 1135, its 100 x 100 slices around the
   middle tiled over the plane), 5 ground-truth nuclei of the middle slice (> 150 px), each placed in its own tile
@@ -28,6 +29,23 @@ where git cannot give it, or with ``--old-commit ''``). Ratios are printed as pa
   settings, tile size and halo (checked in the run, after the measurements; it runs the model again). Today's
   untiled path already keeps a compact uint8 image (core/amg_proposals.py), so it is no longer what the widget
   kept before: the old-code row is (its labels must equal today's untiled ones).
+- **annotator**: the "SAM annotator" dock widget, driven headless through its scripting API as a user's clicks
+  (``add_point``, ``wait``, ``commit``, ``clear_prompts``: the same calls on the new and the old code), on an
+  N x N uint16 plane (``--ann-plane``): the real DSB2018 image ``ANN_IMAGE`` (256 x 320 px, channel 0 x 257)
+  tiled and cut to N; the built-in model on the CPU; the viewer hidden (napari's canvas drawing is not measured).
+  A warm-up click embeds the plane; then 5 clicks, each on the innermost pixel of a ground-truth nucleus (300 to
+  1500 px) of the image's copy nearest the plane's centre, each followed by a Commit into the "SAM labels" layer.
+  Per click: the result the widget holds (``widget.result``: bytes of its numpy arrays, as ``reachable_bytes``; the
+  old code keeps the candidates as (3, N, N) bool masks, the new one a patch around them); the peak of numpy /
+  Python allocations during the click (tracemalloc; it does NOT see torch's allocations, and slows Python down, so
+  it is taken on a second, identical click after clearing the prompts: the embedding is cached, the prediction the
+  same); the extra peak RSS of the timed click and of the commit (VmHWM, as below: torch included); the GUI-thread
+  wall time of
+  ``_predicted`` (applying the prediction: result and preview layer) and of ``commit``, read from the widget's
+  ``main_thread_stats`` (the old code has both; a stat missing would print n/a); and the click -> preview latency
+  (``add_point`` until the widget is idle, its 40 ms debounce included). Medians over the clicks, old / new. The
+  committed label images of both arms must be identical (SHA-256 of their values, checked in the run). This part
+  needs an X display: without DISPLAY the driver runs its arms under ``xvfb-run -a``.
 
 Each arm runs in its own fresh subprocess (same setup in each; the stack's embeddings are computed before the
 measurement, into a temporary disk cache: the new and reference arms share one, the old code has its own). Peak
@@ -37,13 +55,15 @@ alike, which tracemalloc does not). Where clear_refs cannot be written, RSS is s
 (bench_engine.PeakRSS) and the table says so. Times are wall-clock seconds of one run, default allocator, torch
 limited to ``--threads``.
 
-    python benchmarks/bench_large.py [--part propagation|everything|all] [--stack Z H W] [--plane S]
-                                     [--points-per-side N] [--threads T]
+    python benchmarks/bench_large.py [--part propagation|everything|annotator|all] [--stack Z H W] [--plane S]
+                                     [--points-per-side N] [--ann-plane N] [--threads T]
 
-Defaults (about a minute on 2 cores, under 1 GB of RSS): --stack 10 1024 1024, --plane 2048, --points-per-side 8.
+Defaults (about a minute a part on 2 cores, under 1 GB of RSS): --stack 10 1024 1024, --plane 2048,
+--points-per-side 8, --ann-plane 2048.
 Sizes for the README: ``--part propagation --stack 50 2048 2048`` and ``--stack 10 4096 4096`` (the old arms peak
 near 4 GB of RSS; ``--stack 20 4096 4096``, the size first measured, needs about 6.5 GB) and ``--part everything
---plane 4096`` and ``--plane 8192`` (about 3 GB), all with the default --points-per-side 8 and --threads 1.
+--plane 4096`` and ``--plane 8192`` (about 3 GB), all with the default --points-per-side 8 and --threads 1, and
+``--part annotator --ann-plane 4096`` and ``--ann-plane 8192`` (ANN8192RSS, ANN8192TIME).
 
 Numbers it gave (shared 2-core CPU, --threads 1, torch 2.13 CPU, one run; extra peak RSS of the job, new vs old
 code (cc21ad2) and vs the reference from today's pieces; the plans identical in every run):
@@ -591,13 +611,15 @@ def _mb2(b) -> str:
 def _ann_values(c: dict) -> dict:
     """One click's reported values (None where the code ran has no such stat)."""
     return {"held": c["held_bytes"], "traced": c["traced_peak"], "rss": c["click_extra_peak"],
+            "commit_rss": c["commit_extra_peak"],
             "predicted": c["predicted_gui"][0], "commit": c["commit_gui"][0], "latency": c["latency_s"]}
 
 
 ANN_COLUMNS = (("held", "result held", _mb2), ("traced", "numpy/python peak in the click (tracemalloc)", _mb2),
-               ("rss", "RSS peak above start in the click", _mb2),
+               ("rss", "extra peak RSS of the click", _mb2),
                ("predicted", "GUI thread: apply prediction (_predicted)", _ms),
-               ("commit", "GUI thread: commit", _ms), ("latency", "click -> preview", _ms))
+               ("latency", "click -> preview", _ms), ("commit", "GUI thread: commit", _ms),
+               ("commit_rss", "extra peak RSS of the commit", _mb2))
 
 
 def annotator_tables(a, common: list[str], new_src: str, old_src: str | None, tmp: str) -> bool:
