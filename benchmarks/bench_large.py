@@ -1,9 +1,10 @@
-"""Large images: memory and time of 3D propagation and of segment-everything's kept outputs, new path vs old path.
+"""Large images: memory and time of 3D propagation, segment-everything's kept outputs and the click annotator.
 
-Two parts (``--part``), each comparing, in ONE run, the path the widgets take now with a reference path that does
-what they did before this work, built from public pieces still in the code, and with the old code itself (the same
-call into ``src`` of commit ``--old-commit``, default cc21ad2, extracted with ``git archive``; its rows are left out
-where git cannot give it, or with ``--old-commit ''``). Ratios are printed as path / new.
+Three parts (``--part``), each comparing, in ONE run, the path the widgets take now with the old code itself (the
+same calls into ``src`` of commit ``--old-commit``, default cc21ad2, extracted with ``git archive``; its rows are
+left out where git cannot give it, or with ``--old-commit ''``) and, for propagation and everything, with a reference
+path that does what they did before this work, built from public pieces still in the code. Ratios are printed as
+path / new.
 
 - **propagation**: a (Z, H, W) uint8 stack made of real GoNuclear data (crop 1135, its 100 x 100 slices around the
   middle tiled over the plane), 5 ground-truth nuclei of the middle slice (> 150 px), each placed in its own tile
@@ -28,6 +29,23 @@ where git cannot give it, or with ``--old-commit ''``). Ratios are printed as pa
   settings, tile size and halo (checked in the run, after the measurements; it runs the model again). Today's
   untiled path already keeps a compact uint8 image (core/amg_proposals.py), so it is no longer what the widget
   kept before: the old-code row is (its labels must equal today's untiled ones).
+- **annotator**: the "SAM annotator" dock widget, driven headless through its scripting API as a user's clicks
+  (``add_point``, ``wait``, ``commit``, ``clear_prompts``: the same calls on the new and the old code), on an
+  N x N uint16 plane (``--ann-plane``): the real DSB2018 image ``ANN_IMAGE`` (256 x 320 px, channel 0 x 257)
+  tiled and cut to N; the built-in model on the CPU; the viewer hidden (napari's canvas drawing is not measured).
+  A warm-up click embeds the plane; then 5 clicks, each on the innermost pixel of a ground-truth nucleus (300 to
+  1500 px) of the image's copy nearest the plane's centre, each followed by a Commit into the "SAM labels" layer.
+  Per click: the result the widget holds (``widget.result``: bytes of its numpy arrays, as ``reachable_bytes``; the
+  old code keeps the candidates as (3, N, N) bool masks, the new one a patch around them); the peak of numpy /
+  Python allocations during the click (tracemalloc; it does NOT see torch's allocations, and slows Python down, so
+  it is taken on a second, identical click after clearing the prompts: the embedding is cached, the prediction the
+  same); the extra peak RSS of the timed click and of the commit (VmHWM, as below: torch included); the GUI-thread
+  wall time of
+  ``_predicted`` (applying the prediction: result and preview layer) and of ``commit``, read from the widget's
+  ``main_thread_stats`` (the old code has both; a stat missing would print n/a); and the click -> preview latency
+  (``add_point`` until the widget is idle, its 40 ms debounce included). Medians over the clicks, old / new. The
+  committed label images of both arms must be identical (SHA-256 of their values, checked in the run). This part
+  needs an X display: without DISPLAY the driver runs its arms under ``xvfb-run -a``.
 
 Each arm runs in its own fresh subprocess (same setup in each; the stack's embeddings are computed before the
 measurement, into a temporary disk cache: the new and reference arms share one, the old code has its own). Peak
@@ -37,13 +55,15 @@ alike, which tracemalloc does not). Where clear_refs cannot be written, RSS is s
 (bench_engine.PeakRSS) and the table says so. Times are wall-clock seconds of one run, default allocator, torch
 limited to ``--threads``.
 
-    python benchmarks/bench_large.py [--part propagation|everything|all] [--stack Z H W] [--plane S]
-                                     [--points-per-side N] [--threads T]
+    python benchmarks/bench_large.py [--part propagation|everything|annotator|all] [--stack Z H W] [--plane S]
+                                     [--points-per-side N] [--ann-plane N] [--threads T]
 
-Defaults (about a minute on 2 cores, under 1 GB of RSS): --stack 10 1024 1024, --plane 2048, --points-per-side 8.
+Defaults (about a minute a part on 2 cores, under 1 GB of RSS): --stack 10 1024 1024, --plane 2048,
+--points-per-side 8, --ann-plane 2048.
 Sizes for the README: ``--part propagation --stack 50 2048 2048`` and ``--stack 10 4096 4096`` (the old arms peak
 near 4 GB of RSS; ``--stack 20 4096 4096``, the size first measured, needs about 6.5 GB) and ``--part everything
---plane 4096`` and ``--plane 8192`` (about 3 GB), all with the default --points-per-side 8 and --threads 1.
+--plane 4096`` and ``--plane 8192`` (about 3 GB), all with the default --points-per-side 8 and --threads 1, and
+``--part annotator --ann-plane 4096`` and ``--ann-plane 8192`` (under 1.8 GB of RSS, a minute).
 
 Numbers it gave (shared 2-core CPU, --threads 1, torch 2.13 CPU, one run; extra peak RSS of the job, new vs old
 code (cc21ad2) and vs the reference from today's pieces; the plans identical in every run):
@@ -57,6 +77,15 @@ code (cc21ad2) and vs the reference from today's pieces; the plans identical in 
   Peak RSS during the run and first write about the same on every path (553 / 606 / 656 MB at 4096, 1.9 / 2.1 /
   2.3 GB at 8192). Tiled labels equal segment_everything's; at 8 points per side the untiled plane (shrunk 4x or
   8x to the model's input) gave 0 objects, the tiles 41 and 161.
+- annotator, medians of 5 clicks, new vs old code (ratio old / new); result held / numpy+python peak of the click
+  (tracemalloc) / extra peak RSS of the click / click -> preview / GUI thread in _predicted / in commit:
+  2048: 0.2 / 0.3 / 26 MB / 221 ms / 5 ms / 53 ms vs 13 MB (64x) / 21 MB (67x) / 26 MB (1.0x) / 234 ms / 8 ms /
+  55 ms. 4096: 0.2 / 0.3 / 21 MB / 212 ms / 7 ms / 171 ms vs 51 MB (254x) / 84 MB (264x) / 70 MB (3.3x) / 302 ms
+  (1.4x) / 8 ms / 236 ms. 8192: 0.2 / 0.3 / 25 MB / 224 ms / 7 ms / 704 ms vs 202 MB (1013x) / 336 MB (1053x) /
+  288 MB (11.6x) / 564 ms (2.5x) / 10 ms / 777 ms. Committed labels identical (SHA-256) at every size. One click
+  of the five (a larger object, not decoded zoomed) still allocates (3, N, N) bool masks for a moment in the new
+  code (tracemalloc 51 MB at 4096, 203 MB at 8192; held 0.6 / 1.6 MB). The commit's time and extra RSS (136 MB at
+  4096, 539 MB at 8192: two copies of the uint32 labels plane) are napari's labels refresh, the same on both.
 """
 
 from __future__ import annotations
@@ -68,6 +97,7 @@ import gc
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -333,6 +363,105 @@ def everything_arm(arm: str, side: int, pps: int, threads: int) -> dict:
     return out
 
 
+# ----------------------------------------------------------------------------------------------- annotator
+ANN_IMAGE = "07fb37aafa6626608af90c1e18f6a743f29b6b233d2e427dcd1102df6a916cf5"  # DSB2018, 256 x 320, grey nuclei
+ANN_CLICKS = 5
+
+
+def dsb_plane(side: int) -> tuple[np.ndarray, list[tuple[int, int]]]:
+    """(plane (S, S) uint16, clicks): DSB2018 image ANN_IMAGE (channel 0 x 257) tiled and cut to S x S, and the
+    1 + ANN_CLICKS (row, col) points, each the innermost pixel (distance transform) of a ground-truth nucleus of
+    300 to 1500 px, in the copy of the image nearest the plane's centre."""
+    import imageio.v3 as iio
+    import tifffile
+    from scipy import ndimage as ndi
+
+    d = DATA / "dsb2018_full"
+    img = iio.imread(d / "images" / f"{ANN_IMAGE}.png")[..., 0].astype(np.uint16) * 257
+    gt = tifffile.imread(d / "labels" / f"{ANN_IMAGE}.tif")
+    reps = (-(-side // img.shape[0]), -(-side // img.shape[1]))
+    plane = np.ascontiguousarray(np.tile(img, reps)[:side, :side])
+    ids = [k for k in np.unique(gt)[1:] if 300 < (gt == k).sum() < 1500][: 1 + ANN_CLICKS]
+    off = (side // 2 // img.shape[0]) * img.shape[0], (side // 2 // img.shape[1]) * img.shape[1]
+    clicks = []
+    for k in ids:
+        dist = ndi.distance_transform_edt(np.pad(gt == k, 1))[1:-1, 1:-1]
+        r, c = np.unravel_index(np.argmax(dist), dist.shape)
+        clicks.append((int(r + off[0]), int(c + off[1])))
+    if len(clicks) < 1 + ANN_CLICKS or max(max(rc) for rc in clicks) >= side:
+        raise SystemExit(f"--ann-plane {side}: too small for {1 + ANN_CLICKS} whole nuclei of the centre copy")
+    return plane, clicks
+
+
+def _labels_digest(labels) -> str:
+    """SHA-256 of a label image's values as int64 (row blocks: no int64 copy of a whole large plane)."""
+    h = hashlib.sha256(str(labels.shape).encode())
+    for r0 in range(0, labels.shape[0], 512):
+        h.update(np.ascontiguousarray(np.asarray(labels[r0: r0 + 512], np.int64)).data)
+    return h.hexdigest()
+
+
+def annotator_arm(side: int, threads: int) -> dict:
+    """The annotator dock widget driven headless on an (S, S) plane (see the module docstring); one dict per
+    click. Run by the same calls on the new and the old code (both have add_point, wait, commit, clear_prompts,
+    result and main_thread_stats; the result's mask storage differs: read through reachable_bytes)."""
+    import tracemalloc
+
+    import napari
+    import torch
+
+    from napari_sam._widgets._state import get_state
+    from napari_sam.core.build import load_model
+
+    torch.set_num_threads(threads)
+    plane, clicks = dsb_plane(side)
+    viewer = napari.Viewer(show=False)
+    get_state(viewer).set_model(load_model(device="cpu"), "builtin")
+    viewer.add_image(plane, name="plane")
+    _, w = viewer.window.add_plugin_dock_widget("napari-sam", "SAM annotator")
+    w.set_image_layer("plane")
+
+    def click(rc) -> float:
+        t0 = time.perf_counter()
+        w.add_point(rc)
+        if not w.wait(600):
+            raise SystemExit("the annotator did not become idle within 600 s")
+        return time.perf_counter() - t0
+
+    with Peak() as warm:
+        click(clicks[0])  # warm-up: embeds the plane, creates the preview layer
+    w.clear_prompts()
+    w.wait()
+    stat = lambda name: list(w.main_thread_stats.get(name, (None, None)))  # noqa: E731  [wall s, CPU s] or None
+    out = []
+    for rc in clicks[1:]:
+        w.main_thread_stats.clear()
+        with Peak() as mem:  # the timed click: no tracemalloc running (it slows Python down)
+            latency = click(rc)
+        predicted, update = stat("_predicted"), stat("_update")
+        held = reachable_bytes(w.result)
+        w.clear_prompts()  # the same click again, traced (the embedding is cached: the same prediction)
+        w.wait()
+        tracemalloc.start()
+        click(rc)
+        traced = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        w.main_thread_stats.clear()
+        with Peak() as cmem:
+            ids = w.commit()
+        w.wait()
+        out.append({"latency_s": latency, "predicted_gui": predicted, "update_gui": update,
+                    "commit_gui": stat("commit"), "held_bytes": held, "traced_peak": traced,
+                    "click_extra_peak": mem.extra, "commit_extra_peak": cmem.extra, "how": mem.how,
+                    "top_rss": max(mem.base + mem.extra, cmem.base + cmem.extra), "committed": [int(i) for i in ids]})
+    labels = viewer.layers[w.ui.labels_combo.currentText()].data
+    res = {"clicks": out, "labels": _labels_digest(labels), "labels_dtype": str(labels.dtype),
+           "labelled_px": int(np.count_nonzero(labels)), "plane_bytes": plane.nbytes,
+           "start_rss": warm.base, "highest_rss": max(warm.base + warm.extra, *(c["top_rss"] for c in out))}
+    viewer.close()
+    return res
+
+
 # ----------------------------------------------------------------------------------------------- driver
 def old_source(rev: str, into: str) -> str | None:
     """``src`` of commit ``rev`` of this repository extracted under ``into`` (git archive); None when it cannot be
@@ -351,8 +480,12 @@ def _env(src: str, **extra) -> dict:
     return {**os.environ, "PYTHONPATH": path, **extra}
 
 
-def _child(args: list[str], env: dict) -> dict:
+def _child(args: list[str], env: dict, display: bool = False) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), *args]
+    if display and not (env.get("DISPLAY") or env.get("WAYLAND_DISPLAY") or env.get("QT_QPA_PLATFORM")):
+        if not shutil.which("xvfb-run"):
+            raise SystemExit("--part annotator needs a display: set DISPLAY, or install xvfb-run (xvfb)")
+        cmd = ["xvfb-run", "-a", *cmd]  # napari's canvas needs an X server (as the widget tests run)
     r = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
     if r.returncode:
         sys.stderr.write(r.stdout + r.stderr)
@@ -374,11 +507,13 @@ def _ratio(a: float, b: float) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--part", choices=("propagation", "everything", "all"), default="all")
+    ap.add_argument("--part", choices=("propagation", "everything", "annotator", "all"), default="all")
     ap.add_argument("--stack", nargs=3, type=int, default=[10, 1024, 1024], metavar=("Z", "H", "W"),
                     help="propagation stack shape (README: 20 4096 4096)")
     ap.add_argument("--plane", type=int, default=2048, metavar="S", help="everything mosaic side (README: 4096)")
     ap.add_argument("--points-per-side", type=int, default=8)
+    ap.add_argument("--ann-plane", type=int, default=2048, metavar="N",
+                    help="annotator plane side (README: 4096 and 8192)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--old-commit", default="cc21ad2", help="also run the old code of this commit (the state "
                     "before the large-image work), extracted with git archive; '' to skip")
@@ -387,13 +522,14 @@ def main(argv: list[str] | None = None) -> int:
     if a.worker:
         part, arm = a.worker
         res = (propagation_arm(arm, a.stack, a.threads) if part == "propagation"
+               else annotator_arm(a.ann_plane, a.threads) if part == "annotator"
                else everything_arm(arm, a.plane, a.points_per_side, a.threads))
         import napari_sam
 
         print(json.dumps({**res, "src": str(Path(napari_sam.__file__).parents[1])}))  # which code ran
         return 0
     common = ["--stack", *map(str, a.stack), "--plane", str(a.plane), "--points-per-side", str(a.points_per_side),
-              "--threads", str(a.threads)]
+              "--ann-plane", str(a.ann_plane), "--threads", str(a.threads)]
     with tempfile.TemporaryDirectory(prefix="bench_large_") as tmp:
         old_src = old_source(a.old_commit, tmp) if a.old_commit else None
         return drive(a, common, str(ROOT / "src"), old_src, tmp)
@@ -466,9 +602,75 @@ def drive(a, common: list[str], new_src: str, old_src: str | None, tmp: str) -> 
                   f"{_ratio(r['extra_peak'], new['extra_peak'])} | {_ratio(r['kept_rss'], new['kept_rss'])} | "
                   f"{_ratio(r['kept_bytes'], new['kept_bytes'])} | {_ratio(r['refilter_s'], new['refilter_s'])} | |")
         print()
+    if a.part in ("annotator", "all"):
+        ok &= annotator_tables(a, common, new_src, old_src, tmp)
     if not ok:
         print("MISMATCH: a new path's result differs from its reference (see the tables)", file=sys.stderr)
     return 0 if ok else 1
+
+
+def _ms(v) -> str:
+    return "n/a" if v is None else f"{v * 1e3:.0f} ms" if v >= 0.0995 else f"{v * 1e3:.1f} ms"
+
+
+def _mb2(b) -> str:
+    return "n/a" if b is None else f"{b / 1e6:.1f} MB" if b < 9.95e6 else f"{b / 1e6:.0f} MB"
+
+
+def _ann_values(c: dict) -> dict:
+    """One click's reported values (None where the code ran has no such stat)."""
+    return {"held": c["held_bytes"], "traced": c["traced_peak"], "rss": c["click_extra_peak"],
+            "commit_rss": c["commit_extra_peak"],
+            "predicted": c["predicted_gui"][0], "commit": c["commit_gui"][0], "latency": c["latency_s"]}
+
+
+ANN_COLUMNS = (("held", "result held", _mb2), ("traced", "numpy/python peak in the click (tracemalloc)", _mb2),
+               ("rss", "extra peak RSS of the click", _mb2),
+               ("predicted", "GUI thread: apply prediction (_predicted)", _ms),
+               ("latency", "click -> preview", _ms), ("commit", "GUI thread: commit", _ms),
+               ("commit_rss", "extra peak RSS of the commit", _mb2))
+
+
+def annotator_tables(a, common: list[str], new_src: str, old_src: str | None, tmp: str) -> bool:
+    """Run the annotator arms (new code, old code) and print per-click and median tables; False if the committed
+    labels differ."""
+    res = {}
+    for arm, src in (("new", new_src), ("old", old_src)):
+        if src is not None:
+            env = _env(src, NAPARI_SAM_CACHE_DIR=str(Path(tmp) / f"cache_ann_{arm}"))
+            res[arm] = _child(["--worker", "annotator", arm, *common], env, display=True)
+            print(f"annotator {arm}: {res[arm]}", file=sys.stderr, flush=True)
+    new, n = res["new"], a.ann_plane
+    same = "old" not in res or res["old"]["labels"] == new["labels"]
+    print(f"**Annotator**, DSB2018 image tiled to a {n} x {n} uint16 plane ({_mb2(new['plane_bytes'])}), built-in "
+          f"model, {ANN_CLICKS} single-point clicks on nuclei, each committed; RSS at the start "
+          f"{_mb2(new['start_rss'])} (highest total, embedding included: "
+          f"{_mb2(max(r['highest_rss'] for r in res.values()))}); RSS peak: {new['clicks'][0]['how']}. Committed "
+          f"labels ({new['labels_dtype']}, {new['labelled_px']} px, ids "
+          f"{[i for c in new['clicks'] for i in c['committed']]}): "
+          + ("new == old (SHA-256 " + new["labels"][:12] + ")" if "old" in res and same
+             else "no old code run" if "old" not in res else "DIFFER new vs old") + ".\n")
+    head = "| path | click | " + " | ".join(t for _, t, _ in ANN_COLUMNS) + " |"
+    print(head + "\n" + "|---" * head.count(" | ") + "|---|")
+    names = {"new": "new", "old": f"old code ({a.old_commit})"}
+    med = {}
+    for arm, r in res.items():
+        vals = [_ann_values(c) for c in r["clicks"]]
+        for k, v in enumerate(vals, 1):
+            print(f"| {names[arm]} | {k} | " + " | ".join(f(v[key]) for key, _, f in ANN_COLUMNS) + " |")
+        med[arm] = {key: (None if any(v[key] is None for v in vals) else float(np.median([v[key] for v in vals])))
+                    for key, _, _ in ANN_COLUMNS}
+    print("\nMedian over the clicks, and ratio old / new:\n")
+    head = "| path | " + " | ".join(t for _, t, _ in ANN_COLUMNS) + " |"
+    print(head + "\n" + "|---" * head.count(" | ") + "|---|")
+    for arm in res:
+        print(f"| {names[arm]} | " + " | ".join(f(med[arm][key]) for key, _, f in ANN_COLUMNS) + " |")
+    if "old" in res:
+        print("| ratio old / new | " + " | ".join(
+            "n/a" if med["old"][key] is None or med["new"][key] is None else _ratio(med["old"][key], med["new"][key])
+            for key, _, _ in ANN_COLUMNS) + " |")
+    print()
+    return same
 
 
 if __name__ == "__main__":
