@@ -36,13 +36,20 @@ def _assert_predicted_on(result, model, image, old_image, prompts):
 
 @pytest.fixture
 def gate(monkeypatch):
-    """Holds every 2D embedding until ``gate.set()`` (a run that stays running while the test acts)."""
+    """Holds every 2D embedding until ``gate.set()`` (a run that stays running while the test acts), or until it is
+    cancelled (then it ends at once, as a real encoder stage does: waiting out the hold raced the tests' 60 s waits)."""
+    import time
+
     from napari_sam.core import annotation as ann
 
     ev, compute = threading.Event(), ann.compute_embedding
 
     def gated(*args, **kwargs):
-        ev.wait(60)
+        cancelled = args[3] if len(args) > 3 else kwargs.get("cancelled")
+        end = time.monotonic() + 60
+        while not ev.wait(0.02) and time.monotonic() < end:
+            if cancelled is not None and cancelled():
+                break
         return compute(*args, **kwargs)
 
     monkeypatch.setattr(ann, "compute_embedding", gated)
