@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from .amg_utils import box_area, is_box_near_crop_edge, nms, remove_small_regions
+from .boxes import mask_box
 
 
 @dataclass
@@ -94,12 +95,11 @@ class CropProposals:
             a = self.row_op[o_r0:o_r1, l_r0 : l_r0 + logits.shape[0]]
             b = self.col_op[o_c0:o_c1, l_c0 : l_c0 + logits.shape[1]]
             patch = ((a @ logits @ b.T) > self.mask_threshold).numpy()
-            rows = np.flatnonzero(patch.any(1))
-            if rows.size:
-                cols = np.flatnonzero(patch.any(0))
-                patch = patch[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
+            b = mask_box(patch)
+            if b is not None:
+                patch = patch[b[0] : b[2], b[1] : b[3]]
                 r, c = self.crop_box[0] + o_r0, self.crop_box[1] + o_c0
-                box = np.array([r + rows[0], c + cols[0], r + rows[-1], c + cols[-1]], dtype=np.int64)
+                box = np.array([r + b[0], c + b[1], r + b[2] - 1, c + b[3] - 1], dtype=np.int64)
                 m = Mask(box, np.ascontiguousarray(patch))
         self._masks[i] = m
         self._boxes[i] = None if m is None else m.box
@@ -320,12 +320,12 @@ def _clean_small_regions(masks: list[Mask], shape: tuple[int, int], min_area: in
         patch, ch1 = remove_small_regions(m.patch, min_area, "holes", open_sides)
         patch, ch2 = remove_small_regions(patch, min_area, "islands")
         if ch1 or ch2:
-            rows, cols = np.flatnonzero(patch.any(1)), np.flatnonzero(patch.any(0))
-            if rows.size == 0:  # cannot happen (the largest island stays), kept for safety
+            b = mask_box(patch)
+            if b is None:  # cannot happen (the largest island stays), kept for safety
                 new.append(Mask(np.zeros(4, np.int64), np.zeros((0, 0), bool)))
             else:
-                box = np.array([r0 + rows[0], c0 + cols[0], r0 + rows[-1], c0 + cols[-1]], dtype=np.int64)
-                new.append(Mask(box, patch[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1].copy()))
+                box = np.array([r0 + b[0], c0 + b[1], r0 + b[2] - 1, c0 + b[3] - 1], dtype=np.int64)
+                new.append(Mask(box, patch[b[0] : b[2], b[1] : b[3]].copy()))
         else:
             new.append(m)
         scores.append(0.0 if (ch1 or ch2) else 1.0)

@@ -7,6 +7,7 @@ from scipy import ndimage
 from skimage.segmentation import relabel_sequential
 
 from .amg_proposals import Mask
+from .boxes import mask_box
 
 
 def _as_mask(rec: dict) -> Mask | None:
@@ -14,11 +15,10 @@ def _as_mask(rec: dict) -> Mask | None:
     if m is not None:
         return m
     seg = np.asarray(rec["segmentation"], dtype=bool)
-    rows, cols = np.flatnonzero(seg.any(1)), np.flatnonzero(seg.any(0))
-    if rows.size == 0:
+    b = mask_box(seg)
+    if b is None:
         return None
-    box = np.array([rows[0], cols[0], rows[-1], cols[-1]], dtype=np.int64)
-    return Mask(box, seg[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1])
+    return Mask(np.array([b[0], b[1], b[2] - 1, b[3] - 1], dtype=np.int64), seg[b[0] : b[2], b[1] : b[3]])
 
 
 def records_to_labels(records: list[dict], shape: tuple[int, int], min_area: int = 0) -> np.ndarray:
@@ -71,12 +71,11 @@ def records_to_objects(records: list[dict], shape: tuple[int, int],
     objects = []
     for lab, (r0, c0, r1, c1) in enumerate(boxes, start=1):
         obj = out[r0 : r1 + 1, c0 : c1 + 1] == lab
-        rows = np.flatnonzero(obj.any(1))
-        if rows.size == 0:
+        b = mask_box(obj)
+        if b is None:
             continue
-        cols = np.flatnonzero(obj.any(0))
-        patch = obj[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
-        r, c = r0 + int(rows[0]), c0 + int(cols[0])
+        patch = obj[b[0] : b[2], b[1] : b[3]]
+        r, c = r0 + b[0], c0 + b[1]
         objects.append(((r, c + int(np.argmax(patch[0]))), r, c, patch))
     objects.sort(key=lambda t: t[0])  # first pixels (row, col): distinct for distinct objects
     return [(r, c, patch) for _, r, c, patch in objects]

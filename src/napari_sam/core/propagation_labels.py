@@ -12,6 +12,8 @@ from typing import Union
 
 import numpy as np
 
+from .boxes import mask_box
+
 Patch = tuple[int, int, np.ndarray]  # (row0, col0, (h, w) bool): a 2D mask's bounding box and what it holds there
 Mask = Union[Patch, np.ndarray]  # a patch, or a full (Y, X) bool mask
 
@@ -22,11 +24,11 @@ def to_patch(mask: np.ndarray) -> Patch:
     m = np.asarray(mask, dtype=bool)
     if m.ndim != 2:
         raise ValueError(f"mask has shape {m.shape}; a patch is made from a 2D (Y, X) mask")
-    rows = np.flatnonzero(m.any(axis=1))
-    if rows.size == 0:
+    box = mask_box(m)
+    if box is None:
         return 0, 0, np.zeros((0, 0), bool)
-    cols = np.flatnonzero(m[rows[0]: rows[-1] + 1].any(axis=0))
-    return int(rows[0]), int(cols[0]), m[rows[0]: rows[-1] + 1, cols[0]: cols[-1] + 1].copy()
+    r0, c0, r1, c1 = box
+    return r0, c0, m[r0:r1, c0:c1].copy()
 
 
 def is_patch(mask) -> bool:
@@ -157,13 +159,8 @@ def plan_slice(old: np.ndarray, ids: Sequence[int], masks: Sequence[Mask | None]
     if not live:
         return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, old.dtype)
     mine = np.isin(old, [lab for lab, _ in live])
-    rr = np.flatnonzero(mine.any(axis=1))
-    boxes = [patch_box(p) for _, p in live]
-    if rr.size:
-        cc = np.flatnonzero(mine[rr[0]: rr[-1] + 1].any(axis=0))
-        boxes.append((int(rr[0]), int(cc[0]), int(rr[-1]) + 1, int(cc[-1]) + 1))
+    box = union_box([patch_box(p) for _, p in live] + [mask_box(mine)])
     del mine
-    box = union_box(boxes)
     if box is None:
         return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, old.dtype)
     region = old[box[0]: box[2], box[1]: box[3]]

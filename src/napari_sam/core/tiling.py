@@ -17,6 +17,8 @@ from collections.abc import Callable
 import numpy as np
 from scipy import ndimage
 
+from .boxes import mask_box
+
 
 def tile_boxes(shape: tuple[int, int], tile_size: int, halo: int) -> list[tuple[tuple, tuple]]:
     """[(core, tile), ...]: boxes (min_row, min_col, max_row, max_col), max exclusive, row-major order."""
@@ -124,12 +126,10 @@ class Stitcher:
                     uf.union(e, g)
             new = m & (region == 0)
             region[new] = g
-            rows = np.flatnonzero(new.any(1))
-            if rows.size:
-                cols = np.flatnonzero(new.any(0))
-                boxes.append((r_off + int(rows[0]), c_off + int(cols[0]), r_off + int(rows[-1]) + 1,
-                              c_off + int(cols[-1]) + 1))
-                first.append((r_off + int(rows[0]), c_off + int(np.argmax(new[rows[0]]))))
+            b = mask_box(new)
+            if b is not None:
+                boxes.append((r_off + b[0], c_off + b[1], r_off + b[2], c_off + b[3]))
+                first.append((r_off + b[0], c_off + int(np.argmax(new[b[0]]))))
             else:
                 boxes.append((0, 0, 0, 0))
                 first.append(None)
